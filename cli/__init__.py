@@ -1,0 +1,1 @@
+"""The ``griffin`` command line (installed as the ``griffin_cli`` package)."""

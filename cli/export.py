@@ -1,0 +1,143 @@
+"""``griffin export``: thin wrapper over :func:`griffin_export.export` with Rich output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from griffin_cli.main import app, err_console, out_console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from griffin_export.checkpoint import DEFAULT_MODEL
+from griffin_export.export import ExportResult, export
+from griffin_export.prompts import gather_prompts
+
+_STAGES = {
+    "load": "Loading model",
+    "score": "Scoring prompt",
+    "slice": "Slicing FF layers",
+    "write": "Writing export",
+}
+
+
+@app.command("export")
+def export_command(
+    model: str = typer.Option(
+        DEFAULT_MODEL,
+        "--model",
+        "-m",
+        help="Hub id, local HF directory, .gguf file, or the embedded 'smollm2-135m'.",
+    ),
+    prompt: list[str] | None = typer.Option(
+        None, "--prompt", "-p", help="Prompt file (UTF-8); repeatable; '-' reads stdin."
+    ),
+    prompt_text: list[str] | None = typer.Option(
+        None, "--prompt-text", "-t", help="Prompt text; repeatable. All prompts are pooled."
+    ),
+    ratio: float = typer.Option(
+        0.5, "--ratio", "-r", help="Fraction of FF neurons kept, in (0, 1]."
+    ),
+    multiple_of: int = typer.Option(
+        1, "--multiple-of", help="Round the kept count to a multiple of N (never above d_ff)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output directory [default: <model>-griffin-<ratio>]."
+    ),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (the source's), float32, bfloat16 or float16."
+    ),
+    device: str = typer.Option("cpu", "--device", help="Device that runs the prompt: cpu, cuda..."),
+    max_prompt_tokens: int | None = typer.Option(
+        None, "--max-prompt-tokens", help="Truncate each prompt to N tokens."
+    ),
+    max_shard_size: str = typer.Option(
+        "5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 2GB or 500MB."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Allow .bin/.pt (pickle) weights; they can run code."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow model code shipped with the checkpoint."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Prune every FF layer to the neurons the prompt uses and write a smaller checkpoint."""
+    prompts = gather_prompts(prompt, prompt_text)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=as_json,
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(_STAGES.get(stage, stage), total=max(total, 1))
+            bar.update(tasks[stage], completed=done, total=max(total, 1))
+
+        result = export(
+            model,
+            prompts,
+            ratio,
+            out=out,
+            multiple_of=multiple_of,
+            dtype=dtype,
+            device=device,
+            max_prompt_tokens=max_prompt_tokens,
+            force=force,
+            max_shard_size=max_shard_size,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            progress=on_progress,
+        )
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        out_console.print(summary_table(result))
+
+
+def summary_table(result: ExportResult) -> Table:
+    """Layers, d_ff -> k, parameters and bytes before/after."""
+    ks = sorted(set(result.k_per_layer))
+    k_text = str(ks[0]) if len(ks) == 1 else f"{ks[0]}..{ks[-1]}"
+    table = Table(title=f"griffin export -> {result.out_dir}", title_justify="left")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("after/before", justify="right")
+    table.add_row("model", result.source, f"{result.model_type}, {result.dtype}", "")
+    table.add_row("layers", str(result.n_layers), str(result.n_layers), "")
+    table.add_row(
+        "d_ff -> k", str(result.d_ff), k_text, f"{int(k_text.split('.')[0]) / result.d_ff:.3f}"
+    )
+    table.add_row(
+        "parameters",
+        f"{result.params_before:,}",
+        f"{result.params_after:,}",
+        f"{result.params_after / result.params_before:.3f}",
+    )
+    table.add_row(
+        "weight bytes",
+        _human(result.bytes_before),
+        _human(result.file_bytes),
+        f"{result.file_bytes / result.bytes_before:.3f}",
+    )
+    table.add_row("prompt tokens", str(result.prompt_tokens), "", "")
+    table.caption = f"{result.seconds:.1f} s"
+    return table
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"

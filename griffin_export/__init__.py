@@ -1,0 +1,26 @@
+"""griffin: export prompt-pruned (GRIFFIN) feed-forward checkpoints of causal LMs."""
+
+from ._version import __version__
+from .architectures import ARCHITECTURES, ArchSpec, spec_for
+from .errors import GriffinError
+from .export import ExportResult, export, read_manifest
+from .scoring import griffin_statistic, keep_count, top_k_indices
+from .selection import Selection, select_experts
+from .slicing import prune_model
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchSpec",
+    "ExportResult",
+    "GriffinError",
+    "Selection",
+    "__version__",
+    "export",
+    "griffin_statistic",
+    "keep_count",
+    "prune_model",
+    "read_manifest",
+    "select_experts",
+    "spec_for",
+    "top_k_indices",
+]

@@ -1,0 +1,36 @@
+"""One exception hierarchy for everything griffin reports to a user.
+
+Every message names what went wrong, the offending value, and the fix. The CLI maps these to
+one red line and an exit code in a single place (``griffin_cli.main``); the library never
+prints.
+"""
+
+from __future__ import annotations
+
+
+class GriffinError(Exception):
+    """Base class: a failure the user can act on. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class UsageError(GriffinError):
+    """A bad option value or bad input file: the command line must change (exit code 2)."""
+
+    exit_code = 2
+
+
+class ModelLoadError(GriffinError):
+    """The model (or original) could not be found, read or loaded."""
+
+
+class UnsupportedArchitectureError(GriffinError):
+    """The model's ``model_type`` is not in the architecture table."""
+
+
+class ExportFormatError(GriffinError):
+    """An export directory is missing files, inconsistent, or was modified."""
+
+
+class OutputError(GriffinError):
+    """The output location cannot be written (exists, inside the source, disk full...)."""

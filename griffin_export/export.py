@@ -1,0 +1,317 @@
+"""``griffin export``: prompt in, genuinely smaller checkpoint out.
+
+load -> tokenize -> score (full model, hooks) -> slice in place -> write atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ._version import __version__
+from .checkpoint import (
+    LoadedModel,
+    atomic_directory,
+    dtype_name,
+    file_sha256,
+    load_model,
+    model_fingerprint,
+    parse_dtype,
+    resolve_source,
+    state_dict_bytes,
+    write_json,
+)
+from .errors import OutputError, UsageError
+from .scoring import STATISTIC_NAME, check_ratio, keep_count
+from .selection import Selection, select_experts
+from .slicing import prune_model
+
+FORMAT_NAME = "griffin-export"
+FORMAT_VERSION = 1
+MANIFEST = "griffin.json"
+EXPERTS_FILE = "griffin_experts.safetensors"
+
+#: progress callback: (stage, done, total). Stages: load, score, slice, write.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and what it saved."""
+
+    out_dir: Path
+    source: str
+    model_type: str
+    n_layers: int
+    d_ff: int
+    k_per_layer: list[int]
+    ratio: float
+    dtype: str
+    prompt_tokens: int
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    file_bytes: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out_dir"] = str(self.out_dir)
+        return data
+
+
+def default_out_dir(model: str, ratio: float) -> Path:
+    """``<model name>-griffin-<ratio>`` in the current directory."""
+    stem = Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
+    return Path(f"{stem}-griffin-{ratio:g}")
+
+
+def tokenize_prompts(
+    loaded: LoadedModel, prompts: Sequence[str], max_tokens: int | None
+) -> tuple[list[Tensor], list[str]]:
+    """Token ids of each prompt, truncated to ``max_tokens`` and the model's context."""
+    if loaded.tokenizer is None:
+        raise UsageError(
+            f"'{loaded.source.name}' has no tokenizer files; add them to the model directory"
+        )
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    limits = [v for v in (max_tokens, context) if isinstance(v, int) and v > 0]
+    limit = min(limits) if limits else None
+    warnings: list[str] = []
+    ids: list[Tensor] = []
+    for i, text in enumerate(prompts):
+        encoded = torch.tensor(loaded.tokenizer(text)["input_ids"], dtype=torch.long)
+        if limit is not None and encoded.numel() > limit:
+            why = "--max-prompt-tokens" if limit == max_tokens else "the model's context length"
+            warnings.append(
+                f"prompt {i + 1} has {encoded.numel()} tokens; truncated to {limit} ({why})"
+            )
+            encoded = encoded[:limit]
+        ids.append(encoded)
+    return ids, warnings
+
+
+def prompt_sha256(prompts: Sequence[str]) -> str:
+    """sha256 of the prompt texts (UTF-8), separated by NUL bytes."""
+    return hashlib.sha256(b"\0".join(p.encode("utf-8") for p in prompts)).hexdigest()
+
+
+def export(
+    model: str,
+    prompts: Sequence[str],
+    ratio: float = 0.5,
+    *,
+    out: str | Path | None = None,
+    multiple_of: int = 1,
+    dtype: str | None = None,
+    device: str = "cpu",
+    max_prompt_tokens: int | None = None,
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export ``model`` pruned to the experts that ``prompts`` select.
+
+    Args:
+        model: local HF directory, ``.gguf`` file, hub id, or ``"smollm2-135m"``.
+        prompts: one or more texts; the statistic pools all their tokens.
+        ratio: fraction of FF neurons kept per layer, in (0, 1].
+        out: output directory (default ``<model>-griffin-<ratio>``); written atomically.
+        multiple_of: round the kept count to a multiple of this (never above d_ff).
+        dtype: ``None``/"auto" keeps the source's; else float32, bfloat16 or float16.
+        max_prompt_tokens: truncate each prompt to this many tokens.
+        force: replace an existing ``out`` (the old one survives until the new is complete).
+        progress: optional ``(stage, done, total)`` callback.
+
+    Returns:
+        An :class:`ExportResult`. Raises :class:`~griffin_export.errors.GriffinError`
+        subclasses for bad input; nothing is left under ``out`` on failure.
+    """
+    started = time.perf_counter()
+    report = progress or (lambda stage, done, total: None)
+    check_ratio(ratio)
+    keep_count(1, 0.5, multiple_of)  # validates multiple_of before any loading
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise UsageError(
+            f"--max-prompt-tokens must be at least 1, got {max_prompt_tokens}; omit it for no limit"
+        )
+    texts = [p for p in prompts if p.strip()]
+    if not texts:
+        raise UsageError("the prompt is empty; pass --prompt FILE or --prompt-text TEXT with text")
+    torch_dtype = parse_dtype(dtype)
+    source = resolve_source(model)
+    out_dir = Path(out) if out is not None else default_out_dir(source.name, ratio)
+    _check_out_dir(out_dir, source.directory, force)
+
+    report("load", 0, 1)
+    loaded = load_model(source, torch_dtype, device, allow_pickle, trust_remote_code)
+    report("load", 1, 1)
+    ids, warnings = tokenize_prompts(loaded, texts, max_prompt_tokens)
+
+    report("score", 0, len(ids))
+    selection = select_experts(
+        loaded.spec,
+        loaded.model,
+        ids,
+        ratio,
+        multiple_of,
+        on_prompt=lambda i: report("score", i + 1, len(ids)),
+    )
+    params_before, bytes_before = state_dict_bytes(loaded.model)
+    fingerprint = model_fingerprint(loaded.model)
+
+    report("slice", 0, 1)
+    prune_model(loaded.spec, loaded.model, selection.keep)
+    params_after, bytes_after = state_dict_bytes(loaded.model)
+    report("slice", 1, 1)
+
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "griffin_version": __version__,
+        "source": {
+            "model": source.name,
+            "kind": source.kind,
+            "model_type": loaded.model_type,
+            "fingerprint": fingerprint,
+            "d_ff": selection.d_ff,
+        },
+        "ratio": ratio,
+        "multiple_of": multiple_of,
+        "statistic": STATISTIC_NAME,
+        "k_per_layer": selection.k_per_layer,
+        "prompt": {"sha256": prompt_sha256(texts), "tokens": selection.tokens, "count": len(texts)},
+        "dtype": dtype_name(loaded.model.dtype),
+    }
+    report("write", 0, 1)
+    file_bytes = write_export(out_dir, loaded, selection, manifest, force, max_shard_size)
+    report("write", 1, 1)
+    return ExportResult(
+        out_dir=out_dir,
+        source=source.name,
+        model_type=loaded.model_type,
+        n_layers=len(selection.keep),
+        d_ff=selection.d_ff,
+        k_per_layer=selection.k_per_layer,
+        ratio=ratio,
+        dtype=manifest["dtype"],  # type: ignore[arg-type]
+        prompt_tokens=selection.tokens,
+        params_before=params_before,
+        params_after=params_after,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        file_bytes=file_bytes,
+        seconds=time.perf_counter() - started,
+        warnings=warnings,
+    )
+
+
+def write_export(
+    out_dir: Path,
+    loaded: LoadedModel,
+    selection: Selection,
+    manifest: dict[str, Any],
+    force: bool,
+    max_shard_size: str | int,
+) -> int:
+    """Write an already-pruned model, its experts map, manifest and card, atomically.
+
+    Returns the bytes of the weight files written.
+    """
+    model = loaded.model
+    model.config.griffin = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+    with atomic_directory(out_dir, force=force) as tmp:
+        try:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            if loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(tmp)
+            experts = {f"layer.{i}": k.to(torch.int32).cpu() for i, k in enumerate(selection.keep)}
+            save_file(
+                experts,
+                str(tmp / EXPERTS_FILE),
+                metadata={"format": FORMAT_NAME, "d_ff": str(selection.d_ff)},
+            )
+            (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
+            files = sorted(p for p in tmp.iterdir() if p.is_file())
+            manifest["files"] = {p.name: file_sha256(p) for p in files}
+            write_json(tmp / MANIFEST, manifest)
+        except OSError as exc:
+            raise OutputError(
+                f"writing the export to '{out_dir}' failed: {exc.strerror or exc}; "
+                "free disk space or choose another --out (nothing was left behind)"
+            ) from exc
+        weight_bytes = sum(p.stat().st_size for p in tmp.glob("model*.safetensors"))
+    return weight_bytes
+
+
+def _check_out_dir(out_dir: Path, source_dir: Path | None, force: bool) -> None:
+    if out_dir.exists() and not force:
+        raise OutputError(f"'{out_dir}' already exists; pass --force to replace it or choose --out")
+    if source_dir is not None:
+        src, dst = source_dir.resolve(), out_dir.resolve()
+        if dst == src or src in dst.parents:
+            raise OutputError(
+                f"--out '{out_dir}' is inside the source model directory '{source_dir}'; "
+                "choose a directory outside it"
+            )
+
+
+def model_card(manifest: dict[str, Any]) -> str:
+    """A short README for the export: how it was made and how to load it."""
+    source = manifest["source"]
+    k = manifest["k_per_layer"]
+    return f"""# GRIFFIN export of `{source["model"]}`
+
+This checkpoint was written by [griffin](https://pypi.org/project/griffin-export/)
+{manifest["griffin_version"]}. Every feed-forward layer keeps {k[0]} of its {source["d_ff"]}
+neurons (ratio {manifest["ratio"]}), the ones with the largest GRIFFIN statistic
+({manifest["statistic"]}) over a prompt of {manifest["prompt"]["tokens"]} tokens
+(sha256 `{manifest["prompt"]["sha256"][:16]}...`). Everything else is the original's, in
+{manifest["dtype"]}.
+
+The experts were chosen for text like that prompt; quality on unrelated text is lower.
+
+## Load it
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+```
+
+`griffin_experts.safetensors` holds, per layer (`layer.<i>`), the original neuron index of
+every kept neuron in the order of the rows of the weights. `griffin.json` is the manifest
+(source fingerprint, ratio, k per layer, prompt hash, file hashes).
+"""
+
+
+def read_manifest(export_dir: Path) -> dict[str, Any]:
+    """The manifest of an export directory (raises if it is not one)."""
+    from .errors import ExportFormatError
+
+    path = Path(export_dir) / MANIFEST
+    if not path.is_file():
+        raise ExportFormatError(
+            f"'{export_dir}' is not a griffin export (no {MANIFEST}); run griffin export first"
+        )
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportFormatError(f"'{path}' is unreadable ({exc}); re-run griffin export") from exc
+    if data.get("format") != FORMAT_NAME:
+        raise ExportFormatError(f"'{path}' is not a griffin manifest; re-run griffin export")
+    return data

@@ -1,0 +1,112 @@
+"""Tiny random models with odd sizes, one per architecture in the table, and a char tokenizer.
+
+Sizes follow transformers' own model testers (vocab 99, hidden 32, d_ff 37) so that shape
+bugs (rows vs columns, fused halves) cannot hide behind square matrices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 99
+HIDDEN = 32
+D_FF = 37
+LAYERS = 3
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=D_FF,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+#: model_type -> config overrides (on top of _COMMON where the names apply).
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma": {"hidden_activation": "gelu_pytorch_tanh"},
+    "gemma2": {"sliding_window": 16},
+    "gemma3_text": {"sliding_window": 16},
+    "olmo": {},
+    "olmo2": {},
+    "stablelm": {},
+    "granite": {},
+    "phi3": {},
+    "phi": {},
+    "starcoder2": {},
+    "gpt2": dict(n_embd=HIDDEN, n_inner=D_FF, n_layer=LAYERS, n_head=4, n_positions=256),
+    "gpt_neox": {},
+    "opt": dict(ffn_dim=D_FF, word_embed_proj_dim=HIDDEN, tie_word_embeddings=True),
+    "gptj": dict(
+        n_embd=HIDDEN, n_inner=D_FF, n_layer=LAYERS, n_head=4, rotary_dim=4, n_positions=256
+    ),
+}
+MODEL_TYPES = sorted(CONFIGS)
+
+
+def tiny_config(model_type: str, **overrides: Any) -> Any:
+    config = AutoConfig.for_model(model_type)
+    for key, value in {**_COMMON, **CONFIGS[model_type], **overrides}.items():
+        if hasattr(config, key) or key in CONFIGS[model_type] or key in overrides:
+            with contextlib.suppress(AttributeError):  # read-only properties on some configs
+                setattr(config, key, value)
+    return config
+
+
+def tiny_model(
+    model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype)
+    # Random init leaves some biases/norms at exactly 0/1; perturb everything so that a wrong
+    # slice (or a wrong bias rule) changes the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer whose ids fit the tiny vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in string.ascii_letters + string.digits + " .,;:!?'\"-\n()":
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+    )
+
+
+def save_tiny(model_type: str, directory: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A tiny random model + char tokenizer saved as an HF directory (safetensors)."""
+    model = tiny_model(model_type, seed=seed, **overrides)
+    model.save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def random_ids(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g)
