@@ -67,15 +67,21 @@ class ArchSpec:
     def projections(self, block: nn.Module) -> dict[str, nn.Module]:
         """``{role: module}`` for one block; roles are ``gate``/``up``/``gate_up`` and ``down``."""
         mlp = _get(block, self.mlp)
-        roles: dict[str, nn.Module] = {}
+        return {role: _get(mlp, self.module_name(role)) for role in self.roles()}
+
+    def roles(self) -> tuple[str, ...]:
+        """The FF projection roles of this architecture, input projections first."""
         if self.fused_gate_up:
-            roles["gate_up"] = _get(mlp, self.up)
-        else:
-            if self.gate is not None:
-                roles["gate"] = _get(mlp, self.gate)
-            roles["up"] = _get(mlp, self.up)
-        roles["down"] = _get(mlp, self.down)
-        return roles
+            return ("gate_up", "down")
+        return ("gate", "up", "down") if self.gate is not None else ("up", "down")
+
+    def module_name(self, role: str) -> str:
+        return {"gate": self.gate, "up": self.up, "gate_up": self.up, "down": self.down}[role] or ""
+
+    def param_name(self, layer: int, role: str, kind: str = "weight") -> str:
+        """Checkpoint key of one FF tensor, e.g. ``model.layers.3.mlp.up_proj.weight``."""
+        parts = [self.layers, str(layer), self.mlp, self.module_name(role), kind]
+        return ".".join(p for p in parts if p)
 
     def down_module(self, block: nn.Module) -> nn.Module:
         return _get(_get(block, self.mlp), self.down)

@@ -289,9 +289,23 @@ def weights_fingerprint(named_tensors: Iterable[tuple[str, Tensor]], sample: int
     return "sha256-sampled:" + digest.hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """:func:`weights_fingerprint` of a loaded model's parameters."""
-    return weights_fingerprint(model.named_parameters())
+def ff_tensors(spec: ArchSpec, model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(checkpoint key, tensor)`` of every FF weight and bias of a loaded model."""
+    for layer, block in enumerate(spec.blocks(model)):
+        for role, module in spec.projections(block).items():
+            for kind in ("weight", "bias"):
+                tensor = getattr(module, kind, None)
+                if isinstance(tensor, Tensor):
+                    yield spec.param_name(layer, role, kind), tensor
+
+
+def model_fingerprint(spec: ArchSpec, model: nn.Module) -> str:
+    """:func:`weights_fingerprint` of a model's full-width FF tensors.
+
+    Only the FF tensors count: they are what the runtime and ``verify`` slice from the
+    original, and they can be read by checkpoint key from memory-mapped safetensors.
+    """
+    return weights_fingerprint(ff_tensors(spec, model))
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -171,7 +171,7 @@ def export(
         on_prompt=lambda i: report("score", i + 1, len(ids)),
     )
     params_before, bytes_before = state_dict_bytes(loaded.model)
-    fingerprint = model_fingerprint(loaded.model)
+    fingerprint = model_fingerprint(loaded.spec, loaded.model)
 
     report("slice", 0, 1)
     prune_model(loaded.spec, loaded.model, selection.keep)
@@ -185,6 +185,8 @@ def export(
         "source": {
             "model": source.name,
             "kind": source.kind,
+            # Where the runtime finds the full weights again (for GGUF: the cached conversion).
+            "directory": str(source.directory.resolve()) if source.directory else None,
             "model_type": loaded.model_type,
             "fingerprint": fingerprint,
             "d_ff": selection.d_ff,
