@@ -277,7 +277,7 @@ def model_card(manifest: dict[str, Any]) -> str:
     k = manifest["k_per_layer"]
     return f"""# GRIFFIN export of `{source["model"]}`
 
-This checkpoint was written by [griffin](https://pypi.org/project/griffin-export/)
+This checkpoint was written by griffin
 {manifest["griffin_version"]}. Every feed-forward layer keeps {k[0]} of its {source["d_ff"]}
 neurons (ratio {manifest["ratio"]}), the ones with the largest GRIFFIN statistic
 ({manifest["statistic"]}) over a prompt of {manifest["prompt"]["tokens"]} tokens
