@@ -6,7 +6,6 @@ bugs (rows vs columns, fused halves) cannot hide behind square matrices.
 
 from __future__ import annotations
 
-import contextlib
 import string
 from pathlib import Path
 from typing import Any
@@ -60,12 +59,14 @@ MODEL_TYPES = sorted(CONFIGS)
 
 
 def tiny_config(model_type: str, **overrides: Any) -> Any:
-    config = AutoConfig.for_model(model_type)
-    for key, value in {**_COMMON, **CONFIGS[model_type], **overrides}.items():
-        if hasattr(config, key) or key in CONFIGS[model_type] or key in overrides:
-            with contextlib.suppress(AttributeError):  # read-only properties on some configs
-                setattr(config, key, value)
-    return config
+    default = AutoConfig.for_model(model_type)
+    wanted = {**_COMMON, **CONFIGS[model_type], **overrides}
+    # Only pass the common names this config class knows, so that derived fields (Gemma 3's
+    # per-layer `layer_types`, for one) are computed for the tiny sizes.
+    kwargs = {k: v for k, v in wanted.items() if hasattr(default, k) or k not in _COMMON}
+    if hasattr(default, "layer_types"):
+        kwargs["layer_types"] = None
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 def tiny_model(
