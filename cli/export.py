@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import typer
-from griffin_cli.main import app, err_console, out_console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from griffin_cli.main import app, err_console, out_console
 from griffin_export.checkpoint import DEFAULT_MODEL
 from griffin_export.export import ExportResult, export
 from griffin_export.prompts import gather_prompts
