@@ -55,10 +55,12 @@ def main(
 ) -> None:
     """griffin: smaller checkpoints from the neurons a prompt actually uses."""
     # griffin draws its own progress; keep transformers' bars and notices off the terminal.
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
     if debug:
         os.environ["GRIFFIN_DEBUG"] = "1"
 

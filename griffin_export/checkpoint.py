@@ -199,8 +199,13 @@ def read_model_type(source: SourceRef) -> str:
     try:
         config = AutoConfig.from_pretrained(source.load_id, trust_remote_code=False)
     except Exception as exc:
+        hint = (
+            "check the hub id and the network, or pass a local directory or .gguf file"
+            if source.kind == "hub"
+            else "check that config.json is a valid transformers config"
+        )
         raise ModelLoadError(
-            f"could not read the config of '{source.name}': {_short(exc)}"
+            f"could not read the config of '{source.name}': {_short(exc)}; {hint}"
         ) from exc
     return str(config.model_type)
 
