@@ -8,13 +8,18 @@ safetensors). Loading is safe by default: safetensors only, no remote code.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
 import shutil
+import signal
 import struct
+import sys
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,8 +168,10 @@ def ensure_converted_gguf(gguf: Path, cache_name: str | None = None) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # transformers draws its own tqdm bar while dequantising; the library never prints.
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types for unreadable GGUF
         raise ModelLoadError(f"could not read GGUF '{gguf}': {_short(exc)}") from exc
     # The dequantised model is an ordinary float model: drop the GGUF quantizer so that
@@ -193,9 +200,15 @@ class LoadedModel:
 
 
 def read_model_type(source: SourceRef) -> str:
-    """The ``model_type`` of a source, read from its config before any weights load."""
+    """The ``model_type`` of a source, read from its config before any weights load.
+
+    For a local directory the raw ``config.json`` is read first, so that an unreadable file
+    or an unsupported ``model_type`` is named as such (not as a transformers error).
+    """
     from transformers import AutoConfig
 
+    if source.directory is not None:
+        spec_for(_raw_model_type(source.directory / "config.json"))
     try:
         config = AutoConfig.from_pretrained(source.load_id, trust_remote_code=False)
     except Exception as exc:
@@ -228,20 +241,37 @@ def load_model(
 
     model_type = read_model_type(source)
     spec = spec_for(model_type)
-    if source.directory is not None and not allow_pickle:
-        _require_safetensors(source.directory)
+    if source.directory is not None:
+        if not allow_pickle:
+            _require_safetensors(source.directory)
+        check_safetensors_files(source.directory)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        pair: Any = AutoModelForCausalLM.from_pretrained(
             source.load_id,
             dtype=dtype if dtype is not None else "auto",
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
+        model, info = pair
     except Exception as exc:
-        raise ModelLoadError(f"could not load '{source.name}': {_short(exc)}") from exc
+        raise ModelLoadError(
+            f"could not load '{source.name}': {_short(exc)}; re-download or re-convert it"
+        ) from exc
+    # transformers fills weights absent from the checkpoint with random values and only logs
+    # it; an export made from such a model would be garbage, so refuse it.
+    missing = sorted(info.get("missing_keys") or []) + sorted(
+        str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []
+    )
+    if missing:
+        raise ModelLoadError(
+            f"'{source.name}' lacks {len(missing)} tensor(s) its config needs (first: "
+            f"'{missing[0]}'); the checkpoint is incomplete or does not match config.json: "
+            "re-download or re-convert it"
+        )
     model.eval()
     try:
-        model.to(device)  # type: ignore[arg-type]
+        model.to(device)
     except Exception as exc:
         raise UsageError(
             f"--device '{device}' is not usable here ({_short(exc)}); use cpu"
@@ -265,6 +295,63 @@ def _require_safetensors(directory: Path) -> None:
             "--allow-pickle if you trust the file"
         )
     raise ModelLoadError(f"'{directory}' has no *.safetensors weights; the directory is incomplete")
+
+
+def _raw_model_type(config_path: Path) -> str:
+    """``model_type`` from a ``config.json`` read as plain JSON (no transformers involved)."""
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"'{config_path}' is unreadable or not JSON ({_short(exc)}); restore the model's "
+            "config.json"
+        ) from exc
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelLoadError(
+            f"'{config_path}' has no model_type; it is not a transformers model config, so "
+            "point --model at a Hugging Face model directory"
+        )
+    return model_type
+
+
+def check_safetensors_files(directory: Path) -> None:
+    """Refuse a directory whose safetensors weights are missing, truncated or corrupted.
+
+    Checks that every shard named by ``model.safetensors.index.json`` exists and that every
+    weight file's header parses and covers the file exactly (safetensors' own check). Reads
+    headers only, no tensor data.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(
+                f"'{index}' is unreadable or malformed ({_short(e)}); re-download or re-convert "
+                "the model"
+            ) from e
+        absent = [name for name in shards if not (directory / name).is_file()]
+        if absent:
+            raise ModelLoadError(
+                f"'{directory}' is missing {len(absent)} weight shard(s) listed in {index.name} "
+                f"(first: '{absent[0]}'); re-download or re-convert the model"
+            )
+        files = [directory / name for name in shards]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(
+                f"'{path}' is truncated or corrupted ({_short(exc)}); re-download or re-convert "
+                "the model"
+            ) from exc
 
 
 def _short(exc: BaseException) -> str:
@@ -352,8 +439,11 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``target``; rename it to ``target`` on success.
 
     An existing ``target`` is refused unless ``force``; with ``force`` it survives until the
-    new directory is complete. On any error the temporary directory is removed. Temporary
-    directories left by killed runs (their process gone) are removed on the next run.
+    new directory is complete, and is then swapped out in one atomic ``renameat2`` exchange
+    where the OS offers it (two renames otherwise). On any error, ``KeyboardInterrupt`` or
+    SIGTERM the temporary directory (and any parent directory created for it) is removed.
+    Temporaries left by killed runs (SIGKILL; their process gone) are removed by the next
+    run that writes the same target; an old export caught between two renames is restored.
     """
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
@@ -361,9 +451,11 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
         raise OutputError(f"'{target}' already exists; pass --force to replace it or choose --out")
     if target.exists() and not target.is_dir():
         raise OutputError(f"'{target}' exists and is not a directory; choose another --out")
+    created = _missing_ancestors(parent)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        _remove_empty(created)
         raise OutputError(
             f"cannot create '{parent}': {exc.strerror}; choose another --out"
         ) from exc
@@ -373,27 +465,118 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
     try:
         tmp.mkdir()
     except OSError as exc:
+        _remove_empty(created)
         raise OutputError(
             f"cannot write in '{parent}': {exc.strerror}; choose another --out"
         ) from exc
     try:
-        yield tmp
-        if target.exists():
-            old = parent / f".{target.name}.griffin-old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with _sigterm_as_exit():
+            yield tmp
+            _commit(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
 
 
+_OLD_MARK = ".griffin-old-"
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """Put the complete directory ``tmp`` under the name ``target``."""
+    try:
+        if not target.exists():
+            os.replace(tmp, target)
+            return
+        if _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # ``tmp`` now holds the old export
+            return
+        old = target.parent / f".{target.name}{_OLD_MARK}{os.getpid()}"
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot rename the finished export to '{target}': {exc.strerror or exc}; "
+            "choose another --out"
+        ) from exc
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """While writing, turn SIGTERM into ``SystemExit`` so that cleanup runs (main thread only,
+    and only where nobody installed a SIGTERM handler of their own)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing: list[Path] = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in directories:  # deepest first
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 def _remove_stale_temporaries(parent: Path, name: str) -> None:
-    for leftover in parent.glob(f".{name}{_TMP_MARK}*"):
-        pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+    """Remove what killed runs left beside ``parent/name``; restore a displaced old export."""
+    for mark in (_TMP_MARK, _OLD_MARK):
+        prefix = f".{name}{mark}"
+        for leftover in sorted(p for p in parent.iterdir() if p.name.startswith(prefix)):
+            pid = leftover.name[len(prefix) :]
+            if not pid.isdigit() or _process_alive(int(pid)):
+                continue
+            target = parent / name
+            if mark == _OLD_MARK and not target.exists():
+                with contextlib.suppress(OSError):  # killed between the two renames
+                    os.replace(leftover, target)
+                continue
             shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -34,3 +34,15 @@ class ExportFormatError(GriffinError):
 
 class OutputError(GriffinError):
     """The output location cannot be written (exists, inside the source, disk full...)."""
+
+
+class VerificationError(ExportFormatError):
+    """An export directory failed verification; ``problems`` lists every finding."""
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+class OriginalMismatchError(GriffinError):
+    """The original model given is not the one the export was made from."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -250,9 +251,10 @@ def write_export(
             files = sorted(p for p in tmp.iterdir() if p.is_file())
             manifest["files"] = {p.name: file_sha256(p) for p in files}
             write_json(tmp / MANIFEST, manifest)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # disk full, quota, file size limit...
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise OutputError(
-                f"writing the export to '{out_dir}' failed: {exc.strerror or exc}; "
+                f"writing the export to '{out_dir}' failed: {why}; "
                 "free disk space or choose another --out (nothing was left behind)"
             ) from exc
         weight_bytes = sum(p.stat().st_size for p in tmp.glob("model*.safetensors"))
@@ -260,8 +262,10 @@ def write_export(
 
 
 def _check_out_dir(out_dir: Path, source_dir: Path | None, force: bool) -> None:
-    if out_dir.exists() and not force:
-        raise OutputError(f"'{out_dir}' already exists; pass --force to replace it or choose --out")
+    """Refuse an ``--out`` that would overwrite the source or anything but an earlier export.
+
+    Checked before the model loads, so a refused run writes nothing.
+    """
     if source_dir is not None:
         src, dst = source_dir.resolve(), out_dir.resolve()
         if dst == src or src in dst.parents:
@@ -269,6 +273,20 @@ def _check_out_dir(out_dir: Path, source_dir: Path | None, force: bool) -> None:
                 f"--out '{out_dir}' is inside the source model directory '{source_dir}'; "
                 "choose a directory outside it"
             )
+        if dst in src.parents:
+            raise OutputError(
+                f"--out '{out_dir}' contains the source model directory '{source_dir}'; "
+                "replacing it would delete the source, so choose another --out"
+            )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out '{out_dir}' exists and is a file; choose another --out")
+    if out_dir.exists() and not force:
+        raise OutputError(f"'{out_dir}' already exists; pass --force to replace it or choose --out")
+    if out_dir.exists() and not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()):
+        raise OutputError(
+            f"--out '{out_dir}' is a non-empty directory that is not a griffin export; --force "
+            "only replaces an earlier export, so choose another --out or empty it yourself"
+        )
 
 
 def model_card(manifest: dict[str, Any]) -> str:

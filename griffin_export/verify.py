@@ -1,0 +1,596 @@
+"""Check an export directory against its manifest, its config and (optionally) its original.
+
+``verify_export`` collects every problem it finds as one line each (what, where, the fix);
+``check_export_files`` and ``check_original`` are the guards that the runtime and ``griffin
+ppl`` call before they trust an export. Tensors are read with ``safe_open`` (headers for
+shapes, one tensor at a time for values); no model is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from .architectures import ArchSpec, spec_for
+from .checkpoint import (
+    DTYPES,
+    check_safetensors_files,
+    file_sha256,
+    resolve_source,
+    weights_fingerprint,
+)
+from .errors import (
+    GriffinError,
+    ModelLoadError,
+    OriginalMismatchError,
+    UsageError,
+    VerificationError,
+)
+from .export import EXPERTS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from .slicing import slice_bias, slice_weight
+
+#: Files that a loader would read: an unlisted one was added after the export was written.
+_LOADABLE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".py", ".gguf")
+_INDEX = "model.safetensors.index.json"
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_export`` checked and every problem it found (empty when all hold)."""
+
+    export_dir: Path
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+    original: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "export_dir": str(self.export_dir),
+            "ok": self.ok,
+            "problems": self.problems,
+            "checked": self.checked,
+            "original": self.original,
+        }
+
+
+class _Tensors:
+    """Checkpoint key -> tensor (or shape) over the safetensors files of one directory."""
+
+    def __init__(self, stack: contextlib.ExitStack, files: Iterable[Path]) -> None:
+        self._handles: dict[str, Any] = {}
+        for path in files:
+            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                self._handles[key] = handle
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._handles
+
+    def keys(self) -> list[str]:
+        return list(self._handles)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[key].get_slice(key).get_shape())
+
+    def get(self, key: str) -> Tensor:
+        tensor: Tensor = self._handles[key].get_tensor(key)
+        return tensor
+
+
+def weight_files(directory: Path) -> tuple[list[Path], list[str]]:
+    """The safetensors weight files of an HF directory and the problems finding them."""
+    index = directory / _INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            return [], [f"{_INDEX}: unreadable or malformed; re-export"]
+        missing = [s for s in shards if not (directory / s).is_file()]
+        problems = [f"{s}: weight shard listed in {_INDEX} is missing; re-export" for s in missing]
+        return [directory / s for s in shards if s not in missing], problems
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single], []
+    return [], ["no model.safetensors or model.safetensors.index.json: weights missing; re-export"]
+
+
+def verify_export(
+    export_dir: str | Path, original: str | Path | None = None, *, hash_files: bool = True
+) -> VerifyReport:
+    """Check an export directory; every finding becomes one line of ``report.problems``.
+
+    Checks the manifest (``griffin.json``), the sha256 of every file it lists (and that no
+    loadable file was added), the FF shapes against ``config.json``, and the kept-index map
+    (per layer: sorted, unique, within ``d_ff``, ``k`` entries). With ``original`` (a local
+    model directory or anything ``--model`` accepts that resolves to one), also that the
+    original is the model the export was made from (FF fingerprint) and that every pruned
+    tensor equals the original's sliced at the recorded indices.
+
+    Raises :class:`~griffin_export.errors.GriffinError` only when ``original`` itself cannot
+    be found or read; problems of the export are reported, never raised.
+    """
+    export_dir = Path(export_dir)
+    report = VerifyReport(export_dir, original=None if original is None else str(original))
+    problems = report.problems
+    if not export_dir.is_dir():
+        problems.append(
+            f"'{export_dir}' does not exist or is not a directory; pass the directory that "
+            "griffin export wrote"
+        )
+        return report
+    manifest = _check_manifest(export_dir, problems)
+    if manifest is None:
+        return report
+    report.checked.append("manifest")
+    if hash_files:
+        _check_hashes(export_dir, manifest, problems)
+        report.checked.append(f"sha256 of {len(manifest['files'])} files")
+    layout = _check_config(export_dir, manifest, problems)
+    if layout is None:
+        return report
+    spec, hidden = layout
+    k_per_layer: list[int] = manifest["k_per_layer"]
+    d_ff: int = manifest["source"]["d_ff"]
+    keep = _check_experts(export_dir, k_per_layer, d_ff, problems)
+    report.checked.append("kept-index map")
+    with contextlib.ExitStack() as stack:
+        files, found = weight_files(export_dir)
+        problems.extend(found)
+        try:
+            exported = _Tensors(stack, files)
+        except (SafetensorError, OSError) as exc:
+            problems.append(f"weights unreadable ({_first_line(exc)}); re-export")
+            return report
+        _check_shapes(spec, exported, k_per_layer, hidden, problems)
+        report.checked.append("FF tensor shapes")
+        if original is not None and keep is not None:
+            _check_against_original(spec, manifest, exported, keep, str(original), stack, problems)
+            report.checked.append("pruned tensors against the original")
+    return report
+
+
+def check_export_files(export_dir: str | Path, *, hash_files: bool = True) -> dict[str, Any]:
+    """Refuse an export that is incomplete or was modified; return its manifest.
+
+    This is :func:`verify_export` without an original: the guard the runtime and ``griffin
+    ppl`` call before loading an export. Raises
+    :class:`~griffin_export.errors.VerificationError` (exit code 1) naming the first problem.
+    """
+    report = verify_export(export_dir, hash_files=hash_files)
+    if report.problems:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise VerificationError(
+            f"'{export_dir}' failed verification: {report.problems[0]}{more}; run "
+            f"'griffin verify {export_dir}' for the full list",
+            report.problems,
+        )
+    return _read_json(Path(export_dir) / MANIFEST)
+
+
+def check_original(export_dir: str | Path, original: str | Path) -> None:
+    """Refuse an original that is not the model ``export_dir`` was made from.
+
+    Compares the fingerprint of the original's FF tensors (read by checkpoint key from its
+    safetensors, cast to the export's dtype) with the one in ``griffin.json``. Raises
+    :class:`~griffin_export.errors.OriginalMismatchError`, or ``ModelLoadError`` when the
+    original cannot be read.
+    """
+    manifest = _require_manifest(Path(export_dir))
+    spec = spec_for(manifest["source"]["model_type"])
+    directory = _original_directory(str(original))
+    with contextlib.ExitStack() as stack:
+        tensors = _open_original(directory, stack)
+        found = original_fingerprint(spec, manifest, tensors)
+    _compare_fingerprint(export_dir, original, manifest, found)
+
+
+def check_original_model(export_dir: str | Path, model: nn.Module) -> None:
+    """:func:`check_original` for an original already loaded as a model (any dtype that
+    holds the export's values exactly, e.g. the export's own dtype)."""
+    from .checkpoint import ff_tensors
+
+    manifest = _require_manifest(Path(export_dir))
+    spec = spec_for(manifest["source"]["model_type"])
+    dtype = _torch_dtype(manifest["dtype"])
+    found = weights_fingerprint((k, t.to(dtype)) for k, t in ff_tensors(spec, model))
+    _compare_fingerprint(export_dir, getattr(model, "name_or_path", "model"), manifest, found)
+
+
+def original_fingerprint(spec: ArchSpec, manifest: dict[str, Any], tensors: _Tensors) -> str:
+    """The export-time fingerprint recomputed from an original's safetensors."""
+    dtype = _torch_dtype(manifest["dtype"])
+    n_layers = len(manifest["k_per_layer"])
+    return weights_fingerprint(
+        (k, tensors.get(k).to(dtype)) for k in _ff_keys(spec, n_layers, tensors)
+    )
+
+
+# -- the checks ---------------------------------------------------------------------------------
+
+
+def _check_manifest(export_dir: Path, problems: list[str]) -> dict[str, Any] | None:
+    path = export_dir / MANIFEST
+    if not path.is_file():
+        problems.append(
+            f"{MANIFEST}: missing, so '{export_dir}' is not a griffin export (or its manifest "
+            "was deleted); re-export it with griffin export"
+        )
+        return None
+    try:
+        manifest = _read_json(path)
+    except ValueError as exc:
+        problems.append(f"{MANIFEST}: {exc}; re-export")
+        return None
+    if manifest.get("format") != FORMAT_NAME:
+        problems.append(f"{MANIFEST}: format is not '{FORMAT_NAME}'; re-export")
+        return None
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        problems.append(
+            f"{MANIFEST}: format_version {version!r} is not one this griffin reads "
+            f"(up to {FORMAT_VERSION}); upgrade griffin or re-export"
+        )
+        return None
+    source = manifest.get("source")
+    bad: list[str] = []
+    if not isinstance(source, dict):
+        bad.append("source")
+    else:
+        if not _is_int(source.get("d_ff")) or source["d_ff"] < 1:
+            bad.append("source.d_ff")
+        if not isinstance(source.get("model_type"), str):
+            bad.append("source.model_type")
+        if not isinstance(source.get("fingerprint"), str):
+            bad.append("source.fingerprint")
+    ks = manifest.get("k_per_layer")
+    if not isinstance(ks, list) or not ks or not all(_is_int(k) and k > 0 for k in ks):
+        bad.append("k_per_layer")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        bad.append("files")
+    if manifest.get("dtype") not in {_dtype_name(d) for d in DTYPES.values()}:
+        bad.append("dtype")
+    if bad:
+        problems.append(f"{MANIFEST}: missing or malformed {', '.join(bad)}; re-export")
+        return None
+    return manifest
+
+
+def _check_hashes(export_dir: Path, manifest: dict[str, Any], problems: list[str]) -> None:
+    listed: dict[str, str] = manifest["files"]
+    for name, digest in sorted(listed.items()):
+        path = export_dir / name
+        if Path(name).name != name or name in ("", ".", ".."):
+            problems.append(f"{MANIFEST}: lists '{name}', which is not a file name; re-export")
+        elif not path.is_file():
+            problems.append(f"{name}: listed in {MANIFEST} but missing; re-export")
+        elif file_sha256(path) != digest:
+            problems.append(
+                f"{name}: sha256 differs from {MANIFEST} (modified or corrupted); re-export"
+            )
+    for path in sorted(export_dir.iterdir()):
+        name = path.name
+        if name == MANIFEST or name.startswith(".") or name in listed:
+            continue
+        if path.is_file() and name.endswith(_LOADABLE_SUFFIXES):
+            problems.append(
+                f"{name}: not listed in {MANIFEST} (added after the export); remove it or re-export"
+            )
+
+
+def _check_config(
+    export_dir: Path, manifest: dict[str, Any], problems: list[str]
+) -> tuple[ArchSpec, int | None] | None:
+    path = export_dir / "config.json"
+    try:
+        raw = _read_json(path)
+    except ValueError as exc:
+        problems.append(f"config.json: {exc}; re-export")
+        return None
+    model_type = raw.get("model_type")
+    expected_type = manifest["source"]["model_type"]
+    if model_type != expected_type:
+        problems.append(
+            f"config.json: model_type {model_type!r} but {MANIFEST} says {expected_type!r}; "
+            "re-export"
+        )
+        return None
+    try:
+        spec = spec_for(str(model_type))
+    except GriffinError as exc:
+        problems.append(f"config.json: {exc}")
+        return None
+    griffin_block = raw.get("griffin")
+    if not isinstance(griffin_block, dict) or griffin_block.get("format") != FORMAT_NAME:
+        problems.append("config.json: no griffin block (not written by griffin); re-export")
+    ks: list[int] = manifest["k_per_layer"]
+    config = SimpleNamespace(**raw)
+    try:
+        width: int | None = spec.d_ff(config)
+    except GriffinError:
+        width = None
+    if width is None or any(k != width for k in ks):
+        problems.append(
+            f"config.json: {spec.size_key} is {getattr(config, spec.size_key, None)!r} but "
+            f"{MANIFEST} keeps {sorted(set(ks))} neurons per layer; re-export"
+        )
+    n_layers, hidden = _config_sizes(export_dir)
+    if n_layers is not None and n_layers != len(ks):
+        problems.append(
+            f"config.json: {n_layers} layers but {MANIFEST} has k for {len(ks)}; re-export"
+        )
+    return spec, hidden
+
+
+def _config_sizes(directory: Path) -> tuple[int | None, int | None]:
+    """(number of layers, hidden size) through transformers' attribute maps (no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception:  # the raw checks above already name what is wrong
+        return None, None
+    layers = getattr(config, "num_hidden_layers", None)
+    hidden = getattr(config, "hidden_size", None)
+    return (layers if _is_int(layers) else None), (hidden if _is_int(hidden) else None)
+
+
+def _check_experts(
+    export_dir: Path, k_per_layer: list[int], d_ff: int, problems: list[str]
+) -> list[Tensor] | None:
+    """Validate the kept-index map; returns the per-layer indices (int64) when usable."""
+    path = export_dir / EXPERTS_FILE
+    if not path.is_file():
+        problems.append(f"{EXPERTS_FILE}: missing (the kept-index map); re-export")
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        problems.append(f"{EXPERTS_FILE}: unreadable ({_first_line(exc)}); re-export")
+        return None
+    if metadata.get("d_ff") not in (None, str(d_ff)):
+        problems.append(
+            f"{EXPERTS_FILE}: metadata d_ff {metadata.get('d_ff')} but {MANIFEST} says {d_ff}; "
+            "re-export"
+        )
+    expected = {f"layer.{i}" for i in range(len(k_per_layer))}
+    for extra in sorted(set(tensors) - expected):
+        problems.append(f"{EXPERTS_FILE}: unexpected entry '{extra}'; re-export")
+    keep: list[Tensor] = []
+    usable = True
+    for i, k in enumerate(k_per_layer):
+        name = f"layer.{i}"
+        where = f"{EXPERTS_FILE} {name}"
+        index = tensors.get(name)
+        if index is None:
+            problems.append(f"{where}: missing; re-export")
+            usable = False
+            continue
+        if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
+            problems.append(
+                f"{where}: expected a 1-D integer tensor, found {index.dtype!s} of shape "
+                f"{tuple(index.shape)}; re-export"
+            )
+            usable = False
+            continue
+        index = index.long()
+        found: list[str] = []
+        if index.numel() != k:
+            found.append(f"{index.numel()} indices but k is {k}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= d_ff):
+            found.append(f"indices outside 0..{d_ff - 1}")
+        if index.unique().numel() != index.numel():
+            found.append("duplicate indices")
+        elif index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+            found.append("indices not sorted ascending")
+        if found:
+            problems.append(f"{where}: {'; '.join(found)}; re-export")
+            usable = False
+        keep.append(index)
+    return keep if usable else None
+
+
+def _check_shapes(
+    spec: ArchSpec,
+    tensors: _Tensors,
+    k_per_layer: list[int],
+    hidden: int | None,
+    problems: list[str],
+) -> None:
+    for layer, k in enumerate(k_per_layer):
+        for role in spec.roles():
+            for kind in ("weight", "bias"):
+                key = spec.param_name(layer, role, kind)
+                if key not in tensors:
+                    if kind == "weight":
+                        problems.append(f"{key}: missing from the weights; re-export")
+                    continue
+                shape = tensors.shape(key)
+                wanted = _expected_shape(spec, role, kind, k, hidden, shape)
+                if shape != wanted:
+                    problems.append(f"{key}: shape {shape}, expected {wanted} for k={k}; re-export")
+
+
+def _expected_shape(
+    spec: ArchSpec,
+    role: str,
+    kind: str,
+    k: int,
+    hidden: int | None,
+    shape: tuple[int, ...],
+) -> tuple[int | None, ...]:
+    """The shape an FF tensor must have after pruning to ``k`` (``hidden`` if unknown: as is)."""
+    neurons = 2 * k if role == "gate_up" else k
+    is_input = role != "down"
+    if kind == "bias":
+        return (neurons,) if is_input else (hidden if hidden is not None else shape[0],)
+    axis = spec.neuron_axis(role)
+    other = hidden if hidden is not None else (shape[1 - axis] if len(shape) == 2 else None)
+    dims: list[int | None] = [other, other]
+    dims[axis] = neurons
+    return tuple(dims)
+
+
+def _check_against_original(
+    spec: ArchSpec,
+    manifest: dict[str, Any],
+    exported: _Tensors,
+    keep: list[Tensor],
+    original: str,
+    stack: contextlib.ExitStack,
+    problems: list[str],
+) -> None:
+    directory = _original_directory(original)
+    tensors = _open_original(directory, stack)
+    source = manifest["source"]
+    try:
+        model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get(
+            "model_type"
+        )
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != source["model_type"]:
+        problems.append(
+            f"original '{original}' is a {model_type!r} model but the export was made from a "
+            f"{source['model_type']!r}; pass the original it was exported from "
+            f"({source.get('model')})"
+        )
+        return
+    if original_fingerprint(spec, manifest, tensors) != source["fingerprint"]:
+        problems.append(
+            f"original '{original}' is not the model the export was made from (its FF weights "
+            f"differ from the fingerprint in {MANIFEST}); pass the original it was exported "
+            f"from ({source.get('model')})"
+        )
+        return
+    dtype = _torch_dtype(manifest["dtype"])
+    d_ff = int(source["d_ff"])
+    for layer, index in enumerate(keep):
+        for role in spec.roles():
+            for kind in ("weight", "bias"):
+                key = spec.param_name(layer, role, kind)
+                if key not in tensors:
+                    if key in exported:
+                        problems.append(f"{key}: in the export but not in the original")
+                    continue
+                if key not in exported:
+                    continue  # a missing weight is already reported
+                full = tensors.get(key).to(dtype)
+                if kind == "weight":
+                    want = slice_weight(spec, role, full, index, d_ff)
+                else:
+                    want = slice_bias(role, full, index, d_ff)
+                got = exported.get(key)
+                if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
+                    problems.append(
+                        f"{key}: differs from the original sliced at the recorded indices "
+                        "(modified after export?); re-export"
+                    )
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _original_directory(original: str) -> Path:
+    source = resolve_source(original)
+    if source.directory is None:
+        raise UsageError(
+            f"--original '{original}' is a hub id; verify needs a local copy: pass its directory"
+        )
+    return source.directory
+
+
+def _open_original(directory: Path, stack: contextlib.ExitStack) -> _Tensors:
+    check_safetensors_files(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    index = directory / _INDEX
+    if index.is_file():
+        files, _ = weight_files(directory)
+    if not files:
+        raise ModelLoadError(
+            f"the original '{directory}' has no *.safetensors weights; verify reads safetensors "
+            "only (convert pickle checkpoints first)"
+        )
+    try:
+        return _Tensors(stack, files)
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(
+            f"the original's weights in '{directory}' are unreadable ({_first_line(exc)}); "
+            "re-download or re-convert it"
+        ) from exc
+
+
+def _ff_keys(spec: ArchSpec, n_layers: int, tensors: _Tensors) -> Iterator[str]:
+    for layer in range(n_layers):
+        for role in spec.roles():
+            for kind in ("weight", "bias"):
+                key = spec.param_name(layer, role, kind)
+                if key in tensors:
+                    yield key
+
+
+def _compare_fingerprint(
+    export_dir: str | Path, original: object, manifest: dict[str, Any], found: str
+) -> None:
+    if found != manifest["source"]["fingerprint"]:
+        raise OriginalMismatchError(
+            f"the original '{original}' is not the model '{export_dir}' was made from (its FF "
+            f"weights differ from the fingerprint in {MANIFEST}); pass the original it was "
+            f"exported from: {manifest['source'].get('model')}"
+        )
+
+
+def _require_manifest(export_dir: Path) -> dict[str, Any]:
+    problems: list[str] = []
+    manifest = _check_manifest(export_dir, problems)
+    if manifest is None:
+        raise VerificationError(f"'{export_dir}': {problems[0]}", problems)
+    return manifest
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``ValueError`` with a short reason otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError("missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable or not JSON ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return DTYPES.get(name, torch.float32)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__

@@ -1,0 +1,438 @@
+"""Bad input through the CLI: one line naming the value and the fix, exit code 2 (usage) or 1
+(failure), no traceback, and nothing written. One test per row of the README's table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner, Result
+
+from griffin_cli.main import app
+from griffin_export.errors import UsageError
+from griffin_export.prompts import read_prompt_file
+
+from tiny import save_tiny
+
+runner = CliRunner()
+TEXT = ["--prompt-text", "Rain falls on the hills."]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny("llama", tmp_path_factory.mktemp("errors") / "src")
+
+
+def griffin(*args: str) -> Result:
+    # GRIFFIN_DEBUG=None: --debug sets it inside a run; the runner restores it afterwards.
+    return runner.invoke(app, list(args), env={"GRIFFIN_DEBUG": None, "COLUMNS": "300"})
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` with its sha256: 'unchanged' means equal digests."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_refused(result: Result, code: int, *needles: str) -> str:
+    """Exit ``code``, exactly one ``error:`` line holding every needle, and no traceback."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def export_args(model: Path | str, out: Path, *extra: str) -> list[str]:
+    return ["export", "--model", str(model), *extra, "--out", str(out)]
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+def test_missing_model_path(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = griffin(*export_args(tmp_path / "no-such-model", out, *TEXT))
+    assert_refused(result, 1, "no-such-model", "not found", "pass a local model directory")
+    assert not out.exists()
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"")
+    out = tmp_path / "out"
+    result = griffin(*export_args(tmp_path / "weights", out, *TEXT))
+    assert_refused(result, 1, "has no config.json", "found: model.safetensors", "--model")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "not_a_real_type"])
+def test_unsupported_model_type(src: Path, tmp_path: Path, model_type: str) -> None:
+    model = Path(shutil.copytree(src, tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    out = tmp_path / "out"
+    result = griffin(*export_args(model, out, *TEXT))
+    assert_refused(result, 1, f"model_type '{model_type}' is not supported", "llama", "a row in")
+    assert not out.exists()
+
+
+def test_remote_code_never_runs(tmp_path: Path) -> None:
+    model = tmp_path / "custom"
+    model.mkdir()
+    marker = tmp_path / "code-ran"
+    (model / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = {
+        "model_type": "custom",
+        "auto_map": {"AutoModelForCausalLM": "modeling_custom.CustomModel"},
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    result = griffin(*export_args(model, tmp_path / "out", *TEXT, "--trust-remote-code"))
+    assert_refused(result, 1, "model_type 'custom' is not supported")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_pickle_weights_need_a_flag(src: Path, tmp_path: Path) -> None:
+    model = Path(shutil.copytree(src, tmp_path / "pickled"))
+    torch.save(load_file(str(model / "model.safetensors")), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    result = griffin(*export_args(model, out, *TEXT))
+    assert_refused(result, 1, "pytorch_model.bin", "pickle", "--allow-pickle")
+    assert not out.exists()
+
+
+def test_truncated_safetensors_source(src: Path, tmp_path: Path) -> None:
+    model = Path(shutil.copytree(src, tmp_path / "truncated"))
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    out = tmp_path / "out"
+    result = griffin(*export_args(model, out, *TEXT))
+    assert_refused(result, 1, str(weights), "truncated or corrupted", "re-download or re-convert")
+    assert not out.exists()
+
+
+def test_corrupted_safetensors_header(src: Path, tmp_path: Path) -> None:
+    model = Path(shutil.copytree(src, tmp_path / "corrupted"))
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:24] = b"this is not json"
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    result = griffin(*export_args(model, out, *TEXT))
+    assert_refused(result, 1, str(weights), "truncated or corrupted")
+    assert not out.exists()
+
+
+def test_source_missing_a_tensor_is_not_filled_with_random_values(
+    src: Path, tmp_path: Path
+) -> None:
+    model = Path(shutil.copytree(src, tmp_path / "incomplete"))
+    tensors = load_file(str(model / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    result = griffin(*export_args(model, out, *TEXT))
+    assert_refused(result, 1, "model.layers.1.mlp.up_proj.weight", "re-download or re-convert")
+    assert not out.exists()
+
+
+def test_source_missing_a_shard(src: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(model, max_shard_size="20KB")
+    shutil.copy(src / "tokenizer.json", model)
+    shard = sorted(model.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    out = tmp_path / "out"
+    result = griffin(*export_args(model, out, *TEXT))
+    assert_refused(result, 1, "missing 1 weight shard", shard.name, "re-download")
+    assert not out.exists()
+
+
+# -- option values ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", ["0", "-0.5", "1.5", "nan", "inf"])
+def test_ratio_out_of_range(src: Path, tmp_path: Path, ratio: str) -> None:
+    out = tmp_path / "out"
+    result = griffin(*export_args(src, out, *TEXT, f"--ratio={ratio}"))
+    assert_refused(result, 2, "--ratio must be a fraction in (0, 1]", "e.g. --ratio 0.5")
+    assert not out.exists()
+
+
+def test_ratio_not_a_number(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = griffin(*export_args(src, out, *TEXT, "--ratio", "half"))
+    # click's own usage error: exit 2, names the option and points at --help.
+    assert result.exit_code == 2
+    assert "Invalid value for '--ratio'" in result.output and "--help" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("multiple", ["0", "-64"])
+def test_multiple_of_not_positive(src: Path, tmp_path: Path, multiple: str) -> None:
+    out = tmp_path / "out"
+    result = griffin(*export_args(src, out, *TEXT, f"--multiple-of={multiple}"))
+    assert_refused(result, 2, f"--multiple-of must be a positive integer, got {multiple}", "64")
+    assert not out.exists()
+
+
+def test_bad_dtype_and_max_prompt_tokens(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert_refused(griffin(*export_args(src, out, *TEXT, "--dtype", "int3")), 2, "'int3'")
+    result = griffin(*export_args(src, out, *TEXT, "--max-prompt-tokens", "0"))
+    assert_refused(result, 2, "--max-prompt-tokens must be at least 1, got 0")
+    assert not out.exists()
+
+
+# -- prompts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t "])
+def test_empty_or_whitespace_prompt_text(src: Path, tmp_path: Path, text: str) -> None:
+    out = tmp_path / "out"
+    result = griffin(*export_args(src, out, "--prompt-text", text))
+    assert_refused(result, 2, "--prompt-text is empty or whitespace")
+    assert not out.exists()
+
+
+def test_no_prompt_at_all(src: Path, tmp_path: Path) -> None:
+    result = griffin(*export_args(src, tmp_path / "out"))
+    assert_refused(result, 2, "no prompt given", "--prompt FILE")
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        (b"", ("is empty",)),
+        (b" \n\n\t", ("is empty",)),
+        (b"text\x00with NUL", ("looks binary", "UTF-8 text file")),
+        (b"caf\xe9 latin-1", ("is not valid UTF-8 (byte 3)", "iconv")),
+    ],
+    ids=["empty", "whitespace", "binary", "latin-1"],
+)
+def test_bad_prompt_file(src: Path, tmp_path: Path, content: bytes, needles: tuple[str]) -> None:
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(content)
+    out = tmp_path / "out"
+    result = griffin(*export_args(src, out, "--prompt", str(prompt)))
+    assert_refused(result, 2, str(prompt), *needles)
+    assert not out.exists()
+
+
+def test_missing_prompt_file(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = griffin(*export_args(src, out, "--prompt", str(tmp_path / "nope.txt")))
+    assert_refused(result, 2, "nope.txt' does not exist", "--prompt")
+    result = griffin(*export_args(src, out, "--prompt", str(tmp_path)))
+    assert_refused(result, 2, "is a directory", "text file")
+    assert not out.exists()
+
+
+def test_unreadable_prompt_file(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompt = tmp_path / "secret.txt"
+    prompt.write_text("some text")
+    prompt.chmod(0)
+    if os.geteuid() == 0:  # root reads anything: make the read fail as it would for a user
+        real = Path.read_bytes
+
+        def read_bytes(self: Path) -> bytes:
+            if self.name == "secret.txt":
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    out = tmp_path / "out"
+    result = griffin(*export_args(src, out, "--prompt", str(prompt)))
+    assert_refused(result, 2, "secret.txt' cannot be read (Permission denied)", "permissions")
+    assert not out.exists()
+
+
+def test_prompt_longer_than_the_context_is_truncated_with_a_warning(
+    src: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    long_text = "Rain falls on the hills. " * 20  # 500 characters = tokens; context is 256
+    result = griffin(*export_args(src, out, "--prompt-text", long_text, "--json"))
+    assert result.exit_code == 0, result.output
+    assert "prompt 1 has 500 tokens; truncated to 256 (the model's context length)" in (
+        result.output
+    )
+    assert json.loads(result.stdout)["prompt_tokens"] == 256
+    assert (out / "griffin.json").is_file()
+
+
+# -- the output location ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+@pytest.mark.parametrize("force", [False, True])
+def test_out_in_the_source(src: Path, where: str, force: bool) -> None:
+    before = tree_digest(src)
+    out = src if where == "same" else src / "pruned"
+    result = griffin(*export_args(src, out, *TEXT, *(["--force"] if force else [])))
+    assert_refused(result, 1, "is inside the source model directory", "outside it")
+    assert tree_digest(src) == before
+
+
+def test_out_containing_the_source_is_refused_even_with_force(src: Path, tmp_path: Path) -> None:
+    parent = tmp_path / "models"
+    model = Path(shutil.copytree(src, parent / "src"))
+    before = tree_digest(parent)
+    result = griffin(*export_args(model, parent, *TEXT, "--force"))
+    assert_refused(result, 1, "contains the source model directory", "delete the source")
+    assert tree_digest(parent) == before
+
+
+def test_existing_out(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = griffin(*export_args(src, out, *TEXT))
+    assert_refused(result, 1, "already exists", "--force")
+    result = griffin(*export_args(src, out, *TEXT, "--force"))
+    assert_refused(result, 1, "not a griffin export", "--force only replaces an earlier export")
+    assert tree_digest(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    file_out = tmp_path / "file"
+    file_out.write_text("x")
+    assert_refused(griffin(*export_args(src, file_out, *TEXT, "--force")), 1, "is a file")
+    assert file_out.read_text() == "x"
+
+
+def test_force_replaces_an_earlier_export(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert griffin(*export_args(src, out, *TEXT, "--ratio", "0.25")).exit_code == 0
+    result = griffin(*export_args(src, out, *TEXT, "--ratio", "0.5", "--force"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "griffin.json").read_text())["k_per_layer"] == [18, 18, 18]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporaries left
+
+
+# -- exports handed to verify (the runtime and ppl call the same check) ----------------------
+
+
+def test_tampered_export_is_named_by_verify(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert griffin(*export_args(src, out, *TEXT)).exit_code == 0
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    result = griffin("verify", str(out))
+    assert result.exit_code == 1
+    assert "problem: model.safetensors: sha256 differs from griffin.json" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_verify_with_a_different_original(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert griffin(*export_args(src, out, *TEXT)).exit_code == 0
+    other = save_tiny("llama", tmp_path / "other", seed=3)
+    result = griffin("verify", str(out), "--original", str(other))
+    assert result.exit_code == 1
+    assert "is not the model the export was made from" in result.output
+    missing = griffin("verify", str(out), "--original", str(tmp_path / "gone"))
+    assert_refused(missing, 1, "gone' not found")
+
+
+# -- --debug ---------------------------------------------------------------------------------
+
+
+def test_debug_shows_the_traceback(src: Path, tmp_path: Path) -> None:
+    result = griffin("--debug", *export_args(src, tmp_path / "out", *TEXT, "--ratio", "2"))
+    assert result.exit_code == 2
+    assert "Traceback" in result.output and "check_ratio" in result.output
+    assert "error: --ratio must be a fraction" in result.output
+    assert not os.environ.get("GRIFFIN_DEBUG")
+
+
+# -- property-based: random prompt bytes and option values -----------------------------------
+
+_BAD_RATIOS = ["", "abc", "0.5x", "half", "--"]
+
+
+def _prompt_ok(data: bytes) -> bool:
+    if b"\0" in data:
+        return False
+    try:
+        return bool(data.decode("utf-8").strip())
+    except UnicodeDecodeError:
+        return False
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    data=st.one_of(st.binary(max_size=300), st.text(max_size=100).map(str.encode)),
+    ratio=st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True).map(repr),
+        st.floats(min_value=0.0, max_value=1.5).map(repr),
+        st.sampled_from(_BAD_RATIOS),
+    ),
+    multiple_of=st.integers(min_value=-5, max_value=300),
+)
+def test_random_prompts_and_options_never_crash_or_write(
+    src: Path, tmp_path_factory: pytest.TempPathFactory, data: bytes, ratio: str, multiple_of: int
+) -> None:
+    """Whatever the bytes and values, griffin answers with one line and an exit code, and the
+    existing --out is left as it was (no model loads: every run stops before loading)."""
+    root = tmp_path_factory.mktemp("prop")
+    prompt = root / "prompt.txt"
+    prompt.write_bytes(data)
+    out = root / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("keep")
+    args = ["--prompt", str(prompt), f"--ratio={ratio}", f"--multiple-of={multiple_of}"]
+    result = griffin(*export_args(src, out, *args))
+
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+    assert sorted(p.name for p in root.iterdir()) == ["out", "prompt.txt"]
+    assert tree_digest(out) == {"keep.txt": hashlib.sha256(b"keep").hexdigest()}
+    try:
+        value = float(ratio)
+    except ValueError:
+        assert result.exit_code == 2 and "Invalid value for '--ratio'" in result.output
+        return
+    if not _prompt_ok(data):
+        assert_refused(result, 2, "prompt file", str(prompt))
+    elif not 0 < value <= 1:
+        assert_refused(result, 2, "--ratio must be a fraction in (0, 1]")
+    elif multiple_of < 1:
+        assert_refused(result, 2, "--multiple-of must be a positive integer")
+    else:
+        assert_refused(result, 1, "already exists", "--force")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_read_prompt_file_accepts_text_and_refuses_the_rest(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes
+) -> None:
+    prompt = tmp_path_factory.mktemp("read") / "p.txt"
+    prompt.write_bytes(data)
+    if _prompt_ok(data):
+        assert read_prompt_file(str(prompt)) == data.decode("utf-8")
+    else:
+        with pytest.raises(UsageError, match="prompt file"):
+            read_prompt_file(str(prompt))

@@ -1,0 +1,205 @@
+"""`griffin verify` and the guards the runtime and `ppl` call: intact exports pass, every kind of
+tampering is named, and an original that is not the source is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from griffin_cli.main import app
+from griffin_export import export
+from griffin_export.checkpoint import file_sha256
+from griffin_export.errors import OriginalMismatchError, VerificationError
+from griffin_export.export import EXPERTS_FILE, MANIFEST
+from griffin_export.verify import (
+    check_export_files,
+    check_original,
+    check_original_model,
+    verify_export,
+)
+
+from tiny import save_tiny
+
+runner = CliRunner()
+PROMPT = "Rivers carry water from the hills to the sea; rain fills them again."
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Sources and exports: llama (single file, and sharded), gpt2 (Conv1D, biases), phi3
+    (fused gate_up), and a llama with other weights (a wrong original)."""
+    root = tmp_path_factory.mktemp("verify")
+    paths: dict[str, Path] = {}
+    for model_type in ("llama", "gpt2", "phi3"):
+        src = save_tiny(model_type, root / f"{model_type}-src")
+        export(str(src), [PROMPT], 0.5, out=root / f"{model_type}-out")
+        paths[model_type] = src
+    export(str(paths["llama"]), [PROMPT], 0.5, out=root / "sharded", max_shard_size="8KB")
+    paths["other"] = save_tiny("llama", root / "other-src", seed=1)
+    paths["root"] = root
+    return paths
+
+
+def copy_export(made: dict[str, Path], name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(made["root"] / name, tmp_path / name))
+
+
+def cli(*args: str) -> tuple[int, list[str], str]:
+    result = runner.invoke(app, ["verify", *args])
+    assert "Traceback" not in result.output
+    problems = [line for line in result.output.splitlines() if line.startswith("problem:")]
+    return result.exit_code, problems, result.output
+
+
+def rewrite_manifest_hash(export_dir: Path, name: str) -> None:
+    """What a careful tamperer does: update the manifest's hash of a modified file."""
+    manifest = json.loads((export_dir / MANIFEST).read_text())
+    manifest["files"][name] = file_sha256(export_dir / name)
+    (export_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3"])
+def test_intact_export_verifies_against_its_original(
+    made: dict[str, Path], model_type: str
+) -> None:
+    out = made["root"] / f"{model_type}-out"
+    code, problems, output = cli(str(out), "--original", str(made[model_type]))
+    assert code == 0, output
+    assert problems == []
+    assert "ok:" in output and "pruned tensors against the original" in output
+    assert check_export_files(out)["k_per_layer"] == [18, 18, 18]
+    check_original(out, made[model_type])
+
+
+def test_sharded_export_verifies(made: dict[str, Path]) -> None:
+    out = made["root"] / "sharded"
+    assert len(list(out.glob("model-*.safetensors"))) > 3
+    code, _, output = cli(str(out), "--original", str(made["llama"]))
+    assert code == 0, output
+
+
+def test_missing_shard_is_named(made: dict[str, Path], tmp_path: Path) -> None:
+    out = copy_export(made, "sharded", tmp_path)
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    code, problems, _ = cli(str(out))
+    assert code == 1
+    assert f"problem: {shard.name}: listed in griffin.json but missing; re-export" in problems
+    assert any(
+        "weight shard listed in model.safetensors.index.json is missing" in p for p in problems
+    )
+    with pytest.raises(VerificationError, match=shard.name) as caught:
+        check_export_files(out)
+    assert "griffin verify" in str(caught.value)
+
+
+def test_modified_tensor_is_named(made: dict[str, Path], tmp_path: Path) -> None:
+    out = copy_export(made, "llama-out", tmp_path)
+    weights = out / "model.safetensors"
+    tensors = load_file(str(weights))
+    key = "model.layers.1.mlp.down_proj.weight"
+    tensors[key][0, 0] += 1.0
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    code, problems, _ = cli(str(out))
+    assert code == 1
+    assert problems == [
+        "problem: model.safetensors: sha256 differs from griffin.json (modified or corrupted); "
+        "re-export"
+    ]
+    with pytest.raises(VerificationError, match=r"model\.safetensors: sha256 differs"):
+        check_export_files(out)
+
+    # Even with the manifest's hash forged, the original exposes the tensor itself.
+    rewrite_manifest_hash(out, "model.safetensors")
+    assert cli(str(out))[0] == 0
+    code, problems, _ = cli(str(out), "--original", str(made["llama"]))
+    assert code == 1
+    assert problems == [
+        f"problem: {key}: differs from the original sliced at the recorded indices "
+        "(modified after export?); re-export"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.flip(0), "indices not sorted ascending"),
+        (lambda t: torch.cat([t[:1], t[:-1]]), "duplicate indices"),
+        (lambda t: torch.cat([t[:-1], torch.tensor([37], dtype=t.dtype)]), "outside 0..36"),
+        (lambda t: t[:-1], "17 indices but k is 18"),
+    ],
+)
+def test_bad_kept_index_map_is_named(
+    made: dict[str, Path], tmp_path: Path, change, message: str
+) -> None:
+    out = copy_export(made, "llama-out", tmp_path)
+    experts = load_file(str(out / EXPERTS_FILE))
+    experts["layer.2"] = change(experts["layer.2"]).contiguous()
+    save_file(experts, str(out / EXPERTS_FILE), metadata={"format": "griffin-export", "d_ff": "37"})
+    rewrite_manifest_hash(out, EXPERTS_FILE)
+    code, problems, _ = cli(str(out))
+    assert code == 1
+    assert len(problems) == 1
+    assert problems[0].startswith(f"problem: {EXPERTS_FILE} layer.2: ")
+    assert message in problems[0]
+
+
+def test_shapes_are_checked_against_the_config(made: dict[str, Path], tmp_path: Path) -> None:
+    out = copy_export(made, "gpt2-out", tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    config["n_inner"] = 20
+    (out / "config.json").write_text(json.dumps(config))
+    rewrite_manifest_hash(out, "config.json")
+    code, problems, _ = cli(str(out))
+    assert code == 1
+    assert problems == [
+        "problem: config.json: n_inner is 20 but griffin.json keeps [18] neurons per layer; "
+        "re-export"
+    ]
+
+
+def test_added_file_and_missing_manifest(made: dict[str, Path], tmp_path: Path) -> None:
+    out = copy_export(made, "llama-out", tmp_path)
+    (out / "extra.safetensors").write_bytes(b"x")
+    code, problems, _ = cli(str(out))
+    assert code == 1
+    assert problems == [
+        "problem: extra.safetensors: not listed in griffin.json (added after the export); "
+        "remove it or re-export"
+    ]
+    (out / MANIFEST).unlink()
+    code, problems, _ = cli(str(out))
+    assert code == 1 and len(problems) == 1 and "griffin.json: missing" in problems[0]
+    code, problems, _ = cli(str(tmp_path / "nowhere"))
+    assert code == 1 and "does not exist" in problems[0]
+
+
+def test_a_different_original_is_refused(made: dict[str, Path]) -> None:
+    out = made["root"] / "llama-out"
+    code, problems, _ = cli(str(out), "--original", str(made["other"]))
+    assert code == 1
+    assert len(problems) == 1
+    assert "is not the model the export was made from" in problems[0]
+    with pytest.raises(OriginalMismatchError, match="pass the original it was exported from"):
+        check_original(out, made["other"])
+    other = AutoModelForCausalLM.from_pretrained(made["other"])
+    with pytest.raises(OriginalMismatchError):
+        check_original_model(out, other)
+    check_original_model(out, AutoModelForCausalLM.from_pretrained(made["llama"]))
+    code, problems, _ = cli(str(out), "--original", str(made["gpt2"]))
+    assert code == 1 and "is a 'gpt2' model" in problems[0]
+
+
+def test_verify_report_as_json(made: dict[str, Path]) -> None:
+    result = runner.invoke(app, ["verify", str(made["root"] / "phi3-out"), "--json"])
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["problems"] == []
+    assert verify_export(made["root"] / "phi3-out", hash_files=False).ok
