@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from griffin_export import __version__
@@ -24,9 +25,11 @@ class _GriffinGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except GriffinError as exc:
-            if os.environ.get("GRIFFIN_DEBUG"):
+            if ctx.params.get("debug") or os.environ.get("GRIFFIN_DEBUG"):
                 err_console.print_exception()
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(exc.exit_code) from None
 
 
@@ -51,7 +54,11 @@ def main(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
-    debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error."),
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        help="Show the traceback of an error (or set GRIFFIN_DEBUG=1).",  # read by _GriffinGroup
+    ),
 ) -> None:
     """griffin: smaller checkpoints from the neurons a prompt actually uses."""
     # griffin draws its own progress; keep transformers' bars and notices off the terminal.
@@ -61,8 +68,6 @@ def main(
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     hub_logging.set_verbosity_error()
-    if debug:
-        os.environ["GRIFFIN_DEBUG"] = "1"
 
 
 def run() -> None:
