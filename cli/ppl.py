@@ -1,0 +1,127 @@
+"""``griffin ppl``: perplexity beside the full model, with a Rich table or JSON."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from griffin_cli.main import app, err_console, out_console
+from griffin_export.checkpoint import DEFAULT_MODEL
+from griffin_export.evaluate import PplReport, perplexity
+
+
+@app.command("ppl")
+def ppl_command(
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m", help="An export directory, or a full model (as for export)."
+    ),
+    original: str | None = typer.Option(
+        None, "--original", help="The export's full model [default: the manifest's source]."
+    ),
+    dataset: str = typer.Option(
+        "wiki-summaries",
+        "--dataset",
+        "-d",
+        help="wiki-summaries, shakespeare, wikitext2 (needs the hub), or a .txt file.",
+    ),
+    protocol: str | None = typer.Option(
+        None,
+        "--protocol",
+        help="static or griffin [default: static for an export, griffin for a full model].",
+    ),
+    seq_len: int = typer.Option(1024, "--seq-len", "-L", help="Window length in tokens."),
+    stride: int | None = typer.Option(
+        None, "--stride", help="static: window stride (overlapping windows score their tail)."
+    ),
+    max_windows: int | None = typer.Option(None, "--max-windows", help="Score at most N windows."),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", help="Use at most the first N corpus tokens."
+    ),
+    prompt_len: int = typer.Option(
+        512, "--prompt-len", "-P", help="griffin: tokens per window that choose the experts."
+    ),
+    ratio: list[float] | None = typer.Option(
+        None, "--ratio", "-r", help="griffin: fraction kept; repeatable [default: 0.5]."
+    ),
+    refresh: list[int] | None = typer.Option(
+        None, "--refresh", help="griffin: re-choose every N scored tokens (0 = never); repeatable."
+    ),
+    window: int | None = typer.Option(
+        None, "--window", "-W", help="griffin: choose from the last W tokens [default: all]."
+    ),
+    baselines: list[str] | None = typer.Option(
+        None, "--baselines", help="griffin: static magnitude and/or random at the same k."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random baseline."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Windows per forward."),
+    dtype: str = typer.Option("auto", "--dtype", help="Full model dtype (exports keep theirs)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Perplexity of an export or of prompt-adaptive GRIFFIN, beside the full model."""
+    names = [b for item in baselines or [] for b in item.split(",") if b]
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=as_json,
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            label = {"load": "Loading models", "score": "Scoring windows"}.get(stage, stage)
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(label, total=max(total, 1))
+            bar.update(tasks[stage], completed=done, total=max(total, 1))
+
+        result = perplexity(
+            model,
+            protocol=protocol,
+            dataset=dataset,
+            original=original,
+            seq_len=seq_len,
+            stride=stride,
+            max_windows=max_windows,
+            max_tokens=max_tokens,
+            prompt_len=prompt_len,
+            ratios=ratio or [0.5],
+            refreshes=refresh or [0],
+            window=window,
+            baselines=names,
+            seed=seed,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+            progress=on_progress,
+        )
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        out_console.print(ppl_table(result))
+
+
+def ppl_table(report: PplReport) -> Table:
+    """name, protocol, tokens scored, PPL, change vs full."""
+    extra = f", P={report.prompt_len}" if report.protocol == "griffin" else ""
+    table = Table(
+        title=f"{report.dataset}: {report.windows} windows of {report.seq_len}{extra}",
+        title_justify="left",
+    )
+    for column in ("name", "protocol", "tokens scored", "PPL", "vs full"):
+        table.add_column(column, justify="left" if column in ("name", "protocol") else "right")
+    full = next((r.ppl for r in report.rows if r.name == "full"), float("nan"))
+    for row in report.rows:
+        table.add_row(
+            row.name,
+            report.protocol,
+            f"{row.tokens:,}",
+            f"{row.ppl:.2f}",
+            f"{row.ppl / full:.2f}x" if row.name != "full" else "",
+        )
+    table.caption = f"{report.tokens_per_second:,.0f} tokens/s over {report.seconds:.1f} s"
+    return table

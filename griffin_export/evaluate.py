@@ -1,0 +1,442 @@
+"""Perplexity protocols (DESIGN.md §6). Every figure is produced side by side with the full
+model on exactly the same scored tokens.
+
+* ``static``: ordinary LM perplexity over windows of ``seq_len`` tokens.
+* ``griffin``: in each window of L tokens the first P go through the full model; every layer
+  chooses its experts from its own activations of those P positions (or, with refresh, every
+  N scored positions from the W positions just before), and positions >= P run with only
+  those experts. Only positions >= P are scored.
+
+The ``griffin`` protocol runs as **one forward per window**: a pre-hook on every down
+projection sees the full-width input ``z`` ``[B, L, d_ff]``, selects experts from the
+positions a segment may look at, and zeroes the other neurons at the segment's positions.
+Zeroing a down projection's input neuron is exactly slicing it away (down's bias is kept), and
+a layer's experts depend only on that layer's activations at earlier positions, which the
+masked forward computes exactly as a token-by-token run would. Selection uses the same
+statistic and top-k as ``griffin export`` (:mod:`griffin_export.scoring`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .architectures import ArchSpec
+from .errors import UsageError
+from .scoring import griffin_statistic, keep_count, normalized_square_sum, top_k_indices
+
+# -- windows -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """``ids`` ``[L]``; targets at positions ``>= score_from`` are scored."""
+
+    ids: Tensor
+    score_from: int
+
+
+def make_windows(
+    tokens: Tensor,
+    seq_len: int,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    min_score_from: int = 1,
+) -> list[Window]:
+    """Cut a 1-D token stream into windows of ``seq_len``.
+
+    Without ``stride`` windows do not overlap and every position >= ``min_score_from`` is
+    scored. With ``stride`` s < L, window i starts at i*s and scores only its last s positions
+    (all of them in the first window), so each token is scored once with L-s tokens of context.
+    """
+    if seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
+    stride = stride or seq_len
+    if not 0 < stride <= seq_len:
+        raise UsageError(f"--stride must be in 1..{seq_len} (the --seq-len), got {stride}")
+    out: list[Window] = []
+    start = 0
+    while start + seq_len <= tokens.numel():
+        first = start == 0 or stride == seq_len
+        score_from = min_score_from if first else max(seq_len - stride, min_score_from)
+        out.append(Window(tokens[start : start + seq_len], score_from))
+        if max_windows is not None and len(out) >= max_windows:
+            break
+        start += stride
+    if not out:
+        raise UsageError(
+            f"the corpus has {tokens.numel()} tokens, fewer than one window of --seq-len "
+            f"{seq_len}; use a shorter --seq-len or a larger corpus"
+        )
+    return out
+
+
+# -- FF settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How the FF layers run for one row of the report.
+
+    ``kind``: ``full``; ``griffin`` (prompt-adaptive, ``k`` per layer, refresh/window);
+    ``static`` (a fixed ``keep`` per layer for every scored position, e.g. a baseline).
+    """
+
+    name: str
+    kind: str
+    k: Sequence[int] = ()
+    refresh: int = 0
+    window: int | None = None
+    keep: Sequence[Tensor] = ()
+
+
+def griffin_segments(
+    prompt_len: int, seq_len: int, refresh: int, window: int | None
+) -> list[tuple[int, int, int, int]]:
+    """``(look_from, look_to, seg_from, seg_to)`` per segment of scored positions.
+
+    Experts for positions ``seg_from:seg_to`` are chosen from positions ``look_from:look_to``:
+    the prompt (last ``window`` of it) first, then with ``refresh`` N every N positions the
+    ``window`` positions just before the segment (all earlier ones if ``window`` is None).
+    """
+    period = refresh if refresh > 0 else seq_len
+    out = []
+    for seg_from in range(prompt_len, seq_len, period):
+        seg_to = min(seg_from + period, seq_len)
+        look_from = 0 if window is None else max(0, seg_from - window)
+        out.append((look_from, seg_from, seg_from, seg_to))
+    return out
+
+
+def griffin_mask(z: Tensor, k: int, segments: Sequence[tuple[int, int, int, int]]) -> Tensor:
+    """Multiplicative mask ``[B, L, d_ff]`` keeping, in each segment, the top-``k`` neurons of
+    the GRIFFIN statistic over that segment's look-back positions (1 everywhere else)."""
+    batch, _, d_ff = z.shape
+    mask = torch.ones_like(z)
+    for b in range(batch):
+        for look_from, look_to, seg_from, seg_to in segments:
+            scores = griffin_statistic(
+                normalized_square_sum(z[b, look_from:look_to]), accumulated=True
+            )
+            keep = torch.zeros(d_ff, dtype=z.dtype, device=z.device)
+            keep[top_k_indices(scores, k).to(z.device)] = 1
+            mask[b, seg_from:seg_to] = keep
+    return mask
+
+
+@contextmanager
+def ff_setting(
+    spec: ArchSpec, model: nn.Module, setting: Setting, prompt_len: int
+) -> Iterator[None]:
+    """Install the hooks that make ``model``'s FF layers run as ``setting`` prescribes."""
+    if setting.kind == "full":
+        yield
+        return
+    handles = []
+    for layer, block in enumerate(spec.blocks(model)):
+
+        def hook(_m: nn.Module, args: tuple[Tensor, ...], layer: int = layer) -> tuple[Tensor, ...]:
+            z = args[0]
+            seq_len = z.shape[1]
+            if setting.kind == "griffin":
+                segments = griffin_segments(prompt_len, seq_len, setting.refresh, setting.window)
+                mask = griffin_mask(z, setting.k[layer], segments)
+            else:
+                mask = torch.ones_like(z)
+                keep = torch.zeros(z.shape[-1], dtype=z.dtype, device=z.device)
+                keep[setting.keep[layer].to(z.device)] = 1
+                mask[:, prompt_len:] = keep
+            return (z * mask, *args[1:])
+
+        handles.append(spec.down_module(block).register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# -- baselines ---------------------------------------------------------------------------------
+
+
+def magnitude_keep(spec: ArchSpec, model: nn.Module, k: Sequence[int]) -> list[Tensor]:
+    """Static experts by weight norms: neuron j scores the product of the L2 norms of its
+    gate row, up row and down column (the rows/columns slicing would keep)."""
+    d_ff = spec.d_ff(model.config)
+    keep = []
+    for layer, block in enumerate(spec.blocks(model)):
+        score = torch.ones(d_ff)
+        for role, module in spec.projections(block).items():
+            weight = module.weight
+            assert isinstance(weight, Tensor)
+            norms = torch.linalg.vector_norm(
+                weight.detach().float().cpu(), dim=1 - spec.neuron_axis(role)
+            )
+            if role == "gate_up":  # [gate; up] stacked: neuron j owns rows j and d_ff + j
+                norms = norms[:d_ff] * norms[d_ff:]
+            score = score * norms
+        keep.append(top_k_indices(score, k[layer]))
+    return keep
+
+
+def random_keep(d_ff: int, k: Sequence[int], seed: int = 0) -> list[Tensor]:
+    """Static random experts, reproducible from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.sort(torch.randperm(d_ff, generator=generator)[:kk]).values for kk in k]
+
+
+# -- scoring -----------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def window_nll(model: nn.Module, ids: Tensor, score_from: int) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods over positions ``>= score_from`` of a batch
+    ``ids`` ``[B, L]``, and how many tokens that is."""
+    keep = ids.shape[1] - score_from + 1  # logits of positions score_from-1 .. L-1
+    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=ids, use_cache=False, **kwargs).logits  # [B, <=L, V]
+    pred = logits[:, -keep:-1].float()  # predicts positions score_from..L-1
+    target = ids[:, score_from:]
+    nll = torch.nn.functional.cross_entropy(
+        pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum"
+    )
+    return float(nll), target.numel()
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@dataclass
+class Row:
+    name: str
+    nll: float = 0.0
+    tokens: int = 0
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+
+@dataclass
+class PplReport:
+    """Perplexities of several settings on the same scored tokens."""
+
+    dataset: str
+    protocol: str
+    seq_len: int
+    prompt_len: int
+    windows: int
+    tokens_scored: int
+    rows: list[Row]
+    seconds: float
+    params: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens pushed through the model per second, over all settings."""
+        return self.windows * self.seq_len * len(self.rows) / max(self.seconds, 1e-9)
+
+    def to_dict(self) -> dict[str, object]:
+        full = next((r.ppl for r in self.rows if r.name == "full"), float("nan"))
+        return {
+            "dataset": self.dataset,
+            "protocol": self.protocol,
+            "seq_len": self.seq_len,
+            "prompt_len": self.prompt_len,
+            "windows": self.windows,
+            "tokens_scored": self.tokens_scored,
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "seconds": round(self.seconds, 2),
+            "params": self.params,
+            "results": [
+                {"name": r.name, "ppl": r.ppl, "vs_full": r.ppl / full if full == full else None}
+                for r in self.rows
+            ],
+        }
+
+
+def evaluate(
+    runs: Sequence[tuple[nn.Module, ArchSpec, Setting]],
+    windows: Sequence[Window],
+    *,
+    dataset: str,
+    protocol: str,
+    prompt_len: int = 0,
+    batch_size: int = 1,
+    params: dict[str, object] | None = None,
+    on_window: Callable[[int], None] | None = None,
+) -> PplReport:
+    """Score every ``(model, spec, setting)`` on the same windows, batch by batch."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    rows = [Row(setting.name) for _, _, setting in runs]
+    started = time.perf_counter()
+    done = 0
+    for first in range(0, len(windows), batch_size):
+        group = windows[first : first + batch_size]
+        score_from = group[0].score_from
+        same = [w for w in group if w.score_from == score_from]
+        batches = [same] if len(same) == len(group) else [[w] for w in group]
+        for batch in batches:
+            ids = torch.stack([w.ids for w in batch])
+            for row, (model, spec, setting) in zip(rows, runs, strict=True):
+                device = next(model.parameters()).device
+                with ff_setting(spec, model, setting, prompt_len):
+                    nll, count = window_nll(model, ids.to(device), batch[0].score_from)
+                row.nll += nll
+                row.tokens += count
+        done += len(group)
+        if on_window is not None:
+            on_window(done)
+    return PplReport(
+        dataset=dataset,
+        protocol=protocol,
+        seq_len=int(windows[0].ids.numel()),
+        prompt_len=prompt_len,
+        windows=len(windows),
+        tokens_scored=rows[0].tokens,
+        rows=rows,
+        seconds=time.perf_counter() - started,
+        params=params or {},
+    )
+
+
+def griffin_settings(
+    spec: ArchSpec,
+    model: nn.Module,
+    ratios: Sequence[float],
+    refreshes: Sequence[int],
+    window: int | None,
+    baselines: Sequence[str],
+    seed: int = 0,
+) -> list[Setting]:
+    """The report rows of a ``griffin`` run: full, then per ratio GRIFFIN (per refresh) and
+    the requested static baselines at the same k per layer."""
+    d_ff = spec.d_ff(model.config)
+    n_layers = len(spec.blocks(model))
+    settings = [Setting("full", "full")]
+    for ratio in ratios:
+        k = [keep_count(d_ff, ratio)] * n_layers
+        for refresh in refreshes:
+            if refresh < 0:
+                raise UsageError(f"--refresh must be 0 (off) or a positive period, got {refresh}")
+            name = f"griffin r={ratio:g}" + (f" refresh={refresh}" if refresh else "")
+            settings.append(Setting(name, "griffin", k=k, refresh=refresh, window=window))
+        for baseline in baselines:
+            if baseline == "magnitude":
+                keep = magnitude_keep(spec, model, k)
+            elif baseline == "random":
+                keep = random_keep(d_ff, k, seed)
+            else:
+                raise UsageError(f"--baselines '{baseline}' is not known; use magnitude, random")
+            settings.append(Setting(f"{baseline} r={ratio:g}", "static", keep=keep))
+    return settings
+
+
+def perplexity(
+    model: str,
+    *,
+    protocol: str | None = None,
+    dataset: str = "wiki-summaries",
+    original: str | None = None,
+    seq_len: int = 1024,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    max_tokens: int | None = None,
+    prompt_len: int = 512,
+    ratios: Sequence[float] = (0.5,),
+    refreshes: Sequence[int] = (0,),
+    window: int | None = None,
+    baselines: Sequence[str] = (),
+    seed: int = 0,
+    batch_size: int = 1,
+    dtype: str | None = None,
+    device: str = "cpu",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> PplReport:
+    """``griffin ppl``: perplexity of a model or export, always beside the full model.
+
+    ``static`` (default for an export): the export and its original (``original``, default
+    the manifest's source, checked against its fingerprint) on the same windows. ``griffin``
+    (default for a full model): the full model and, per ratio, GRIFFIN with each refresh
+    period plus the requested static ``baselines`` at the same k.
+    """
+    from .checkpoint import load_model, parse_dtype, resolve_source
+    from .corpora import corpus_tokens, load_corpus
+    from .exports import is_export, load_original, open_export
+
+    report = progress or (lambda stage, done, total: None)
+    exported = is_export(model)
+    protocol = protocol or ("static" if exported else "griffin")
+    if protocol not in ("static", "griffin"):
+        raise UsageError(f"--protocol '{protocol}' is not known; use static or griffin")
+    if protocol == "griffin" and not 0 < prompt_len < seq_len:
+        raise UsageError(
+            f"--prompt-len must be in 1..{seq_len - 1} (below --seq-len), got {prompt_len}"
+        )
+    if window is not None and window < 1:
+        raise UsageError(f"--window must be a positive number of tokens, got {window}")
+    corpus = load_corpus(dataset)
+
+    report("load", 0, 1)
+    if exported:
+        export = open_export(model, device)
+        full = load_original(export, original, device)
+        tokenizer = export.loaded.tokenizer or full.tokenizer
+    else:
+        full = load_model(resolve_source(model), parse_dtype(dtype), device)
+        tokenizer = full.tokenizer
+    report("load", 1, 1)
+    if tokenizer is None:
+        raise UsageError(f"'{model}' has no tokenizer files; add them to the model directory")
+
+    needed = (
+        max_tokens
+        if max_tokens is not None
+        else (None if max_windows is None else seq_len + (max_windows - 1) * (stride or seq_len))
+    )
+    tokens = corpus_tokens(tokenizer, corpus.text, needed)
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    score_from = prompt_len if protocol == "griffin" else 1
+    windows = make_windows(tokens, seq_len, stride, max_windows, min_score_from=score_from)
+
+    runs: list[tuple[nn.Module, ArchSpec, Setting]]
+    if protocol == "static":
+        runs = [(full.model, full.spec, Setting("full", "full"))]
+        if exported:
+            name = Path(model).name or str(model)
+            runs.append((export.loaded.model, export.spec, Setting(name, "full")))
+    else:
+        settings = griffin_settings(
+            full.spec, full.model, ratios, refreshes, window, baselines, seed
+        )
+        runs = [(full.model, full.spec, s) for s in settings]
+    report("score", 0, len(windows))
+    return evaluate(
+        runs,
+        windows,
+        dataset=corpus.name,
+        protocol=protocol,
+        prompt_len=score_from if protocol == "griffin" else 0,
+        batch_size=batch_size,
+        params={
+            "model": str(model),
+            "stride": stride,
+            "ratios": list(ratios) if protocol == "griffin" else None,
+            "refreshes": list(refreshes) if protocol == "griffin" else None,
+            "window": window,
+            "baselines": list(baselines),
+            "seed": seed,
+        },
+        on_window=lambda done: report("score", done, len(windows)),
+    )

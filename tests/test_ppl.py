@@ -1,0 +1,255 @@
+"""`griffin ppl`: protocols against direct computations, and the CLI's JSON."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from griffin_cli.main import app
+from griffin_export import export, prune_model, select_experts, spec_for
+from griffin_export.activations import capture_down_inputs
+from griffin_export.corpora import load_corpus
+from griffin_export.errors import ModelLoadError, UsageError
+from griffin_export.evaluate import (
+    Setting,
+    evaluate,
+    griffin_mask,
+    griffin_segments,
+    griffin_settings,
+    make_windows,
+)
+from griffin_export.scoring import keep_count
+
+from tiny import random_ids, save_tiny, tiny_model
+
+L, P = 48, 20
+
+
+def windows(n: int = 3, seed: int = 0) -> list:
+    return make_windows(random_ids(L * n, seed=seed), L, min_score_from=P)
+
+
+def test_static_equals_hand_computed_cross_entropy() -> None:
+    model = tiny_model("llama")
+    spec = spec_for("llama")
+    tokens = random_ids(3 * L)
+    report = evaluate(
+        [(model, spec, Setting("full", "full"))],
+        make_windows(tokens, L),
+        dataset="t",
+        protocol="static",
+    )
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in range(3):
+            ids = tokens[w * L : (w + 1) * L]
+            logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1)
+            for t in range(1, L):
+                total -= float(logp[t - 1, ids[t]])
+                count += 1
+    assert report.tokens_scored == count == 3 * (L - 1)
+    assert report.rows[0].ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_strided_windows_score_each_token_once() -> None:
+    ws = make_windows(torch.arange(100), 40, stride=20)
+    assert [int(w.ids[0]) for w in ws] == [0, 20, 40, 60]
+    assert [w.score_from for w in ws] == [1, 20, 20, 20]
+    scored = [int(w.ids[i]) for w in ws for i in range(w.score_from, 40)]
+    assert scored == list(range(1, 100))
+
+
+def griffin_rows(model_type: str, **kwargs: object) -> dict[str, float]:
+    model = tiny_model(model_type)
+    spec = spec_for(model_type)
+    settings = griffin_settings(spec, model, **kwargs)  # type: ignore[arg-type]
+    report = evaluate(
+        [(model, spec, s) for s in settings],
+        windows(),
+        dataset="t",
+        protocol="griffin",
+        prompt_len=P,
+        batch_size=2,
+    )
+    assert report.tokens_scored == 3 * (L - P)
+    return {r.name: r.nll for r in report.rows}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3"])
+def test_ratio_one_equals_full(model_type: str) -> None:
+    rows = griffin_rows(model_type, ratios=[1.0], refreshes=[0, 8], window=None, baselines=[])
+    assert rows["griffin r=1"] == rows["full"]
+    assert rows["griffin r=1 refresh=8"] == rows["full"]
+
+
+def test_refresh_longer_than_the_scored_span_equals_no_refresh() -> None:
+    rows = griffin_rows(
+        "llama", ratios=[0.4], refreshes=[0, L - P, 10 * L], window=None, baselines=[]
+    )
+    assert rows[f"griffin r=0.4 refresh={L - P}"] == rows["griffin r=0.4"]
+    assert rows[f"griffin r=0.4 refresh={10 * L}"] == rows["griffin r=0.4"]
+    refreshed = griffin_rows("llama", ratios=[0.4], refreshes=[4], window=8, baselines=[])
+    assert refreshed["griffin r=0.4 refresh=4"] != rows["griffin r=0.4"]
+
+
+def test_first_segment_experts_equal_the_export_selection() -> None:
+    model, spec = tiny_model("qwen2"), spec_for("qwen2")
+    ids = random_ids(L, seed=4)
+    k = keep_count(37, 0.5)
+    captured: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), capture_down_inputs(spec, model, lambda i, z: captured.__setitem__(i, z)):
+        model(input_ids=ids[None])
+    segments = griffin_segments(P, L, refresh=0, window=P)  # the window is exactly the prompt
+    chosen = select_experts(spec, model, [ids[:P]], ratio=0.5)
+    for layer, z in captured.items():
+        kept = griffin_mask(z, k, segments)[0, P].nonzero().flatten()
+        assert torch.equal(kept, chosen.keep[layer])
+
+
+def test_masked_forward_equals_a_sliced_model_continuing_the_full_models_cache() -> None:
+    """The single masked forward is exact: full model on the prompt (its KV cache), then the
+    model sliced to the prompt's experts on the rest."""
+    model, spec = tiny_model("llama"), spec_for("llama")
+    ids = random_ids(L, seed=9)
+    setting = Setting("g", "griffin", k=[keep_count(37, 0.5)] * 3)
+    report = evaluate(
+        [(model, spec, setting)],
+        make_windows(ids, L, min_score_from=P),
+        dataset="t",
+        protocol="griffin",
+        prompt_len=P,
+    )
+
+    pruned = copy.deepcopy(model)
+    prune_model(spec, pruned, select_experts(spec, model, [ids[:P]], ratio=0.5).keep)
+    with torch.no_grad():
+        prefix = model(input_ids=ids[None, :P], use_cache=True)
+        rest = pruned(input_ids=ids[None, P:], cache=prefix.past_key_values, use_cache=True)
+    logits = torch.cat([prefix.logits[:, -1:], rest.logits[:, :-1]], dim=1)[0]
+    nll = torch.nn.functional.cross_entropy(logits, ids[P:], reduction="sum")
+    assert report.rows[0].nll == pytest.approx(float(nll), rel=1e-4)
+
+
+def test_baselines_are_static_and_seeded() -> None:
+    rows = griffin_rows(
+        "gpt_neox", ratios=[0.5], refreshes=[0], window=None, baselines=["magnitude", "random"]
+    )
+    assert set(rows) == {"full", "griffin r=0.5", "magnitude r=0.5", "random r=0.5"}
+    again = griffin_rows("gpt_neox", ratios=[0.5], refreshes=[0], window=None, baselines=["random"])
+    assert again["random r=0.5"] == rows["random r=0.5"]
+    with pytest.raises(UsageError, match="--baselines 'oracle'"):
+        griffin_rows("gpt_neox", ratios=[0.5], refreshes=[0], window=None, baselines=["oracle"])
+
+
+def test_cli_json_for_an_export_and_for_griffin(tmp_path: Path) -> None:
+    src = save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "exp"
+    export(str(src), ["Words of the prompt."], ratio=0.5, out=out)
+    text = tmp_path / "corpus.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    runner = CliRunner()
+
+    static = runner.invoke(
+        app,
+        [
+            "ppl",
+            "--model",
+            str(out),
+            "--dataset",
+            str(text),
+            "--seq-len",
+            "64",
+            "--max-windows",
+            "3",
+            "--json",
+        ],
+    )
+    assert static.exit_code == 0, static.output
+    data = json.loads(static.stdout)
+    assert (
+        data["protocol"] == "static" and data["seq_len"] == 64 and data["dataset"] == "corpus.txt"
+    )
+    assert data["tokens_scored"] == 3 * 63
+    assert [r["name"] for r in data["results"]] == ["full", "exp"]
+    assert data["results"][1]["ppl"] > 0 and "prompt_len" in data
+
+    griffin = runner.invoke(
+        app,
+        [
+            "ppl",
+            "--model",
+            str(src),
+            "--dataset",
+            str(text),
+            "-L",
+            "64",
+            "-P",
+            "32",
+            "--max-windows",
+            "2",
+            "--ratio",
+            "0.5",
+            "--refresh",
+            "0",
+            "--refresh",
+            "8",
+            "--baselines",
+            "random",
+            "--json",
+        ],
+    )
+    assert griffin.exit_code == 0, griffin.output
+    data = json.loads(griffin.stdout)
+    assert (
+        data["protocol"] == "griffin" and data["prompt_len"] == 32 and data["tokens_scored"] == 64
+    )
+    names = [r["name"] for r in data["results"]]
+    assert names == ["full", "griffin r=0.5", "griffin r=0.5 refresh=8", "random r=0.5"]
+
+
+def test_cli_refuses_a_tampered_export(tmp_path: Path) -> None:
+    src = save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "exp"
+    export(str(src), ["Words of the prompt."], ratio=0.5, out=out)
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # flip bits in the last tensor
+    weights.write_bytes(bytes(data))
+    result = CliRunner().invoke(
+        app, ["ppl", "--model", str(out), "--dataset", "shakespeare", "--max-windows", "1"]
+    )
+    assert result.exit_code == 1
+    assert "failed verification" in result.output
+
+
+def test_bad_protocol_options() -> None:
+    with pytest.raises(UsageError, match="--stride"):
+        make_windows(torch.arange(100), 10, stride=11)
+    with pytest.raises(UsageError, match="fewer than one window"):
+        make_windows(torch.arange(5), 10)
+
+
+def test_packaged_corpora() -> None:
+    wiki = load_corpus("wiki-summaries")
+    assert len(wiki.text) > 4_000_000 and "\n\n" in wiki.text
+    shakespeare = load_corpus("shakespeare")
+    assert "HAMLET" in shakespeare.text.upper()
+    with pytest.raises(UsageError, match="neither a known corpus"):
+        load_corpus("no-such-corpus")
+
+
+def test_wikitext2_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    try:
+        corpus = load_corpus("wikitext2")
+    except ModelLoadError as exc:
+        assert "wikitext2" in str(exc) and "offline" in str(exc)
+    else:  # a machine that reaches the hub (or has it cached)
+        assert len(corpus.text) > 100_000
