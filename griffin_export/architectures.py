@@ -41,6 +41,8 @@ class ArchSpec:
         transposed: weights stored ``[in, out]`` (GPT-2 ``Conv1D``).
         size_key: config attribute holding ``d_ff``.
         size_default_factor: if ``config.<size_key>`` is ``None``, ``d_ff = factor * hidden``.
+        act: attribute of the FF module holding its activation function (the refresh runtime
+            recomputes full-width activations with it).
     """
 
     layers: str
@@ -52,6 +54,7 @@ class ArchSpec:
     transposed: bool = False
     size_key: str = "intermediate_size"
     size_default_factor: int | None = None
+    act: str = "act_fn"
 
     # -- modules ---------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -82,6 +85,9 @@ class ArchSpec:
         """Checkpoint key of one FF tensor, e.g. ``model.layers.3.mlp.up_proj.weight``."""
         parts = [self.layers, str(layer), self.mlp, self.module_name(role), kind]
         return ".".join(p for p in parts if p)
+
+    def mlp_module(self, block: nn.Module) -> nn.Module:
+        return _get(block, self.mlp)
 
     def down_module(self, block: nn.Module) -> nn.Module:
         return _get(_get(block, self.mlp), self.down)
@@ -136,12 +142,17 @@ ARCHITECTURES: Mapping[str, ArchSpec] = {
     "granite": _GLU,
     # Phi-3: gate and up fused in one projection, gate rows first.
     "phi3": ArchSpec(
-        layers="model.layers", mlp="mlp", up="gate_up_proj", down="down_proj", fused_gate_up=True
+        layers="model.layers",
+        mlp="mlp",
+        up="gate_up_proj",
+        down="down_proj",
+        fused_gate_up=True,
+        act="activation_fn",
     ),
     # Phi-1/2: plain fc1 -> GELU -> fc2 with biases.
-    "phi": ArchSpec(layers="model.layers", mlp="mlp", up="fc1", down="fc2"),
+    "phi": ArchSpec(layers="model.layers", mlp="mlp", up="fc1", down="fc2", act="activation_fn"),
     # StarCoder2: c_fc -> GELU -> c_proj as nn.Linear (not Conv1D).
-    "starcoder2": ArchSpec(layers="model.layers", mlp="mlp", up="c_fc", down="c_proj"),
+    "starcoder2": ArchSpec(layers="model.layers", mlp="mlp", up="c_fc", down="c_proj", act="act"),
     # GPT-2: Conv1D stores [in, out]; n_inner=None means 4 * n_embd.
     "gpt2": ArchSpec(
         layers="transformer.h",
@@ -151,14 +162,20 @@ ARCHITECTURES: Mapping[str, ArchSpec] = {
         transposed=True,
         size_key="n_inner",
         size_default_factor=4,
+        act="act",
     ),
     # GPT-NeoX / Pythia.
     "gpt_neox": ArchSpec(
-        layers="gpt_neox.layers", mlp="mlp", up="dense_h_to_4h", down="dense_4h_to_h"
+        layers="gpt_neox.layers", mlp="mlp", up="dense_h_to_4h", down="dense_4h_to_h", act="act"
     ),
     # OPT: the projections sit directly on the decoder layer.
     "opt": ArchSpec(
-        layers="model.decoder.layers", mlp="", up="fc1", down="fc2", size_key="ffn_dim"
+        layers="model.decoder.layers",
+        mlp="",
+        up="fc1",
+        down="fc2",
+        size_key="ffn_dim",
+        act="activation_fn",
     ),
     # GPT-J: n_inner=None means 4 * n_embd.
     "gptj": ArchSpec(
@@ -168,6 +185,7 @@ ARCHITECTURES: Mapping[str, ArchSpec] = {
         down="fc_out",
         size_key="n_inner",
         size_default_factor=4,
+        act="act",
     ),
 }
 

@@ -1,0 +1,411 @@
+"""The refresh runtime: generate with an export, re-selecting its experts from the full
+weights every N tokens (DESIGN.md §5).
+
+The pruned model runs generation. The original's FF weights are memory-mapped from its
+safetensors (zero-copy, read-only in effect), never built into a second model. A pre-hook on
+every layer's first FF projection keeps the last W MLP inputs in a ring buffer. Every N
+generated tokens each layer recomputes full-width activations for those inputs from the
+original's gate/up weights, applies the export's statistic and top-k, and copies only the
+neurons that changed into the slots of the ones that left, in the live parameters' existing
+storage: no reallocation, the KV cache stays valid and attention is never re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from .architectures import INPUT_ROLES, ArchSpec
+from .errors import ModelLoadError, UsageError
+from .export import EXPERTS_FILE
+from .exports import OpenedExport, open_export, original_source
+from .scoring import griffin_statistic, jaccard, normalized_square_sum, top_k_indices
+from .verify import check_original
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class MappedSafetensors:
+    """Tensors of a safetensors checkpoint as zero-copy views of memory-mapped files.
+
+    Pages are read from disk only when touched, and belong to the page cache (shared,
+    reclaimable), not to the process's own memory.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(
+                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            )
+            paths = [directory / f for f in files]
+        else:
+            paths = sorted(directory.glob("*.safetensors"))
+        if not paths:
+            raise ModelLoadError(f"the original '{directory}' has no *.safetensors weights")
+        self._maps: list[mmap.mmap] = []
+        self._where: dict[str, tuple[int, torch.dtype, list[int], int, int]] = {}
+        for path in paths:
+            with path.open("rb") as handle:
+                # ACCESS_COPY: private copy-on-write pages, so torch gets a writable buffer
+                # without ever writing the file (nothing here writes to them).
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            (header_len,) = struct.unpack("<Q", mapped[:8])
+            header = json.loads(mapped[8 : 8 + header_len])
+            base = 8 + header_len
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                dtype = _ST_DTYPES[info["dtype"]]
+                self._where[key] = (
+                    len(self._maps),
+                    dtype,
+                    info["shape"],
+                    base + begin,
+                    end - begin,
+                )
+            self._maps.append(mapped)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> Tensor:
+        which, dtype, shape, offset, size = self._where[key]
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(
+            self._maps[which], dtype=dtype, count=size // itemsize, offset=offset
+        )
+        return flat.reshape(shape)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(len(m) for m in self._maps)
+
+
+@dataclass
+class RefreshEvent:
+    """One refresh: after ``token_index`` generated tokens, per layer the kept neurons in slot
+    order (the order of the live weight rows) and their Jaccard overlap with the previous set."""
+
+    token_index: int
+    kept: list[list[int]]
+    overlap: list[float]
+    changed: int
+    seconds: float
+
+    @property
+    def mean_overlap(self) -> float:
+        return sum(self.overlap) / len(self.overlap)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    seconds: float
+    refreshes: list[RefreshEvent] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / max(self.seconds, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tokens_per_second"] = self.tokens_per_second
+        return data
+
+
+class _Ring:
+    """The last ``size`` rows written, per layer (order does not matter to the statistic)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.rows: Tensor | None = None
+        self.count = 0
+        self.next = 0
+
+    def write(self, x: Tensor) -> None:  # x: [T, hidden]
+        x = x[-self.size :]
+        if self.rows is None:
+            self.rows = torch.empty(self.size, x.shape[-1], dtype=x.dtype, device=x.device)
+        for start in range(0, x.shape[0], self.size):
+            chunk = x[start : start + self.size]
+            n = chunk.shape[0]
+            first = min(n, self.size - self.next)
+            self.rows[self.next : self.next + first] = chunk[:first]
+            self.rows[: n - first] = chunk[first:]
+            self.next = (self.next + n) % self.size
+            self.count = min(self.size, self.count + n)
+
+    def contents(self) -> Tensor:
+        if self.rows is None:
+            raise RuntimeError("the ring buffer is empty")
+        return self.rows[: self.count] if self.count < self.size else self.rows
+
+    def reset(self) -> None:
+        self.count = self.next = 0
+
+
+def full_activations(
+    spec: ArchSpec, act: Callable[[Tensor], Tensor], full: dict[str, Tensor], x: Tensor
+) -> Tensor:
+    """Full-width down-projection inputs ``[T, d_ff]`` for MLP inputs ``x`` ``[T, hidden]``,
+    from the original's input projections (``full`` maps ``role`` / ``role.bias`` to tensors)."""
+
+    def project(role: str) -> Tensor:
+        weight = full[role].to(x.dtype)
+        y = x @ weight if spec.transposed else x @ weight.T
+        bias = full.get(f"{role}.bias")
+        return y if bias is None else y + bias.to(x.dtype)
+
+    if spec.fused_gate_up:
+        gate, up = project("gate_up").chunk(2, dim=-1)
+        return act(gate) * up
+    if spec.gate is not None:
+        return act(project("gate")) * project("up")
+    return act(project("up"))
+
+
+class GriffinRuntime:
+    """Generation with an export, refreshing its experts from the original's weights.
+
+    Attributes:
+        model: the live pruned model (its FF weights change in place at each refresh).
+        slots: per layer, the original index of the neuron in each live row (slot order).
+    """
+
+    def __init__(
+        self,
+        export: OpenedExport,
+        original: MappedSafetensors,
+        *,
+        original_device: str | torch.device = "cpu",
+    ) -> None:
+        self.export = export
+        self.model: Any = export.loaded.model
+        self.tokenizer = export.loaded.tokenizer
+        self.spec = export.spec
+        self.d_ff = int(export.manifest["source"]["d_ff"])
+        experts = load_file(str(export.directory / EXPERTS_FILE))
+        blocks = self.spec.blocks(self.model)
+        self.slots = [experts[f"layer.{i}"].long() for i in range(len(blocks))]
+        self.original = original
+        self._full: list[dict[str, Tensor]] = []
+        for layer in range(len(blocks)):
+            tensors: dict[str, Tensor] = {}
+            for role in self.spec.roles():
+                for kind, suffix in (("weight", ""), ("bias", ".bias")):
+                    key = self.spec.param_name(layer, role, kind)
+                    if key in original:
+                        tensors[role + suffix] = original.get(key).to(original_device)
+            self._full.append(tensors)
+        self._acts = [getattr(self.spec.mlp_module(b), self.spec.act) for b in blocks]
+        self._rings: list[_Ring] = []
+
+    @classmethod
+    def from_export(
+        cls,
+        export_dir: str | Path,
+        original: str | None = None,
+        *,
+        device: str = "cpu",
+        original_on_device: bool = False,
+    ) -> GriffinRuntime:
+        """Load ``export_dir`` for generation, with its original memory-mapped.
+
+        ``original`` defaults to the source recorded in the manifest (for GGUF and the embedded
+        model: the cached safetensors conversion). It is checked against the manifest's
+        fingerprint, and a different model is refused. ``original_on_device`` copies the
+        original's FF weights to ``device`` (faster refreshes when they fit).
+        """
+        export = open_export(export_dir, device)
+        source = original_source(export.manifest, original)
+        if source.directory is None:
+            raise ModelLoadError(
+                f"the original '{source.name}' is a hub id; the runtime memory-maps a local "
+                "copy: download it and pass its directory with --original"
+            )
+        check_original(export.directory, source.directory)
+        mapped = MappedSafetensors(source.directory)
+        return cls(export, mapped, original_device=device if original_on_device else "cpu")
+
+    def refresh(self, token_index: int = 0) -> RefreshEvent:
+        """Re-select every layer's experts from its ring buffer and copy changed neurons in."""
+        started = time.perf_counter()
+        kept, overlap, changed = [], [], 0
+        blocks = self.spec.blocks(self.model)
+        for layer, block in enumerate(blocks):
+            full = self._full[layer]
+            x = self._rings[layer].contents().to(next(iter(full.values())).device)
+            z = full_activations(self.spec, self._acts[layer], full, x)
+            scores = griffin_statistic(normalized_square_sum(z), accumulated=True)
+            current = self.slots[layer].clone()
+            new = top_k_indices(scores, current.numel())
+            changed += self._swap_in(layer, block, new)
+            overlap.append(jaccard(current, new))
+            kept.append(self.slots[layer].tolist())
+        return RefreshEvent(token_index, kept, overlap, changed, time.perf_counter() - started)
+
+    def _swap_in(self, layer: int, block: nn.Module, new: Tensor) -> int:
+        """Make the live block serve neurons ``new``: dropped neurons' slots take the added ones.
+        Returns how many neurons were copied."""
+        slots = self.slots[layer]
+        leaving = (~torch.isin(slots, new)).nonzero().flatten()  # slot positions to overwrite
+        arriving = new[~torch.isin(new, slots)]  # original neuron indices to copy in
+        if leaving.numel() == 0:
+            return 0
+        k = slots.numel()
+        for role, module in self.spec.projections(block).items():
+            axis = self.spec.neuron_axis(role)
+            dst, src = leaving, arriving
+            if role == "gate_up":  # [gate; up]: live rows s and k + s, original j and d_ff + j
+                dst, src = (
+                    torch.cat([leaving, leaving + k]),
+                    torch.cat([arriving, arriving + self.d_ff]),
+                )
+            self._copy(module.weight, self._full[layer][role], axis, dst, src)
+            bias = getattr(module, "bias", None)
+            if role in INPUT_ROLES and isinstance(bias, Tensor):
+                self._copy(bias, self._full[layer][f"{role}.bias"], 0, dst, src)
+        slots[leaving] = arriving
+        return int(leaving.numel())
+
+    @staticmethod
+    def _copy(live: Tensor | nn.Module, full: Tensor, axis: int, dst: Tensor, src: Tensor) -> None:
+        assert isinstance(live, Tensor)
+        rows = full.index_select(axis, src.to(full.device)).to(live.device, live.dtype)
+        with torch.no_grad():
+            live.index_copy_(axis, dst.to(live.device), rows)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 128,
+        *,
+        refresh_every: int = 64,
+        window: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` (batch 1), greedy unless ``temperature`` > 0.
+
+        Every ``refresh_every`` generated tokens (0 = never) the experts are re-chosen from the
+        last ``window`` MLP inputs. Stops at the tokenizer's EOS. ``on_token(id)`` is called as
+        each token is produced.
+        """
+        _check_generation_options(max_new_tokens, refresh_every, window, temperature, top_p, top_k)
+        if self.tokenizer is None:
+            raise UsageError(
+                "the export has no tokenizer files; re-export from a model that has them"
+            )
+        if not prompt.strip():
+            raise UsageError("the prompt is empty; pass --prompt FILE or --prompt-text TEXT")
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([self.tokenizer(prompt)["input_ids"]], device=device)
+        generator = torch.Generator(device="cpu")
+        if seed is not None:
+            generator.manual_seed(seed)
+        eos = self.tokenizer.eos_token_id
+        self._rings = [_Ring(window) for _ in self.slots]
+        handles = [
+            self.spec.projections(block)[self.spec.roles()[0]].register_forward_pre_hook(
+                lambda _m, args, ring=ring: ring.write(args[0].reshape(-1, args[0].shape[-1]))
+            )
+            for block, ring in zip(self.spec.blocks(self.model), self._rings, strict=True)
+        ]
+        generated: list[int] = []
+        events: list[RefreshEvent] = []
+        started = time.perf_counter()
+        try:
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            for step in range(max_new_tokens):
+                token = _sample(out.logits[0, -1], temperature, top_p, top_k, generator)
+                generated.append(token)
+                if on_token is not None:
+                    on_token(token)
+                if token == eos or step == max_new_tokens - 1:
+                    break
+                if refresh_every and (step + 1) % refresh_every == 0:
+                    events.append(self.refresh(step + 1))
+                next_ids = torch.tensor([[token]], device=device)
+                out = self.model(
+                    input_ids=next_ids, cache=out.cache, use_cache=True, logits_to_keep=1
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        seconds = time.perf_counter() - started
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        return GenerationResult(text, generated, ids.shape[1], seconds, events)
+
+
+def _check_generation_options(
+    max_new_tokens: int,
+    refresh_every: int,
+    window: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+) -> None:
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if refresh_every < 0:
+        raise UsageError(f"--refresh must be 0 (off) or a positive period, got {refresh_every}")
+    if window < 1:
+        raise UsageError(f"--window must be at least 1 token, got {window}")
+    if temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 = off), got {top_k}")
+
+
+def _sample(
+    logits: Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator
+) -> int:
+    """Greedy when ``temperature`` is 0; else temperature, top-k and nucleus sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float().cpu() / temperature
+    if top_k > 0:
+        cutoff = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
