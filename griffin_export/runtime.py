@@ -316,13 +316,15 @@ class GriffinRuntime:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        stop_at_eos: bool = True,
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Generate up to ``max_new_tokens`` (batch 1), greedy unless ``temperature`` > 0.
 
         Every ``refresh_every`` generated tokens (0 = never) the experts are re-chosen from the
-        last ``window`` MLP inputs. Stops at the tokenizer's EOS. ``on_token(id)`` is called as
-        each token is produced.
+        last ``window`` MLP inputs (with refresh off no inputs are recorded). Stops at the
+        tokenizer's EOS unless ``stop_at_eos`` is False. ``on_token(id)`` is called as each
+        token is produced.
         """
         _check_generation_options(max_new_tokens, refresh_every, window, temperature, top_p, top_k)
         if self.tokenizer is None:
@@ -336,38 +338,70 @@ class GriffinRuntime:
         generator = torch.Generator(device="cpu")
         if seed is not None:
             generator.manual_seed(seed)
-        eos = self.tokenizer.eos_token_id
-        self._rings = [_Ring(window) for _ in self.slots]
+        eos = self.tokenizer.eos_token_id if stop_at_eos else None
+        self._rings = [_Ring(window) for _ in self.slots] if refresh_every else []
         handles = [
             self.spec.projections(block)[self.spec.roles()[0]].register_forward_pre_hook(
                 lambda _m, args, ring=ring: ring.write(args[0].reshape(-1, args[0].shape[-1]))
             )
-            for block, ring in zip(self.spec.blocks(self.model), self._rings, strict=True)
+            for block, ring in zip(self.spec.blocks(self.model), self._rings, strict=False)
         ]
-        generated: list[int] = []
         events: list[RefreshEvent] = []
+
+        def between(done: int) -> None:
+            if refresh_every and done % refresh_every == 0:
+                events.append(self.refresh(done))
+
         started = time.perf_counter()
         try:
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            for step in range(max_new_tokens):
-                token = _sample(out.logits[0, -1], temperature, top_p, top_k, generator)
-                generated.append(token)
-                if on_token is not None:
-                    on_token(token)
-                if token == eos or step == max_new_tokens - 1:
-                    break
-                if refresh_every and (step + 1) % refresh_every == 0:
-                    events.append(self.refresh(step + 1))
-                next_ids = torch.tensor([[token]], device=device)
-                out = self.model(
-                    input_ids=next_ids, cache=out.cache, use_cache=True, logits_to_keep=1
-                )
+            generated = decode(
+                self.model,
+                ids,
+                max_new_tokens,
+                lambda logits: _sample(logits, temperature, top_p, top_k, generator),
+                eos=eos,
+                on_token=on_token,
+                between=between,
+            )
         finally:
             for handle in handles:
                 handle.remove()
         seconds = time.perf_counter() - started
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         return GenerationResult(text, generated, ids.shape[1], seconds, events)
+
+
+@torch.inference_mode()
+def decode(
+    model: Any,
+    ids: Tensor,
+    max_new_tokens: int,
+    pick: Callable[[Tensor], int],
+    *,
+    eos: int | None = None,
+    on_token: Callable[[int], None] | None = None,
+    between: Callable[[int], None] | None = None,
+) -> list[int]:
+    """The decode loop of the runtime (and of the benchmark's full-model reference).
+
+    Prefill ``ids`` ``[1, T]``, then one token per forward with the KV cache, computing logits
+    for the last position only. ``pick`` turns logits ``[V]`` into a token;
+    ``between(n)`` runs after the n-th token, before the next forward.
+    """
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    generated: list[int] = []
+    for step in range(max_new_tokens):
+        token = pick(out.logits[0, -1])
+        generated.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token == eos or step == max_new_tokens - 1:
+            break
+        if between is not None:
+            between(step + 1)
+        next_ids = torch.tensor([[token]], device=ids.device)
+        out = model(input_ids=next_ids, cache=out.cache, use_cache=True, logits_to_keep=1)
+    return generated
 
 
 def _check_generation_options(

@@ -97,7 +97,7 @@ def test_ring_buffer_statistic_equals_a_fresh_forward(
     of one fresh forward of the same live model over the same last W tokens, to 1e-4."""
     runtime = GriffinRuntime.from_export(exports["llama"][1])
     window = 11
-    result = runtime.generate(PROMPT, max_new_tokens=20, refresh_every=0, window=window)
+    result = runtime.generate(PROMPT, max_new_tokens=20, refresh_every=1000, window=window)
     spec = runtime.spec
     ids = runtime.tokenizer(PROMPT)["input_ids"] + result.token_ids[:-1]  # what went through
     captured: dict[int, torch.Tensor] = {}
