@@ -62,6 +62,11 @@ def export_command(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow model code shipped with the checkpoint."
     ),
+    in_memory: bool = typer.Option(
+        False,
+        "--in-memory",
+        help="Load the whole model instead of streaming it block by block (same output).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Prune every FF layer to the neurons the prompt uses and write a smaller checkpoint."""
@@ -94,6 +99,7 @@ def export_command(
             max_shard_size=max_shard_size,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
+            streaming=False if in_memory else None,
             progress=on_progress,
         )
     for warning in result.warnings:

@@ -13,12 +13,14 @@ import hashlib
 import importlib.util
 import io
 import json
+import mmap
 import os
 import re
 import shutil
 import signal
 import struct
 import sys
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -197,6 +199,7 @@ class LoadedModel:
     spec: ArchSpec
     model_type: str
     source: SourceRef
+    streamed: bool = False  # decoder blocks stay on disk, read as each one runs
 
 
 def read_model_type(source: SourceRef) -> str:
@@ -229,6 +232,7 @@ def load_model(
     device: str = "cpu",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    stream: bool = False,
 ) -> LoadedModel:
     """Load a causal LM for export. The architecture is checked before weights are read.
 
@@ -236,6 +240,8 @@ def load_model(
         dtype: ``None`` keeps the checkpoint's dtype.
         allow_pickle: permit ``.bin``/``.pt`` weights (pickle can run code; off by default).
         trust_remote_code: permit model code from the checkpoint (off by default).
+        stream: keep the decoder blocks on disk (a safetensors source is read block by block
+            as the forward reaches it); only embeddings and one block are ever in memory.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -245,6 +251,17 @@ def load_model(
         if not allow_pickle:
             _require_safetensors(source.directory)
         check_safetensors_files(source.directory)
+    placement: dict[str, Any] = {}
+    if stream:
+        from transformers import AutoConfig
+
+        from .streaming import offload_device_map
+
+        config = AutoConfig.from_pretrained(source.load_id)
+        placement = {
+            "device_map": offload_device_map(spec, config, device),
+            "offload_folder": tempfile.mkdtemp(prefix="griffin-offload-"),
+        }
     try:
         pair: Any = AutoModelForCausalLM.from_pretrained(
             source.load_id,
@@ -252,8 +269,12 @@ def load_model(
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
+            **placement,
         )
         model, info = pair
+        if stream:  # a safetensors source is read in place: the folder stays empty
+            with contextlib.suppress(OSError):
+                os.rmdir(placement["offload_folder"])
     except Exception as exc:
         raise ModelLoadError(
             f"could not load '{source.name}': {_short(exc)}; re-download or re-convert it"
@@ -271,7 +292,8 @@ def load_model(
         )
     model.eval()
     try:
-        model.to(device)
+        if not stream:
+            model.to(device)
     except Exception as exc:
         raise UsageError(
             f"--device '{device}' is not usable here ({_short(exc)}); use cpu"
@@ -279,7 +301,7 @@ def load_model(
     tokenizer = None
     with contextlib.suppress(Exception):  # a bare weights directory may have no tokenizer
         tokenizer = AutoTokenizer.from_pretrained(source.load_id, trust_remote_code=False)
-    return LoadedModel(model, tokenizer, spec, model_type, source)
+    return LoadedModel(model, tokenizer, spec, model_type, source, streamed=stream)
 
 
 def _require_safetensors(directory: Path) -> None:
@@ -357,6 +379,82 @@ def check_safetensors_files(directory: Path) -> None:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+# -- memory-mapped tensors ------------------------------------------------------------------
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class MappedSafetensors:
+    """Tensors of a safetensors checkpoint as zero-copy views of memory-mapped files.
+
+    Pages are read from disk only when touched, and belong to the page cache (shared,
+    reclaimable), not to the process's own memory.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(
+                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            )
+            paths = [directory / f for f in files]
+        else:
+            paths = sorted(directory.glob("*.safetensors"))
+        if not paths:
+            raise ModelLoadError(f"the original '{directory}' has no *.safetensors weights")
+        self._maps: list[mmap.mmap] = []
+        self._where: dict[str, tuple[int, torch.dtype, list[int], int, int]] = {}
+        for path in paths:
+            with path.open("rb") as handle:
+                # ACCESS_COPY: private copy-on-write pages, so torch gets a writable buffer
+                # without ever writing the file (nothing here writes to them).
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            (header_len,) = struct.unpack("<Q", mapped[:8])
+            header = json.loads(mapped[8 : 8 + header_len])
+            base = 8 + header_len
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                dtype = _ST_DTYPES[info["dtype"]]
+                self._where[key] = (
+                    len(self._maps),
+                    dtype,
+                    info["shape"],
+                    base + begin,
+                    end - begin,
+                )
+            self._maps.append(mapped)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> Tensor:
+        which, dtype, shape, offset, size = self._where[key]
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(
+            self._maps[which], dtype=dtype, count=size // itemsize, offset=offset
+        )
+        return flat.reshape(shape)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(len(m) for m in self._maps)
 
 
 # -- fingerprints and hashes ------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.serialization._base import parse_size_to_int
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
@@ -21,6 +22,7 @@ from torch import Tensor
 from ._version import __version__
 from .checkpoint import (
     LoadedModel,
+    MappedSafetensors,
     atomic_directory,
     dtype_name,
     file_sha256,
@@ -35,6 +37,9 @@ from .errors import OutputError, UsageError
 from .scoring import STATISTIC_NAME, check_ratio, keep_count
 from .selection import Selection, select_experts
 from .slicing import prune_model
+from .streaming import plan as streaming_plan
+from .streaming import source_fingerprint
+from .streaming import weights_writer as streamed_weights_writer
 
 FORMAT_NAME = "griffin-export"
 FORMAT_VERSION = 1
@@ -122,6 +127,7 @@ def export(
     max_shard_size: str | int = "5GB",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    streaming: bool | None = None,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export ``model`` pruned to the experts that ``prompts`` select.
@@ -135,6 +141,9 @@ def export(
         dtype: ``None``/"auto" keeps the source's; else float32, bfloat16 or float16.
         max_prompt_tokens: truncate each prompt to this many tokens.
         force: replace an existing ``out`` (the old one survives until the new is complete).
+        streaming: hold one decoder block at a time (:mod:`griffin_export.streaming`);
+            ``None`` streams whenever the source is a safetensors directory. The output is
+            bit-identical either way.
         progress: optional ``(stage, done, total)`` callback.
 
     Returns:
@@ -157,8 +166,10 @@ def export(
     out_dir = Path(out) if out is not None else default_out_dir(source.name, ratio)
     _check_out_dir(out_dir, source.directory, force)
 
+    if streaming is None:
+        streaming = source.directory is not None and any(source.directory.glob("*.safetensors"))
     report("load", 0, 1)
-    loaded = load_model(source, torch_dtype, device, allow_pickle, trust_remote_code)
+    loaded = load_model(source, torch_dtype, device, allow_pickle, trust_remote_code, streaming)
     report("load", 1, 1)
     ids, warnings = tokenize_prompts(loaded, texts, max_prompt_tokens)
 
@@ -171,12 +182,42 @@ def export(
         multiple_of,
         on_prompt=lambda i: report("score", i + 1, len(ids)),
     )
-    params_before, bytes_before = state_dict_bytes(loaded.model)
-    fingerprint = model_fingerprint(loaded.spec, loaded.model)
-
     report("slice", 0, 1)
-    prune_model(loaded.spec, loaded.model, selection.keep)
-    params_after, bytes_after = state_dict_bytes(loaded.model)
+    if loaded.streamed:
+        assert source.directory is not None
+        stream = streaming_plan(loaded.model, loaded.spec)
+        mapped = MappedSafetensors(source.directory)
+        fingerprint = source_fingerprint(stream, mapped)
+        k = selection.k_per_layer[0]
+        params_before = sum(
+            stream.nbytes(key) // stream.shapes[key][1].itemsize for key in stream.shapes
+        )
+        bytes_before = sum(stream.nbytes(key) for key in stream.shapes)
+        params_after = sum(
+            stream.nbytes(key, k, selection.d_ff) // stream.shapes[key][1].itemsize
+            for key in stream.shapes
+        )
+        bytes_after = sum(stream.nbytes(key, k, selection.d_ff) for key in stream.shapes)
+        loaded.spec.set_d_ff(loaded.model.config, k)
+        write_weights = streamed_weights_writer(
+            loaded.model,
+            loaded.spec,
+            stream,
+            source.directory,
+            selection,
+            max_shard_size
+            if isinstance(max_shard_size, int)
+            else parse_size_to_int(max_shard_size),
+        )
+    else:
+        params_before, bytes_before = state_dict_bytes(loaded.model)
+        fingerprint = model_fingerprint(loaded.spec, loaded.model)
+        prune_model(loaded.spec, loaded.model, selection.keep)
+        params_after, bytes_after = state_dict_bytes(loaded.model)
+
+        def write_weights(directory: Path) -> None:
+            loaded.model.save_pretrained(directory, max_shard_size=max_shard_size)
+
     report("slice", 1, 1)
 
     manifest = {
@@ -200,7 +241,7 @@ def export(
         "dtype": dtype_name(loaded.model.dtype),
     }
     report("write", 0, 1)
-    file_bytes = write_export(out_dir, loaded, selection, manifest, force, max_shard_size)
+    file_bytes = write_export(out_dir, loaded, selection, manifest, force, write_weights)
     report("write", 1, 1)
     return ExportResult(
         out_dir=out_dir,
@@ -228,17 +269,19 @@ def write_export(
     selection: Selection,
     manifest: dict[str, Any],
     force: bool,
-    max_shard_size: str | int,
+    write_weights: Callable[[Path], None],
 ) -> int:
-    """Write an already-pruned model, its experts map, manifest and card, atomically.
-
-    Returns the bytes of the weight files written.
+    """Write the pruned weights (``write_weights(directory)``), config, tokenizer, experts map,
+    manifest and card, atomically. Returns the bytes of the weight files written.
     """
     model = loaded.model
     model.config.griffin = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
     with atomic_directory(out_dir, force=force) as tmp:
         try:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            write_weights(tmp)
+            model.config.save_pretrained(tmp)
+            if model.can_generate():
+                model.generation_config.save_pretrained(tmp)
             if loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(tmp)
             experts = {f"layer.{i}": k.to(torch.int32).cpu() for i, k in enumerate(selection.keep)}

@@ -12,9 +12,6 @@ storage: no reallocation, the KV cache stays valid and attention is never re-run
 
 from __future__ import annotations
 
-import json
-import mmap
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,84 +23,12 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .architectures import INPUT_ROLES, ArchSpec
+from .checkpoint import MappedSafetensors
 from .errors import ModelLoadError, UsageError
 from .export import EXPERTS_FILE
 from .exports import OpenedExport, open_export, original_source
 from .scoring import griffin_statistic, jaccard, normalized_square_sum, top_k_indices
 from .verify import check_original
-
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-class MappedSafetensors:
-    """Tensors of a safetensors checkpoint as zero-copy views of memory-mapped files.
-
-    Pages are read from disk only when touched, and belong to the page cache (shared,
-    reclaimable), not to the process's own memory.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(
-                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-            )
-            paths = [directory / f for f in files]
-        else:
-            paths = sorted(directory.glob("*.safetensors"))
-        if not paths:
-            raise ModelLoadError(f"the original '{directory}' has no *.safetensors weights")
-        self._maps: list[mmap.mmap] = []
-        self._where: dict[str, tuple[int, torch.dtype, list[int], int, int]] = {}
-        for path in paths:
-            with path.open("rb") as handle:
-                # ACCESS_COPY: private copy-on-write pages, so torch gets a writable buffer
-                # without ever writing the file (nothing here writes to them).
-                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-            (header_len,) = struct.unpack("<Q", mapped[:8])
-            header = json.loads(mapped[8 : 8 + header_len])
-            base = 8 + header_len
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                dtype = _ST_DTYPES[info["dtype"]]
-                self._where[key] = (
-                    len(self._maps),
-                    dtype,
-                    info["shape"],
-                    base + begin,
-                    end - begin,
-                )
-            self._maps.append(mapped)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def get(self, key: str) -> Tensor:
-        which, dtype, shape, offset, size = self._where[key]
-        if size == 0:
-            return torch.empty(shape, dtype=dtype)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        flat = torch.frombuffer(
-            self._maps[which], dtype=dtype, count=size // itemsize, offset=offset
-        )
-        return flat.reshape(shape)
-
-    @property
-    def mapped_bytes(self) -> int:
-        return sum(len(m) for m in self._maps)
 
 
 @dataclass
