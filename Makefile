@@ -38,7 +38,8 @@ format: install
 	$(BIN)/ruff check --fix griffin_export cli tests benchmarks examples
 
 bench: install
-	$(BIN)/python benchmarks/bench_export.py
+	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/python benchmarks/bench_streaming.py
 
 clean:
 	rm -rf $(VENV) demo-export build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

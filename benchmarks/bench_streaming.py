@@ -1,0 +1,152 @@
+"""Streaming export against the in-memory path and a plain read-once-write-once copy.
+
+Builds (once) a synthetic Llama-architecture checkpoint of ~3.7 GB (random bf16 weights,
+hidden 2048, d_ff 5632, 32 layers, vocab 49152, untied head, 1 GB shards) under --work
+(default: a folder in the system temp directory; never inside the repository), then measures
+in one run, each in a fresh subprocess (wall time and peak RSS from the kernel's rusage):
+
+  copy       load every source shard with safetensors and save it again (read once, write once)
+  streaming  griffin export --ratio 0.5 with a 512-token prompt (the default path)
+  in-memory  the same export with --in-memory
+
+Usage: python benchmarks/bench_streaming.py [--work DIR] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = {"hidden": 2048, "d_ff": 5632, "layers": 32, "vocab": 49152, "heads": 16}
+
+
+def build(directory: Path) -> int:
+    """Write the synthetic checkpoint (tensor by tensor) unless it exists; return its bytes."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from griffin_export.checkpoint import resolve_source
+    from griffin_export.streaming import ShardWriter
+
+    done = directory / "config.json"
+    if not done.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        h, f, v = SHAPE["hidden"], SHAPE["d_ff"], SHAPE["vocab"]
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+        for i in range(SHAPE["layers"]):
+            p = f"model.layers.{i}"
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                shapes[f"{p}.self_attn.{name}.weight"] = (h, h)
+            shapes[f"{p}.mlp.gate_proj.weight"] = (f, h)
+            shapes[f"{p}.mlp.up_proj.weight"] = (f, h)
+            shapes[f"{p}.mlp.down_proj.weight"] = (h, f)
+            shapes[f"{p}.input_layernorm.weight"] = (h,)
+            shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        shapes["model.norm.weight"] = (h,)
+        shapes["lm_head.weight"] = (v, h)
+        generator = torch.Generator().manual_seed(0)
+
+        def produce(key: str) -> torch.Tensor:
+            if key.endswith("norm.weight"):
+                return torch.ones(shapes[key], dtype=torch.bfloat16)
+            return (torch.randn(shapes[key], generator=generator) * 0.02).to(torch.bfloat16)
+
+        entries = [(key, shape, torch.bfloat16) for key, shape in shapes.items()]
+        params = sum(int(torch.tensor(shape).prod()) for shape in shapes.values())
+        writer = ShardWriter(directory, entries, 1_000_000_000, params)
+        for key in shapes:
+            writer.put(key, produce(key))
+        writer.close()
+        tokenizer = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m").directory)
+        tokenizer.save_pretrained(directory)
+        LlamaConfig(
+            vocab_size=v,
+            hidden_size=h,
+            intermediate_size=f,
+            num_hidden_layers=SHAPE["layers"],
+            num_attention_heads=SHAPE["heads"],
+            num_key_value_heads=SHAPE["heads"],
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            dtype="bfloat16",
+        ).save_pretrained(directory)
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+COPY = """
+import sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir(parents=True, exist_ok=True)
+for shard in sorted(src.glob("*.safetensors")):
+    save_file(load_file(str(shard)), str(dst / shard.name), metadata={"format": "pt"})
+"""
+
+
+def measure(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS bytes) of one subprocess."""
+    started = time.perf_counter()
+    # A fresh process per measurement: ru_maxrss of RUSAGE_CHILDREN is the largest child so
+    # far, so each run goes through its own short-lived parent.
+    wrapper = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper, *args], capture_output=True, text=True, check=True
+    )
+    seconds = time.perf_counter() - started
+    return seconds, int(out.stdout.strip().splitlines()[-1]) * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "griffin-bench")
+    parser.add_argument("--out", type=Path, default=None, help="append a Markdown report here")
+    args = parser.parse_args()
+    source = args.work / "synthetic-llama"
+    size = build(source)
+    from griffin_export.corpora import load_corpus
+
+    prompt = args.work / "prompt.txt"
+    prompt.write_text(load_corpus("wiki-summaries").text[:6000], encoding="utf-8")
+    griffin = [str(Path(sys.executable).parent / "griffin"), "export", "--model", str(source)]
+    common = ["--prompt", str(prompt), "--max-prompt-tokens", "512", "--ratio", "0.5", "--force"]
+    os.sync()
+    rows = {
+        "copy (read once, write once)": measure(
+            [sys.executable, "-c", COPY, str(source), str(args.work / "copy")]
+        ),
+        "griffin export (streaming)": measure([*griffin, *common, "--out", str(args.work / "s")]),
+        "griffin export --in-memory": measure([*griffin, *common, "--out", str(args.work / "m")]),
+    }
+    base = rows["copy (read once, write once)"][0]
+    lines = [
+        f"Synthetic Llama {SHAPE}, bf16, {size / 1e9:.2f} GB in 1 GB shards; 512-token prompt, "
+        f"--ratio 0.5; torch {torch.__version__}, {os.cpu_count()} CPUs",
+        "",
+        "| run | wall s | vs copy | peak RSS | RSS / source bytes |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (seconds, rss) in rows.items():
+        lines.append(
+            f"| {name} | {seconds:.1f} | {seconds / base:.2f}x | {rss / 2**30:.2f} GiB | "
+            f"{rss / size:.0%} |"
+        )
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        with args.out.open("a", encoding="utf-8") as handle:
+            handle.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
