@@ -92,19 +92,15 @@ for shard in sorted(src.glob("*.safetensors")):
 
 
 def measure(args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS bytes) of one subprocess."""
+    """(wall seconds, peak RSS bytes) of one subprocess, from the kernel's rusage of exactly
+    that child (``wait4``; Linux reports ``ru_maxrss`` in KiB)."""
     started = time.perf_counter()
-    # A fresh process per measurement: ru_maxrss of RUSAGE_CHILDREN is the largest child so
-    # far, so each run goes through its own short-lived parent.
-    wrapper = (
-        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", wrapper, *args], capture_output=True, text=True, check=True
-    )
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
-    return seconds, int(out.stdout.strip().splitlines()[-1]) * 1024
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{args[:3]} failed")
+    return seconds, usage.ru_maxrss * 1024
 
 
 def main() -> None:
@@ -126,7 +122,9 @@ def main() -> None:
             [sys.executable, "-c", COPY, str(source), str(args.work / "copy")]
         ),
         "griffin export (streaming)": measure([*griffin, *common, "--out", str(args.work / "s")]),
-        "griffin export --in-memory": measure([*griffin, *common, "--out", str(args.work / "m")]),
+        "griffin export --in-memory": measure(
+            [*griffin, *common, "--in-memory", "--out", str(args.work / "m")]
+        ),
     }
     base = rows["copy (read once, write once)"][0]
     lines = [

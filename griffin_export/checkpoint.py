@@ -20,7 +20,6 @@ import shutil
 import signal
 import struct
 import sys
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -199,7 +198,8 @@ class LoadedModel:
     spec: ArchSpec
     model_type: str
     source: SourceRef
-    streamed: bool = False  # decoder blocks stay on disk, read as each one runs
+    #: a ``streaming.StreamedModel`` when the decoder blocks stay in the source files
+    streamed: Any = None
 
 
 def read_model_type(source: SourceRef) -> str:
@@ -240,10 +240,10 @@ def load_model(
         dtype: ``None`` keeps the checkpoint's dtype.
         allow_pickle: permit ``.bin``/``.pt`` weights (pickle can run code; off by default).
         trust_remote_code: permit model code from the checkpoint (off by default).
-        stream: keep the decoder blocks on disk (a safetensors source is read block by block
-            as the forward reaches it); only embeddings and one block are ever in memory.
+        stream: build a weightless skeleton whose decoder blocks stay in the source files
+            (:func:`griffin_export.streaming.load_streamed`; a safetensors directory only).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_type = read_model_type(source)
     spec = spec_for(model_type)
@@ -251,17 +251,11 @@ def load_model(
         if not allow_pickle:
             _require_safetensors(source.directory)
         check_safetensors_files(source.directory)
-    placement: dict[str, Any] = {}
     if stream:
-        from transformers import AutoConfig
+        from .streaming import load_streamed
 
-        from .streaming import offload_device_map
-
-        config = AutoConfig.from_pretrained(source.load_id)
-        placement = {
-            "device_map": offload_device_map(spec, config, device),
-            "offload_folder": tempfile.mkdtemp(prefix="griffin-offload-"),
-        }
+        streamed = load_streamed(source, spec, model_type, dtype, device, load_tokenizer(source))
+        return streamed.loaded
     try:
         pair: Any = AutoModelForCausalLM.from_pretrained(
             source.load_id,
@@ -269,12 +263,8 @@ def load_model(
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
-            **placement,
         )
         model, info = pair
-        if stream:  # a safetensors source is read in place: the folder stays empty
-            with contextlib.suppress(OSError):
-                os.rmdir(placement["offload_folder"])
     except Exception as exc:
         raise ModelLoadError(
             f"could not load '{source.name}': {_short(exc)}; re-download or re-convert it"
@@ -292,16 +282,21 @@ def load_model(
         )
     model.eval()
     try:
-        if not stream:
-            model.to(device)
+        model.to(device)
     except Exception as exc:
         raise UsageError(
             f"--device '{device}' is not usable here ({_short(exc)}); use cpu"
         ) from exc
-    tokenizer = None
-    with contextlib.suppress(Exception):  # a bare weights directory may have no tokenizer
-        tokenizer = AutoTokenizer.from_pretrained(source.load_id, trust_remote_code=False)
-    return LoadedModel(model, tokenizer, spec, model_type, source, streamed=stream)
+    return LoadedModel(model, load_tokenizer(source), spec, model_type, source)
+
+
+def load_tokenizer(source: SourceRef) -> Any | None:
+    """The source's tokenizer, or ``None`` (a bare weights directory may have none)."""
+    from transformers import AutoTokenizer
+
+    with contextlib.suppress(Exception):
+        return AutoTokenizer.from_pretrained(source.load_id, trust_remote_code=False)
+    return None
 
 
 def _require_safetensors(directory: Path) -> None:
@@ -467,15 +462,29 @@ def weights_fingerprint(named_tensors: Iterable[tuple[str, Tensor]], sample: int
     Any fine-tune or different model changes it; it reads only a few KiB per tensor, so it
     works on memory-mapped originals too.
     """
+    return samples_fingerprint(
+        (name, tuple(tensor.shape), fingerprint_samples(tensor, sample))
+        for name, tensor in named_tensors
+    )
+
+
+def fingerprint_samples(tensor: Tensor, sample: int = 4096) -> Tensor:
+    """The part of ``tensor`` that :func:`weights_fingerprint` hashes: its first, middle and
+    last ``sample`` elements, as one float32 CPU tensor (a few KiB)."""
+    flat = tensor.detach().reshape(-1)
+    n = flat.numel()
+    mid = max(0, n // 2 - sample // 2)
+    parts = [flat[:sample], flat[mid : mid + sample], flat[max(0, n - sample) :]]
+    return torch.cat([part.to("cpu", torch.float32) for part in parts])
+
+
+def samples_fingerprint(entries: Iterable[tuple[str, tuple[int, ...], Tensor]]) -> str:
+    """:func:`weights_fingerprint` from ``(name, shape, fingerprint_samples(tensor))``, so a
+    caller can take the samples while each tensor is in memory and hash them later."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
-        flat = tensor.detach().reshape(-1)
-        n = flat.numel()
-        mid = max(0, n // 2 - sample // 2)
-        parts = [flat[:sample], flat[mid : mid + sample], flat[max(0, n - sample) :]]
-        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
-        for part in parts:
-            digest.update(part.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    for name, shape, samples in sorted(entries, key=lambda item: item[0]):
+        digest.update(f"{name}|{tuple(shape)}|".encode())
+        digest.update(samples.contiguous().numpy().tobytes())
     return "sha256-sampled:" + digest.hexdigest()
 
 

@@ -22,7 +22,6 @@ from torch import Tensor
 from ._version import __version__
 from .checkpoint import (
     LoadedModel,
-    MappedSafetensors,
     atomic_directory,
     dtype_name,
     file_sha256,
@@ -37,9 +36,7 @@ from .errors import OutputError, UsageError
 from .scoring import STATISTIC_NAME, check_ratio, keep_count
 from .selection import Selection, select_experts
 from .slicing import prune_model
-from .streaming import plan as streaming_plan
-from .streaming import source_fingerprint
-from .streaming import weights_writer as streamed_weights_writer
+from .streaming import plan_sizes, select_and_write
 
 FORMAT_NAME = "griffin-export"
 FORMAT_VERSION = 1
@@ -173,75 +170,80 @@ def export(
     report("load", 1, 1)
     ids, warnings = tokenize_prompts(loaded, texts, max_prompt_tokens)
 
+    def describe(selection: Selection, fingerprint: str) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "griffin_version": __version__,
+            "source": {
+                "model": source.name,
+                "kind": source.kind,
+                # Where the runtime finds the full weights again (GGUF: the cached conversion).
+                "directory": str(source.directory.resolve()) if source.directory else None,
+                "model_type": loaded.model_type,
+                "fingerprint": fingerprint,
+                "d_ff": selection.d_ff,
+            },
+            "ratio": ratio,
+            "multiple_of": multiple_of,
+            "statistic": STATISTIC_NAME,
+            "k_per_layer": selection.k_per_layer,
+            "prompt": {
+                "sha256": prompt_sha256(texts),
+                "tokens": selection.tokens,
+                "count": len(texts),
+            },
+            "dtype": dtype_name(loaded.model.dtype),
+        }
+
+    write_weights: Callable[[Path], tuple[Selection, dict[str, Any]]]
     report("score", 0, len(ids))
-    selection = select_experts(
-        loaded.spec,
-        loaded.model,
-        ids,
-        ratio,
-        multiple_of,
-        on_prompt=lambda i: report("score", i + 1, len(ids)),
-    )
-    report("slice", 0, 1)
-    if loaded.streamed:
-        assert source.directory is not None
-        stream = streaming_plan(loaded.model, loaded.spec)
-        mapped = MappedSafetensors(source.directory)
-        fingerprint = source_fingerprint(stream, mapped)
-        k = selection.k_per_layer[0]
-        params_before = sum(
-            stream.nbytes(key) // stream.shapes[key][1].itemsize for key in stream.shapes
+    streamed = loaded.streamed
+    if streamed is not None:
+        # Scoring and writing are one pass: each block is sliced and written as soon as its
+        # experts are known (griffin_export.streaming).
+        d_ff = loaded.spec.d_ff(loaded.model.config)
+        k = keep_count(d_ff, ratio, multiple_of)
+        params_before, bytes_before = plan_sizes(streamed, None, d_ff)
+        params_after, bytes_after = plan_sizes(streamed, k, d_ff)
+        shard_bytes = (
+            max_shard_size if isinstance(max_shard_size, int) else parse_size_to_int(max_shard_size)
         )
-        bytes_before = sum(stream.nbytes(key) for key in stream.shapes)
-        params_after = sum(
-            stream.nbytes(key, k, selection.d_ff) // stream.shapes[key][1].itemsize
-            for key in stream.shapes
-        )
-        bytes_after = sum(stream.nbytes(key, k, selection.d_ff) for key in stream.shapes)
-        loaded.spec.set_d_ff(loaded.model.config, k)
-        write_weights = streamed_weights_writer(
-            loaded.model,
-            loaded.spec,
-            stream,
-            source.directory,
-            selection,
-            max_shard_size
-            if isinstance(max_shard_size, int)
-            else parse_size_to_int(max_shard_size),
-        )
+
+        def write_weights(directory: Path) -> tuple[Selection, dict[str, Any]]:
+            done = select_and_write(
+                streamed,
+                ids,
+                ratio,
+                multiple_of,
+                directory,
+                shard_bytes,
+                on_prompt=lambda i: report("score", i + 1, len(ids)),
+            )
+            return done.selection, describe(done.selection, done.fingerprint)
+
     else:
+        selection = select_experts(
+            loaded.spec,
+            loaded.model,
+            ids,
+            ratio,
+            multiple_of,
+            on_prompt=lambda i: report("score", i + 1, len(ids)),
+        )
+        report("slice", 0, 1)
         params_before, bytes_before = state_dict_bytes(loaded.model)
         fingerprint = model_fingerprint(loaded.spec, loaded.model)
         prune_model(loaded.spec, loaded.model, selection.keep)
         params_after, bytes_after = state_dict_bytes(loaded.model)
+        report("slice", 1, 1)
 
-        def write_weights(directory: Path) -> None:
+        def write_weights(directory: Path) -> tuple[Selection, dict[str, Any]]:
             loaded.model.save_pretrained(directory, max_shard_size=max_shard_size)
+            return selection, describe(selection, fingerprint)
 
-    report("slice", 1, 1)
-
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "griffin_version": __version__,
-        "source": {
-            "model": source.name,
-            "kind": source.kind,
-            # Where the runtime finds the full weights again (for GGUF: the cached conversion).
-            "directory": str(source.directory.resolve()) if source.directory else None,
-            "model_type": loaded.model_type,
-            "fingerprint": fingerprint,
-            "d_ff": selection.d_ff,
-        },
-        "ratio": ratio,
-        "multiple_of": multiple_of,
-        "statistic": STATISTIC_NAME,
-        "k_per_layer": selection.k_per_layer,
-        "prompt": {"sha256": prompt_sha256(texts), "tokens": selection.tokens, "count": len(texts)},
-        "dtype": dtype_name(loaded.model.dtype),
-    }
     report("write", 0, 1)
-    file_bytes = write_export(out_dir, loaded, selection, manifest, force, write_weights)
+    file_bytes, selection, manifest = write_export(out_dir, loaded, force, write_weights)
     report("write", 1, 1)
     return ExportResult(
         out_dir=out_dir,
@@ -251,7 +253,7 @@ def export(
         d_ff=selection.d_ff,
         k_per_layer=selection.k_per_layer,
         ratio=ratio,
-        dtype=manifest["dtype"],  # type: ignore[arg-type]
+        dtype=manifest["dtype"],
         prompt_tokens=selection.tokens,
         params_before=params_before,
         params_after=params_after,
@@ -266,19 +268,20 @@ def export(
 def write_export(
     out_dir: Path,
     loaded: LoadedModel,
-    selection: Selection,
-    manifest: dict[str, Any],
     force: bool,
-    write_weights: Callable[[Path], None],
-) -> int:
-    """Write the pruned weights (``write_weights(directory)``), config, tokenizer, experts map,
-    manifest and card, atomically. Returns the bytes of the weight files written.
+    write_weights: Callable[[Path], tuple[Selection, dict[str, Any]]],
+) -> tuple[int, Selection, dict[str, Any]]:
+    """Write an export atomically: the pruned weights first (``write_weights(directory)``,
+    which returns the selection and the manifest; it also sets the config's FF width), then
+    config, generation config, tokenizer, experts map, card and manifest.
+
+    Returns the bytes of the weight files written, the selection and the manifest.
     """
     model = loaded.model
-    model.config.griffin = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
     with atomic_directory(out_dir, force=force) as tmp:
         try:
-            write_weights(tmp)
+            selection, manifest = write_weights(tmp)
+            model.config.griffin = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
             model.config.save_pretrained(tmp)
             if model.can_generate():
                 model.generation_config.save_pretrained(tmp)
@@ -301,7 +304,7 @@ def write_export(
                 "free disk space or choose another --out (nothing was left behind)"
             ) from exc
         weight_bytes = sum(p.stat().st_size for p in tmp.glob("model*.safetensors"))
-    return weight_bytes
+    return weight_bytes, selection, manifest
 
 
 def _check_out_dir(out_dir: Path, source_dir: Path | None, force: bool) -> None:

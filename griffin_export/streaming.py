@@ -1,238 +1,647 @@
-"""Streaming export: never hold more than one decoder block of the source in memory.
+"""Streaming export: the source model passes through memory one decoder block at a time.
 
-The source is loaded with every decoder block offloaded to "disk" (``device_map``), which for
-a safetensors source makes ``transformers``/``accelerate`` read each block's weights straight
-from the source files just before the block runs and drop them after; embeddings, positions,
-masks and the blocks' own math are those of ``transformers`` for the architecture. The
-prompt's forward (the same hooks and statistic as the in-memory path) then chooses the experts,
-and the output shards are written one at a time from memory-mapped source tensors, slicing the
-FF tensors on the way. The result is bit-identical to the in-memory path.
+The model is built as a weightless skeleton (``torch.device("meta")``) from its config, so
+embeddings, positions, rotary tables, masks and every block's math are ``transformers``' own
+modules for the architecture. Only the tensors outside the decoder blocks (embeddings, final
+norm, head) are materialised from the source; non-persistent buffers (rotary ``inv_freq``...)
+are initialised by the model's own ``initialize_weights``, exactly as ``from_pretrained`` does.
+
+The prompt then runs through the model's ordinary forward. A pre-hook on every decoder block
+reads that block's tensors from the source shards (plain file reads, no memory map, converted
+to the model's dtype as ``from_pretrained`` converts them) and a post-hook puts them back to
+``meta``. On the last prompt, the down projection's pre-hook of block ``l`` completes layer
+``l``'s statistic, so its experts are chosen right there and the block's tensors (FF ones
+sliced) are handed to :class:`ShardWriter`, which appends them to the output shards. The
+source is read once (once per prompt with several prompts) and the output written once; peak
+memory is the non-block tensors, one block and the prompt's activations.
+
+Selection uses the same functions as the in-memory path (``capture_down_inputs``,
+``normalized_square_sum``, ``griffin_statistic``, ``top_k_indices``, ``slice_weight``), so the
+result is bit-identical to it (``tests/test_streaming.py`` checks every architecture).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-from safetensors import safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
+from .activations import _StopForward, capture_down_inputs
 from .architectures import ArchSpec
-from .checkpoint import MappedSafetensors, weights_fingerprint
+from .checkpoint import (
+    LoadedModel,
+    SourceRef,
+    fingerprint_samples,
+    samples_fingerprint,
+)
+from .errors import ModelLoadError, UsageError
+from .scoring import griffin_statistic, keep_count, normalized_square_sum, top_k_indices
 from .selection import Selection
 from .slicing import slice_bias, slice_weight
 
 INDEX_NAME = "model.safetensors.index.json"
 
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
-def offload_device_map(spec: ArchSpec, config: Any, device: str) -> dict[str, str]:
-    """Every module on ``device`` except the decoder blocks, which stay on disk.
 
-    Modules are named one by one along the path to the blocks (``{"": device}`` would break
-    tied embeddings in accelerate's dispatch), using a weightless skeleton of the model.
+# -- reading the source -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+class SourceTensors:
+    """The tensors of a safetensors checkpoint directory, read one at a time on demand.
+
+    Reads use plain file I/O into a fresh tensor, not a memory map: the pages pass through the
+    page cache but never count as the process's memory, so only the tensors asked for (and
+    still referenced) do.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    placement: dict[str, str] = {}
-    parts = spec.layers.split(".")
-    for depth in range(len(parts)):
-        parent = ".".join(parts[:depth])
-        module = skeleton.get_submodule(parent) if parent else skeleton
-        for name, _ in module.named_children():
-            if name != parts[depth]:
-                placement[f"{parent}.{name}" if parent else name] = device
-    n_layers = len(spec.blocks(skeleton))
-    placement.update({f"{spec.layers}.{i}": "disk" for i in range(n_layers)})
-    return placement
+    def __init__(self, directory: Path) -> None:
+        index = directory / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            paths = [directory / name for name in sorted(set(weight_map.values()))]
+        else:
+            paths = sorted(directory.glob("*.safetensors"))
+        self.paths = paths
+        self.entries: dict[str, _Entry] = {}
+        self._files: dict[Path, IO[bytes]] = {}
+        for path in paths:
+            with path.open("rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_len))
+            base = 8 + header_len
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                dtype = _ST_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ModelLoadError(
+                        f"'{path}' stores '{key}' as {info['dtype']}, which griffin cannot "
+                        "stream; pass --in-memory"
+                    )
+                self.entries[key] = _Entry(
+                    path, dtype, tuple(info["shape"]), base + begin, end - begin
+                )
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def read(self, key: str) -> Tensor:
+        """The tensor ``key`` as stored (CPU, the file's dtype)."""
+        entry = self.entries[key]
+        raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+        if entry.nbytes:
+            handle = self._files.get(entry.path)
+            if handle is None:
+                handle = self._files[entry.path] = entry.path.open("rb", buffering=0)
+            view = memoryview(raw.numpy())  # type: ignore[arg-type]
+            done = 0
+            while done < entry.nbytes:
+                n = os.preadv(handle.fileno(), [view[done:]], entry.offset + done)
+                if n <= 0:
+                    raise ModelLoadError(
+                        f"'{entry.path}' ends inside tensor '{key}'; the file is truncated: "
+                        "re-download or re-convert the model"
+                    )
+                done += n
+        return raw.view(entry.dtype).reshape(entry.shape)
+
+    def first_float_dtype(self) -> torch.dtype | None:
+        """dtype of the first floating-point tensor of the first file (``dtype="auto"`` when
+        the config names none, as ``from_pretrained`` decides it)."""
+        for entry in self.entries.values():
+            if entry.path == self.paths[0] and entry.dtype.is_floating_point:
+                return entry.dtype
+        return None
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+
+# -- the skeleton -----------------------------------------------------------------------------
 
 
 @dataclass
-class StreamPlan:
-    """What the streamed export writes: output key -> (shape, dtype) in write order, and the
-    FF keys to slice (key -> (layer, role, kind))."""
+class StreamedModel:
+    """A skeleton model whose decoder blocks live in the source files.
 
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
-    ff: dict[str, tuple[int, str, str]]
-    axes: dict[str, int]  # FF weight key -> its neuron axis
+    Attributes:
+        loaded: the skeleton (non-block tensors real, block tensors on ``meta``).
+        reader: the source tensors.
+        checkpoint_key: internal state-dict name -> the key the source (and the output) use.
+        plan: output key -> (shape, dtype) in ``save_pretrained``'s order, tied weights once.
+        device: where the forward runs.
+    """
 
-    def out_shape(self, key: str, k: int | None = None, d_ff: int | None = None) -> tuple[int, ...]:
-        """Shape of ``key`` in the output: FF tensors lose ``d_ff - k`` neurons (fused
-        gate/up: twice that) along their neuron axis."""
-        shape = list(self.shapes[key][0])
-        if k is None or d_ff is None or key not in self.ff:
-            return tuple(shape)
-        _, role, kind = self.ff[key]
-        if kind == "bias" and role == "down":
-            return tuple(shape)
-        axis = 0 if kind == "bias" else self.axes[key]
-        shape[axis] = shape[axis] // d_ff * k
-        return tuple(shape)
+    loaded: LoadedModel
+    reader: SourceTensors
+    checkpoint_key: dict[str, str]
+    plan: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    device: torch.device
+    ff: dict[str, tuple[int, str, str]] = field(default_factory=dict)
 
-    def nbytes(self, key: str, k: int | None = None, d_ff: int | None = None) -> int:
-        numel = 1
-        for n in self.out_shape(key, k, d_ff):
-            numel *= n
-        return numel * self.shapes[key][1].itemsize
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def spec(self) -> ArchSpec:
+        return self.loaded.spec
 
 
-def plan(model: Any, spec: ArchSpec) -> StreamPlan:
-    """The keys ``save_pretrained`` would write for ``model`` (tied weights once)."""
-    from transformers.modeling_utils import (
-        remove_tied_weights_from_state_dict,
-        revert_weight_conversion,
-    )
+def load_streamed(
+    source: SourceRef,
+    spec: ArchSpec,
+    model_type: str,
+    dtype: torch.dtype | None,
+    device: str,
+    tokenizer: Any,
+) -> StreamedModel:
+    """Build the skeleton of ``source`` (a safetensors directory) with only its non-block
+    tensors in memory, on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    state = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
-    # Keys as the checkpoint spells them (e.g. GPT-NeoX's `embed_out` for `lm_head`): the
-    # source files and save_pretrained's output both use that format.
-    state = revert_weight_conversion(model, state)
-    shapes = {key: (tuple(t.shape), t.dtype) for key, t in state.items()}
-    ff: dict[str, tuple[int, str, str]] = {}
-    axes: dict[str, int] = {}
-    for layer in range(len(spec.blocks(model))):
+    assert source.directory is not None
+    reader = SourceTensors(source.directory)
+    config = AutoConfig.from_pretrained(source.load_id, trust_remote_code=False)
+    if dtype is None:  # dtype="auto", as from_pretrained resolves it
+        dtype = getattr(config, "dtype", None) or reader.first_float_dtype() or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    try:
+        target = torch.device(device)
+        if target.type != "cpu":
+            torch.empty(0, device=target)
+    except Exception as exc:
+        raise UsageError(f"--device '{device}' is not usable here ({exc}); use cpu") from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    with suppress(Exception):  # as from_pretrained: a missing generation_config.json is fine
+        model.generation_config = GenerationConfig.from_pretrained(source.load_id)
+
+    _init_buffers(model, target)
+    checkpoint_key = _checkpoint_keys(model)
+    plan = _plan(model, checkpoint_key)
+    block_prefix = spec.layers + "."
+    # The non-block tensors the forward needs stay in memory for the whole run. An untied
+    # output head is not needed (the forward stops before it): it is read when written.
+    head = model.get_output_embeddings()
+    for name, holder, attr, meta in _tensors(model):
+        if name.startswith(block_prefix) or meta.device.type != "meta":
+            continue
+        if holder is head and attr == "weight":
+            continue
+        key = checkpoint_key[name]
+        if key in reader:
+            _assign(holder, attr, _read_as(reader, key, meta, target))
+    model.tie_weights()
+    still_meta = [
+        name
+        for name, holder, attr, meta in _tensors(model)
+        if not name.startswith(block_prefix)
+        and meta.device.type == "meta"
+        and not (holder is head and attr == "weight")
+    ]
+    blocks = spec.blocks(model)
+    missing = [checkpoint_key[name] for name in still_meta]
+    missing += [key for key in plan if key not in reader and key not in missing]
+    if missing:
+        raise ModelLoadError(
+            f"'{source.name}' lacks {len(missing)} tensor(s) its config needs (first: "
+            f"'{missing[0]}'); the checkpoint is incomplete or does not match config.json: "
+            "re-download or re-convert it"
+        )
+    loaded = LoadedModel(model, tokenizer, spec, model_type, source)
+    streamed = StreamedModel(loaded, reader, checkpoint_key, plan, target)
+    loaded.streamed = streamed
+    for layer in range(len(blocks)):
         for role in spec.roles():
             for kind in ("weight", "bias"):
                 key = spec.param_name(layer, role, kind)
-                if key in shapes:
-                    ff[key] = (layer, role, kind)
-                    axes[key] = spec.neuron_axis(role) if kind == "weight" else 0
-    return StreamPlan(shapes, ff, axes)
+                if key in plan:
+                    streamed.ff[key] = (layer, role, kind)
+    return streamed
 
 
-def source_fingerprint(stream: StreamPlan, source: MappedSafetensors) -> str:
-    """The manifest fingerprint (see ``checkpoint.model_fingerprint``) from the source files."""
-    return weights_fingerprint(
-        (key, source.get(key).to(stream.shapes[key][1])) for key in stream.ff
-    )
+def _tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
+    """``(name, owner, attribute, tensor)`` of every parameter and persistent buffer, in
+    state-dict order (tied parameters under every name)."""
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for attr, param in owner._parameters.items():
+            if param is not None:
+                yield dot + attr, owner, attr, param
+        for attr, buffer in owner._buffers.items():
+            if buffer is not None and attr not in owner._non_persistent_buffers_set:
+                yield dot + attr, owner, attr, buffer
 
 
-def weights_writer(
-    model: Any,
-    spec: ArchSpec,
-    stream: StreamPlan,
-    source_dir: Path,
-    selection: Selection,
-    max_shard_size: int,
-) -> Callable[[Path], None]:
-    """A function writing the pruned weights into a directory, one tensor in memory at a time.
+def _assign(owner: nn.Module, attr: str, value: Tensor) -> None:
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
 
-    Each tensor is read from the source (a short-lived ``safe_open``, so no mapping of the
-    source stays resident), sliced if it is an FF tensor, and appended to its shard.
-    """
+
+def _read_as(reader: SourceTensors, key: str, like: Tensor, device: torch.device) -> Tensor:
+    """Source tensor ``key`` as the model holds it: floating tensors cast to the model's dtype
+    (on the CPU, as ``from_pretrained`` casts), then moved to ``device``."""
+    value = reader.read(key)
+    if tuple(value.shape) != tuple(like.shape):
+        raise ModelLoadError(
+            f"'{key}' has shape {tuple(value.shape)} in the source but the config needs "
+            f"{tuple(like.shape)}; the checkpoint does not match config.json"
+        )
+    if value.is_floating_point() and value.dtype != like.dtype:
+        value = value.to(like.dtype)
+    return value.to(device)
+
+
+def _init_buffers(model: Any, device: torch.device) -> None:
+    """Give every non-persistent buffer (rotary ``inv_freq``, embedding scales...) its value
+    the way ``from_pretrained`` does: an empty tensor on the device, then the model's own
+    ``initialize_weights`` (parameters are still on ``meta``, so only buffers get values)."""
+    for name, buffer in model.named_non_persistent_buffers():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        owner._buffers[attr] = torch.empty_like(buffer, device=device)
+    for module in model.modules():
+        with suppress(AttributeError):
+            del module._is_hf_initialized
+    model.initialize_weights()
+
+
+def _checkpoint_keys(model: Any) -> dict[str, str]:
+    """Internal state-dict name -> checkpoint key (``transformers``' own renames reverted,
+    e.g. GPT-NeoX's ``embed_out``)."""
     from transformers.modeling_utils import revert_weight_conversion
 
-    live = revert_weight_conversion(model, dict(model.state_dict()))
-    where = source_files(source_dir)
-    k = selection.k_per_layer[0]
+    internal = {name: tensor for name, _, _, tensor in _tensors(model)}
+    marked = {name: torch.empty(0, device="meta") for name in internal}
+    ids = {id(t): name for name, t in marked.items()}
+    reverted = revert_weight_conversion(model, dict(marked))
+    mapping: dict[str, str] = {}
+    for key, tensor in reverted.items():
+        name = ids.get(id(tensor))
+        if name is None:
+            raise UsageError(
+                f"'{key}' is a converted tensor that griffin cannot stream; pass --in-memory"
+            )
+        mapping[name] = key
+    for name in internal:
+        mapping.setdefault(name, name)
+    return mapping
 
-    def tensor(key: str) -> Tensor:
-        dtype = stream.shapes[key][1]
-        value = live.get(key)
-        if value is None or value.device.type == "meta":
-            with safe_open(str(where[key]), framework="pt") as handle:
-                value = handle.get_tensor(key)
-        value = value.to("cpu", dtype)
-        if key in stream.ff:
-            layer, role, kind = stream.ff[key]
-            keep = selection.keep[layer]
-            if kind == "weight":
-                return slice_weight(spec, role, value, keep, selection.d_ff)
-            return slice_bias(role, value, keep, selection.d_ff)
-        return value
 
-    def write(directory: Path) -> None:
-        shards: list[list[str]] = [[]]
-        size = 0
-        for key in stream.shapes:
-            nbytes = stream.nbytes(key, k, selection.d_ff)
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards.append([])
-                size = 0
-            shards[-1].append(key)
-            size += nbytes
-        names = (
-            ["model.safetensors"]
-            if len(shards) == 1
-            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+def _plan(
+    model: Any, checkpoint_key: dict[str, str]
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The keys ``save_pretrained`` writes, in its order (tied weights once), with shapes."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
+    return {checkpoint_key[name]: (tuple(t.shape), t.dtype) for name, t in state.items()}
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def output_shape(streamed: StreamedModel, key: str, k: int, d_ff: int) -> tuple[int, ...]:
+    """Shape of ``key`` in the output: FF tensors lose ``d_ff - k`` neurons (fused gate/up:
+    twice that) along their neuron axis; a down bias is unchanged."""
+    shape = list(streamed.plan[key][0])
+    if key not in streamed.ff:
+        return tuple(shape)
+    _, role, kind = streamed.ff[key]
+    if kind == "bias" and role == "down":
+        return tuple(shape)
+    axis = 0 if kind == "bias" else streamed.spec.neuron_axis(role)
+    shape[axis] = shape[axis] // d_ff * k
+    return tuple(shape)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards as they arrive, in a fixed key order.
+
+    Shapes are known in advance, so every shard's header is written first and each tensor's
+    bytes are appended as ``put`` receives it; tensors that arrive early wait (by reference)
+    for their turn. Shards are cut like ``save_pretrained`` cuts them (``huggingface_hub``'s
+    greedy split, same names, same index).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_size: int,
+        total_parameters: int,
+    ) -> None:
+        from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
+
+        self.directory = directory
+        self.entries = {key: (shape, dtype) for key, shape, dtype in entries}
+        sizes = {key: _numel(shape) * dtype.itemsize for key, shape, dtype in entries}
+        split = split_state_dict_into_shards_factory(
+            sizes,
+            get_storage_size=lambda n: n,
+            get_storage_id=lambda n: None,
+            filename_pattern="model{suffix}.safetensors",
+            max_shard_size=max_shard_size,
         )
-        weight_map = {}
-        for name, keys in zip(names, shards, strict=True):
-            entries = [
-                (key, stream.out_shape(key, k, selection.d_ff), stream.shapes[key][1])
-                for key in keys
-            ]
-            write_safetensors(directory / name, entries, tensor)
-            weight_map.update(dict.fromkeys(keys, name))
-        if len(shards) > 1:
-            total = sum(stream.nbytes(key, k, selection.d_ff) for key in stream.shapes)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        self.files = list(split.filename_to_tensors.items())
+        self.order = [key for _, keys in self.files for key in keys]
+        self.index: dict[str, Any] | None = None
+        if split.is_sharded:
+            self.index = {
+                "metadata": {"total_parameters": total_parameters, **split.metadata},
+                "weight_map": split.tensor_to_filename,
+            }
+        self._next = 0
+        self._file = -1
+        self._handle: IO[bytes] | None = None
+        self._pending: dict[str, Tensor] = {}
 
-    return write
+    def put(self, key: str, tensor: Tensor) -> None:
+        """Hand over the output tensor ``key``; it is written as soon as its turn comes."""
+        self._pending[key] = tensor
+        while self._next < len(self.order) and self.order[self._next] in self._pending:
+            name = self.order[self._next]
+            self._write(name, self._pending.pop(name))
+            self._next += 1
+
+    def _write(self, key: str, tensor: Tensor) -> None:
+        shape, dtype = self.entries[key]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"{key}: planned {shape} {dtype}, got {tuple(tensor.shape)}")
+        file_keys = self.files[self._file][1] if self._file >= 0 else []
+        if self._handle is None or key not in file_keys:
+            self._open_next()
+        assert self._handle is not None
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            self._handle.write(data.view(torch.uint8).numpy().data)
+
+    def _open_next(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self._file += 1
+        name, keys = self.files[self._file]
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key in keys:
+            shape, dtype = self.entries[key]
+            size = _numel(shape) * dtype.itemsize
+            header[key] = {
+                "dtype": _ST_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
+        self._handle = (self.directory / name).open("wb")
+        self._handle.write(struct.pack("<Q", len(encoded)))
+        self._handle.write(encoded)
+
+    def close(self) -> None:
+        """Finish the last shard and write the index; every key must have been written."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._next != len(self.order):
+            raise RuntimeError(f"export incomplete: '{self.order[self._next]}' was never written")
+        if self.index is not None:
+            text = json.dumps(self.index, indent=2, sort_keys=True) + "\n"
+            (self.directory / INDEX_NAME).write_text(text, encoding="utf-8")
+
+    def abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
-def source_files(directory: Path) -> dict[str, Path]:
-    """Checkpoint key -> the safetensors file of ``directory`` that holds it."""
-    index = directory / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {key: directory / name for key, name in weight_map.items()}
-    where: dict[str, Path] = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            where.update(dict.fromkeys(handle.keys(), path))
-    return where
+# -- the streamed forward ---------------------------------------------------------------------
 
 
-_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+@dataclass
+class StreamResult:
+    """What :func:`select_and_write` produced."""
+
+    selection: Selection
+    fingerprint: str
 
 
-def write_safetensors(
-    path: Path,
-    entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-    produce: Callable[[str], Tensor],
-) -> None:
-    """Write a safetensors file tensor by tensor: the header first (shapes are known), then
-    each tensor's bytes as ``produce(key)`` returns it, so only one tensor is ever in memory."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key, shape, dtype in entries:
-        numel = 1
-        for n in shape:
-            numel *= n
-        size = numel * dtype.itemsize
-        header[key] = {
-            "dtype": _DTYPE_NAMES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    with path.open("wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for key, shape, dtype in entries:
-            value = produce(key)
-            if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
-                raise RuntimeError(f"{key}: planned {shape} {dtype}, got {tuple(value.shape)}")
-            handle.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+@contextmanager
+def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tuple[str, Tensor]]]]:
+    """While active, every decoder block loads its tensors from the source just before it
+    runs and drops them after. Yields ``{layer: [(checkpoint key, tensor)]}`` of the blocks
+    currently loaded."""
+    spec, model = streamed.spec, streamed.model
+    live: dict[int, list[tuple[str, Tensor]]] = {}
+    placeholders: dict[int, list[tuple[nn.Module, str, Tensor]]] = {}
+    handles = []
+
+    def release(layer: int) -> None:
+        for owner, attr, meta in placeholders.pop(layer, []):
+            if attr in owner._parameters:
+                owner._parameters[attr] = meta  # type: ignore[assignment]
+            else:
+                owner._buffers[attr] = meta
+        live.pop(layer, None)
+
+    for layer, block in enumerate(spec.blocks(model)):
+        prefix = f"{spec.layers}.{layer}."
+
+        def load(_module: nn.Module, _args: Any, layer: int = layer, prefix: str = prefix) -> None:
+            release(layer)
+            saved, tensors = [], []
+            for name, owner, attr, meta in _tensors(spec.blocks(model)[layer]):
+                key = streamed.checkpoint_key[prefix + name]
+                value = _read_as(streamed.reader, key, meta, streamed.device)
+                saved.append((owner, attr, meta))
+                _assign(owner, attr, value)
+                tensors.append((key, value))
+            placeholders[layer] = saved
+            live[layer] = tensors
+
+        def drop(_module: nn.Module, _args: Any, _out: Any, layer: int = layer) -> None:
+            release(layer)
+
+        handles.append(block.register_forward_pre_hook(load))
+        handles.append(block.register_forward_hook(drop))
+    try:
+        yield live
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in list(placeholders):
+            release(layer)
+
+
+def _return_freed_blocks_to_the_os() -> None:
+    """Make glibc serve every allocation over 4 MiB with its own ``mmap`` (the default
+    threshold grows with each large free, up to 32 MiB, after which freed blocks' tensors stay
+    in the heap). Streaming allocates and frees one block's tensors per layer; without this,
+    freed blocks accumulate in the process's resident memory. Affects only where memory comes
+    from, never values; a no-op off glibc."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    with suppress(OSError, AttributeError):
+        m_mmap_threshold = -3
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 4 << 20)
+
+
+@torch.inference_mode()
+def select_and_write(
+    streamed: StreamedModel,
+    prompts: Sequence[Tensor],
+    ratio: float,
+    multiple_of: int,
+    directory: Path,
+    max_shard_size: int,
+    on_prompt: Callable[[int], None] | None = None,
+) -> StreamResult:
+    """Run ``prompts`` through the streamed model, choose every layer's experts with the same
+    statistic as :func:`~griffin_export.selection.select_experts`, and write the pruned
+    weights into ``directory`` (sets the config's FF width)."""
+    spec, model = streamed.spec, streamed.model
+    d_ff = spec.d_ff(model.config)
+    k = keep_count(d_ff, ratio, multiple_of)
+    prompts = [p for p in prompts if p.numel()]
+    if not prompts:
+        raise UsageError("the prompt has no tokens; pass a non-empty --prompt or --prompt-text")
+    _return_freed_blocks_to_the_os()
+    n_layers = len(spec.blocks(model))
+    entries = [
+        (key, output_shape(streamed, key, k, d_ff), dtype)
+        for key, (_, dtype) in streamed.plan.items()
+    ]
+    buffers = {streamed.checkpoint_key[n] for n, o, a, _ in _tensors(model) if a in o._buffers}
+    params = sum(_numel(shape) for key, shape, _ in entries if key not in buffers)
+    writer = ShardWriter(directory, entries, max_shard_size, params)
+    block_keys = {key for key in streamed.plan if key.startswith(spec.layers + ".")}
+    # Non-block tensors: already in memory; the writer holds them until their turn.
+    inverse = {key: name for name, key in streamed.checkpoint_key.items()}
+    deferred: list[str] = []  # still on meta (an untied head): read from the source at the end
+    for key in streamed.plan:
+        if key not in block_keys:
+            value = model.get_parameter_or_buffer(inverse[key])
+            if value.device.type == "meta":
+                deferred.append(key)
+            else:
+                writer.put(key, value)
+
+    sums: list[Tensor] = [torch.zeros(0)] * n_layers
+    keep: list[Tensor] = [torch.zeros(0, dtype=torch.long)] * n_layers
+    scores: list[Tensor] = [torch.zeros(0)] * n_layers
+    samples: dict[str, tuple[tuple[int, ...], Tensor]] = {}
+    tokens = 0
+    last = False
+    try:
+        with ExitStack() as stack:
+            live = stack.enter_context(_blocks_from_source(streamed))
+
+            def sink(layer: int, z: Tensor) -> None:
+                part = normalized_square_sum(z)
+                current = sums[layer]
+                sums[layer] = part if current.numel() == 0 else current + part
+                if last:
+                    scores[layer] = griffin_statistic(sums[layer], accumulated=True)
+                    keep[layer] = top_k_indices(scores[layer], k)
+                    for key, value in live[layer]:
+                        writer.put(key, _pruned(streamed, key, value, keep[layer], d_ff, samples))
+                if layer == n_layers - 1:
+                    raise _StopForward
+
+            stack.enter_context(capture_down_inputs(spec, model, sink))
+            for i, ids in enumerate(prompts):
+                last = i == len(prompts) - 1
+                with suppress(_StopForward):
+                    model(input_ids=ids.reshape(1, -1).to(streamed.device), use_cache=False)
+                tokens += int(ids.numel())
+                if on_prompt is not None:
+                    on_prompt(i)
+        for key in deferred:
+            like = model.get_parameter_or_buffer(inverse[key])
+            writer.put(key, _read_as(streamed.reader, key, like, torch.device("cpu")))
+        writer.close()
+    finally:
+        writer.abort()
+        streamed.reader.close()
+    spec.set_d_ff(model.config, k)
+    fingerprint = samples_fingerprint(
+        (key, shape, parts) for key, (shape, parts) in samples.items()
+    )
+    return StreamResult(Selection(keep=keep, scores=scores, d_ff=d_ff, tokens=tokens), fingerprint)
+
+
+def _pruned(
+    streamed: StreamedModel,
+    key: str,
+    value: Tensor,
+    keep: Tensor,
+    d_ff: int,
+    samples: dict[str, tuple[tuple[int, ...], Tensor]],
+) -> Tensor:
+    """The output tensor of block tensor ``key``: FF tensors sliced to ``keep`` (their
+    full-width fingerprint samples recorded on the way), others unchanged."""
+    if key not in streamed.ff:
+        return value
+    samples[key] = (tuple(value.shape), fingerprint_samples(value))
+    _, role, kind = streamed.ff[key]
+    if kind == "weight":
+        return slice_weight(streamed.spec, role, value, keep, d_ff)
+    return slice_bias(role, value, keep, d_ff)
+
+
+def plan_sizes(streamed: StreamedModel, k: int | None, d_ff: int) -> tuple[int, int]:
+    """(parameter count, bytes) of the planned output; ``k=None`` for the full source."""
+    count = size = 0
+    for key, (shape, dtype) in streamed.plan.items():
+        out = shape if k is None else output_shape(streamed, key, k, d_ff)
+        count += _numel(out)
+        size += _numel(out) * dtype.itemsize
+    return count, size

@@ -32,7 +32,9 @@ CLI = [sys.executable, "-c", "from griffin_cli.main import run; run()"]
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny("llama", tmp_path_factory.mktemp("interrupt") / "src", num_hidden_layers=6)
+    # 16 layers make ~50 shards of 8KB: kill points (at most 10) leave a wide margin even when
+    # the test process is descheduled on a loaded machine.
+    return save_tiny("llama", tmp_path_factory.mktemp("interrupt") / "src", num_hidden_layers=16)
 
 
 def command(src: Path, out: Path, *extra: str) -> list[str]:

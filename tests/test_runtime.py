@@ -14,7 +14,12 @@ from typer.testing import CliRunner
 
 from griffin_cli.main import app
 from griffin_export import export, spec_for
-from griffin_export.errors import ModelLoadError, OriginalMismatchError, UsageError
+from griffin_export.errors import (
+    ModelLoadError,
+    OriginalMismatchError,
+    UsageError,
+    VerificationError,
+)
 from griffin_export.runtime import GriffinRuntime, _Ring, full_activations
 from griffin_export.scoring import griffin_statistic, normalized_square_sum
 
@@ -182,3 +187,16 @@ def test_cli_generate_json(exports: dict[str, tuple[Path, Path]]) -> None:
     streamed = CliRunner().invoke(app, args)
     assert streamed.exit_code == 0, streamed.output
     assert "refreshes" in streamed.output
+
+
+def test_a_tampered_export_is_refused(
+    exports: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    tampered = tmp_path / "exp"
+    shutil.copytree(exports["llama"][1], tampered)
+    weights = tampered / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # one bit of the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="failed verification"):
+        GriffinRuntime.from_export(tampered)

@@ -11,9 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from griffin_export import export
+from griffin_export.errors import ModelLoadError
 from griffin_export.export import EXPERTS_FILE, MANIFEST
+from griffin_export.streaming import ShardWriter, SourceTensors
 
-from tiny import MODEL_TYPES, char_tokenizer, tiny_model
+from tiny import MODEL_TYPES, char_tokenizer, save_tiny, tiny_model
 
 PROMPTS = ["Flocking neurons carry the activation.", "A second prompt, pooled with the first."]
 
@@ -29,19 +31,35 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
 def test_streaming_equals_in_memory(model_type: str, sharded: bool, tmp_path: Path) -> None:
+    assert_same_export(tmp_path, tiny_model(model_type), sharded, PROMPTS)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_streaming_tied_and_untied(model_type: str, tied: bool, tmp_path: Path) -> None:
+    model = tiny_model(model_type, tie_word_embeddings=tied)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    assert_same_export(tmp_path, model, True, PROMPTS[:1])
+
+
+def test_streaming_bf16_source_to_float32(tmp_path: Path) -> None:
+    """A dtype change converts each tensor exactly as from_pretrained does."""
+    model = tiny_model("qwen2", dtype=torch.bfloat16)
+    assert_same_export(tmp_path, model, False, PROMPTS, dtype="float32")
+
+
+def assert_same_export(
+    tmp_path: Path, model: torch.nn.Module, sharded: bool, prompts: list[str], **options: object
+) -> None:
     src = tmp_path / "src"
-    model = tiny_model(model_type)
     model.save_pretrained(src, max_shard_size="20KB" if sharded else "5GB")
     char_tokenizer().save_pretrained(src)
     assert (src / "model.safetensors.index.json").is_file() == sharded
 
     shard = "30KB" if sharded else "5GB"
-    lean = export(
-        str(src), PROMPTS, 0.4, out=tmp_path / "lean", streaming=True, max_shard_size=shard
-    )
-    full = export(
-        str(src), PROMPTS, 0.4, out=tmp_path / "full", streaming=False, max_shard_size=shard
-    )
+    kwargs: dict = {"max_shard_size": shard, **options}
+    lean = export(str(src), prompts, 0.4, out=tmp_path / "lean", streaming=True, **kwargs)
+    full = export(str(src), prompts, 0.4, out=tmp_path / "full", streaming=False, **kwargs)
 
     a, b = tensors(tmp_path / "lean"), tensors(tmp_path / "full")
     assert a.keys() == b.keys()
@@ -56,8 +74,50 @@ def test_streaming_equals_in_memory(model_type: str, sharded: bool, tmp_path: Pa
     ca = json.loads((tmp_path / "lean" / "config.json").read_text())
     cb = json.loads((tmp_path / "full" / "config.json").read_text())
     assert ca == cb
+    assert lean.k_per_layer == full.k_per_layer and lean.prompt_tokens == full.prompt_tokens
+    # Same files beside the weights. Shard cuts may differ: save_pretrained sizes a tensor by
+    # its storage, which for some loaded views is larger than the tensor.
+    names = {p.name for p in (tmp_path / "lean").iterdir() if not p.name.startswith("model")}
+    assert names == {
+        p.name for p in (tmp_path / "full").iterdir() if not p.name.startswith("model")
+    }
+    gen = "generation_config.json"
+    assert (tmp_path / "lean" / gen).read_text() == (tmp_path / "full" / gen).read_text()
     if sharded:
         assert len(list((tmp_path / "lean").glob("model-*.safetensors"))) > 1
     ea = load_file(str(tmp_path / "lean" / EXPERTS_FILE))
     eb = load_file(str(tmp_path / "full" / EXPERTS_FILE))
     assert ea.keys() == eb.keys() and all(torch.equal(ea[key], eb[key]) for key in ea)
+
+
+def test_streaming_refuses_missing_block_tensor(tmp_path: Path) -> None:
+    """A source lacking a block tensor is refused before anything is written."""
+    from safetensors.torch import save_file
+
+    src = save_tiny("llama", tmp_path / "src")
+    state = tensors(src)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="up_proj"):
+        export(str(src), PROMPTS, 0.5, out=tmp_path / "out", streaming=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shard_writer_round_trip(tmp_path: Path) -> None:
+    """Tensors put out of order land in order; the reader reads them back exactly."""
+    values = {
+        "a": torch.randn(3, 5),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c": torch.randn(4, 2).to(torch.bfloat16),
+    }
+    entries = [(key, tuple(v.shape), v.dtype) for key, v in values.items()]
+    writer = ShardWriter(tmp_path, entries, max_shard_size=70, total_parameters=34)
+    for key in ("c", "b", "a"):
+        writer.put(key, values[key])
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reader = SourceTensors(tmp_path)
+    for key, value in values.items():
+        assert torch.equal(reader.read(key), value)
+    reader.close()
