@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from griffin_cli.main import app, err_console, out_console
+from griffin_cli.main import app, err_console, out_console, stage_progress
 from griffin_export.checkpoint import DEFAULT_MODEL
 from griffin_export.export import ExportResult, export
 from griffin_export.prompts import gather_prompts
@@ -71,21 +70,7 @@ def export_command(
 ) -> None:
     """Prune every FF layer to the neurons the prompt uses and write a smaller checkpoint."""
     prompts = gather_prompts(prompt, prompt_text)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=as_json,
-    ) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(_STAGES.get(stage, stage), total=max(total, 1))
-            bar.update(tasks[stage], completed=done, total=max(total, 1))
-
+    with stage_progress(_STAGES, transient=as_json) as on_progress:
         result = export(
             model,
             prompts,

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 
 from griffin_export import __version__
 from griffin_export.errors import GriffinError
+
+ProgressCallback = Callable[[str, int, int], None]
 
 #: Progress, tables and errors go to stderr; stdout is reserved for results (--json).
 err_console = Console(stderr=True)
@@ -68,6 +73,28 @@ def main(
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     hub_logging.set_verbosity_error()
+
+
+@contextmanager
+def stage_progress(labels: dict[str, str], transient: bool) -> Iterator[ProgressCallback]:
+    """A Rich progress display on stderr with one bar per library stage; yields the
+    ``(stage, done, total)`` callback the library functions take."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=transient,
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(labels.get(stage, stage), total=max(total, 1))
+            bar.update(tasks[stage], completed=done, total=max(total, 1))
+
+        yield on_progress
 
 
 def run() -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from griffin_cli.main import app, err_console, out_console
+from griffin_cli.main import app, out_console, stage_progress
 from griffin_export.checkpoint import DEFAULT_MODEL
 from griffin_export.evaluate import PplReport, perplexity
 
@@ -63,22 +62,8 @@ def ppl_command(
 ) -> None:
     """Perplexity of an export or of prompt-adaptive GRIFFIN, beside the full model."""
     names = [b for item in baselines or [] for b in item.split(",") if b]
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=as_json,
-    ) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            label = {"load": "Loading models", "score": "Scoring windows"}.get(stage, stage)
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(label, total=max(total, 1))
-            bar.update(tasks[stage], completed=done, total=max(total, 1))
-
+    labels = {"load": "Loading models", "score": "Scoring windows"}
+    with stage_progress(labels, transient=as_json) as on_progress:
         result = perplexity(
             model,
             protocol=protocol,

@@ -378,7 +378,8 @@ def _short(exc: BaseException) -> str:
 
 # -- memory-mapped tensors ------------------------------------------------------------------
 
-_ST_DTYPES = {
+#: safetensors dtype names -> torch dtypes
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -424,7 +425,7 @@ class MappedSafetensors:
                 if key == "__metadata__":
                     continue
                 begin, end = info["data_offsets"]
-                dtype = _ST_DTYPES[info["dtype"]]
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
                 self._where[key] = (
                     len(self._maps),
                     dtype,

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .activations import _StopForward, capture_down_inputs
 from .architectures import ArchSpec
 from .checkpoint import (
+    SAFETENSORS_DTYPES,
     LoadedModel,
     SourceRef,
     fingerprint_samples,
@@ -49,19 +50,7 @@ from .slicing import slice_bias, slice_weight
 
 INDEX_NAME = "model.safetensors.index.json"
 
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+_ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 # -- reading the source -----------------------------------------------------------------------
@@ -103,7 +92,7 @@ class SourceTensors:
                 if key == "__metadata__":
                     continue
                 begin, end = info["data_offsets"]
-                dtype = _ST_DTYPES.get(info["dtype"])
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
                 if dtype is None:
                     raise ModelLoadError(
                         f"'{path}' stores '{key}' as {info['dtype']}, which griffin cannot "
