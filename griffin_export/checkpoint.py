@@ -21,7 +21,7 @@ import signal
 import struct
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -578,8 +578,9 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
             f"cannot write in '{parent}': {exc.strerror}; choose another --out"
         ) from exc
     try:
-        with _sigterm_as_exit():
+        with _abort_on_signals() as check_signals:
             yield tmp
+            check_signals()
             _commit(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -635,24 +636,41 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """While writing, turn SIGTERM into ``SystemExit`` so that cleanup runs (main thread only,
-    and only where nobody installed a SIGTERM handler of their own)."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    ):
-        yield
-        return
+def _abort_on_signals() -> Iterator[Callable[[], None]]:
+    """While writing, make SIGINT and SIGTERM abort the write so that cleanup runs.
 
-    def handler(signum: int, _frame: object) -> None:
+    The handlers raise at once (``KeyboardInterrupt``, ``SystemExit(128 + signum)``), and also
+    remember the signal: Python can lose an exception raised while a finaliser runs, so the
+    yielded ``check()`` re-raises before the finished directory is renamed into place. Main
+    thread only, and only for signals whose handler is still Python's default.
+    """
+    received: list[int] = []
+
+    def check() -> None:
+        if received:
+            raise_for(received[0])
+
+    def raise_for(signum: int) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, handler)
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+        raise_for(signum)
+
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    installed = []
+    if threading.current_thread() is threading.main_thread():
+        for signum, default in defaults.items():
+            if signal.getsignal(signum) is default:
+                signal.signal(signum, handler)
+                installed.append((signum, default))
     try:
-        yield
+        yield check
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum, default in installed:
+            signal.signal(signum, default)
 
 
 def _missing_ancestors(path: Path) -> list[Path]:
