@@ -76,6 +76,14 @@ def deliver(proc: subprocess.Popen[bytes], signum: int) -> int:
     return proc.wait(timeout=120)
 
 
+def _default_signals() -> None:
+    """Give the child default SIGINT/SIGTERM handling: a disposition of SIG_IGN (set by
+    anything in the test process, or by a CI runner) would be inherited, and Python keeps an
+    ignored SIGINT ignored, so the interrupt under test would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def shards_written(out: Path, n: int) -> Callable[[], bool]:
     return lambda: sum(name.startswith("model-") for name in files_in_temporary(out)) >= n
 
@@ -92,7 +100,12 @@ def test_interrupt_cleans_up_at_once(
     src: Path, tmp_path: Path, signum: int, kill_point: int
 ) -> None:
     out = tmp_path / "out"
-    proc = subprocess.Popen(command(src, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        command(src, out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=_default_signals,
+    )
     stop_when(proc, shards_written(out, kill_point))
     assert not out.exists() and temporaries(out)  # frozen mid-write
     rc = deliver(proc, signum)
@@ -106,12 +119,16 @@ def test_sigkill_leaves_nothing_under_the_name_and_the_next_run_sweeps(
 ) -> None:
     out = tmp_path / "out"
     # Kill point 1: while loading (before anything is written).
-    proc = subprocess.Popen(command(src, out), stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(src, out), stdout=subprocess.DEVNULL, preexec_fn=_default_signals
+    )
     time.sleep(0.5)
     deliver(proc, signal.SIGKILL)
     assert list(tmp_path.iterdir()) == []
     # Kill point 2: in the middle of the shards.
-    proc = subprocess.Popen(command(src, out), stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(src, out), stdout=subprocess.DEVNULL, preexec_fn=_default_signals
+    )
     stop_when(proc, shards_written(out, 4))
     deliver(proc, signal.SIGKILL)
     assert not out.exists()
