@@ -22,19 +22,26 @@ from .errors import UsageError
 STATISTIC_NAME = "l2-over-tokens-of-l2-normalised-down-proj-inputs"
 
 
-def normalized_square_sum(z: Tensor) -> Tensor:
-    """``sum_t (z_t / ||z_t||)^2`` per neuron, in float32.
+def normalized_squares(z: Tensor) -> Tensor:
+    """``(z_t / ||z_t||)^2`` per token and neuron, in float32: each token's share of its own
+    activation energy.
 
     Args:
         z: ``[..., d_ff]`` down-projection inputs; all leading axes are tokens.
 
     Returns:
-        ``[d_ff]`` float32 sums. Tokens whose activation vector is all zero add nothing.
+        ``[T, d_ff]`` float32. A token whose activation vector is all zero gives a zero row.
     """
     z = z.reshape(-1, z.shape[-1]).float()  # [T, d_ff]
     norms = torch.linalg.vector_norm(z, dim=-1, keepdim=True)  # [T, 1]
     unit = z / norms.clamp_min(torch.finfo(torch.float32).tiny)
-    return unit.square().sum(dim=0)
+    return unit.square()
+
+
+def normalized_square_sum(z: Tensor) -> Tensor:
+    """``sum_t (z_t / ||z_t||)^2`` per neuron, in float32 (:func:`normalized_squares` summed
+    over tokens): ``[..., d_ff]`` -> ``[d_ff]``."""
+    return normalized_squares(z).sum(dim=0)
 
 
 def griffin_statistic(z_or_sums: Tensor, *, accumulated: bool = False) -> Tensor:

@@ -21,7 +21,7 @@ from griffin_export.errors import (
     VerificationError,
 )
 from griffin_export.runtime import GriffinRuntime, _Ring, full_activations
-from griffin_export.scoring import griffin_statistic, normalized_square_sum
+from griffin_export.scoring import griffin_statistic, normalized_square_sum, normalized_squares
 
 from tiny import save_tiny
 
@@ -138,6 +138,28 @@ def test_ring_keeps_the_last_rows() -> None:
     small = _Ring(10)
     small.write(torch.ones(3, 2))
     assert small.contents().shape == (3, 2)
+
+
+def test_ring_scores_each_row_once_and_sums_the_window() -> None:
+    """score_sums after any pattern of writes (wrapping, refreshes in between) equals scoring
+    the buffered rows from scratch, and only the rows new since the last call are scored."""
+    torch.manual_seed(0)
+    ring = _Ring(7)
+    weight = torch.randn(5, 9)
+    scored: list[int] = []
+
+    def squares(x: torch.Tensor) -> torch.Tensor:
+        scored.append(x.shape[0])
+        return normalized_squares(torch.nn.functional.silu(x @ weight))
+
+    for chunk in (10, 1, 1, 3, 1, 5, 1):
+        ring.write(torch.randn(chunk, 5))
+        before = len(scored)
+        got = ring.score_sums(squares)
+        assert scored[before:] == [min(chunk, 7)]
+        expected = normalized_squares(torch.nn.functional.silu(ring.contents() @ weight)).sum(0)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert ring.score_sums(squares) is not None and len(scored) == 7  # nothing new: no call
 
 
 def test_a_different_original_is_refused(
