@@ -328,17 +328,20 @@ def _plan(
 # -- writing ----------------------------------------------------------------------------------
 
 
-def output_shape(streamed: StreamedModel, key: str, k: int, d_ff: int) -> tuple[int, ...]:
+def output_shape(
+    streamed: StreamedModel, key: str, k: int | Sequence[int], d_ff: int
+) -> tuple[int, ...]:
     """Shape of ``key`` in the output: FF tensors lose ``d_ff - k`` neurons (fused gate/up:
-    twice that) along their neuron axis; a down bias is unchanged."""
+    twice that) along their neuron axis; a down bias is unchanged. ``k`` is one width for
+    every layer or a list of per-layer widths."""
     shape = list(streamed.plan[key][0])
     if key not in streamed.ff:
         return tuple(shape)
-    _, role, kind = streamed.ff[key]
+    layer, role, kind = streamed.ff[key]
     if kind == "bias" and role == "down":
         return tuple(shape)
     axis = 0 if kind == "bias" else streamed.spec.neuron_axis(role)
-    shape[axis] = shape[axis] // d_ff * k
+    shape[axis] = shape[axis] // d_ff * (k if isinstance(k, int) else k[layer])
     return tuple(shape)
 
 
@@ -532,20 +535,22 @@ def select_and_write(
     directory: Path,
     max_shard_size: int,
     on_prompt: Callable[[int], None] | None = None,
+    k_per_layer: Sequence[int] | None = None,
 ) -> StreamResult:
     """Run ``prompts`` through the streamed model, choose every layer's experts with the same
     statistic as :func:`~griffin_export.selection.select_experts`, and write the pruned
-    weights into ``directory`` (sets the config's FF width)."""
+    weights into ``directory`` (sets the config's FF width to the largest layer's).
+    ``k_per_layer`` (fixed before the forward) overrides ``keep_count(d_ff, ratio, ...)``."""
     spec, model = streamed.spec, streamed.model
     d_ff = spec.d_ff(model.config)
-    k = keep_count(d_ff, ratio, multiple_of)
     prompts = [p for p in prompts if p.numel()]
     if not prompts:
         raise UsageError("the prompt has no tokens; pass a non-empty --prompt or --prompt-text")
     _return_freed_blocks_to_the_os()
     n_layers = len(spec.blocks(model))
+    ks = list(k_per_layer or [keep_count(d_ff, ratio, multiple_of)] * n_layers)
     entries = [
-        (key, output_shape(streamed, key, k, d_ff), dtype)
+        (key, output_shape(streamed, key, ks, d_ff), dtype)
         for key, (_, dtype) in streamed.plan.items()
     ]
     buffers = {streamed.checkpoint_key[n] for n, o, a, _ in _tensors(model) if a in o._buffers}
@@ -579,7 +584,7 @@ def select_and_write(
                 sums[layer] = part if current.numel() == 0 else current + part
                 if last:
                     scores[layer] = griffin_statistic(sums[layer], accumulated=True)
-                    keep[layer] = top_k_indices(scores[layer], k)
+                    keep[layer] = top_k_indices(scores[layer], ks[layer])
                     for key, value in live[layer]:
                         writer.put(key, _pruned(streamed, key, value, keep[layer], d_ff, samples))
                 if layer == n_layers - 1:
@@ -600,7 +605,7 @@ def select_and_write(
     finally:
         writer.abort()
         streamed.reader.close()
-    spec.set_d_ff(model.config, k)
+    spec.set_d_ff(model.config, max(ks))
     fingerprint = samples_fingerprint(
         (key, shape, parts) for key, (shape, parts) in samples.items()
     )
@@ -626,8 +631,11 @@ def _pruned(
     return slice_bias(role, value, keep, d_ff)
 
 
-def plan_sizes(streamed: StreamedModel, k: int | None, d_ff: int) -> tuple[int, int]:
-    """(parameter count, bytes) of the planned output; ``k=None`` for the full source."""
+def plan_sizes(
+    streamed: StreamedModel, k: int | Sequence[int] | None, d_ff: int
+) -> tuple[int, int]:
+    """(parameter count, bytes) of the planned output (``k`` one width or one per layer);
+    ``k=None`` for the full source."""
     count = size = 0
     for key, (shape, dtype) in streamed.plan.items():
         out = shape if k is None else output_shape(streamed, key, k, d_ff)
