@@ -23,11 +23,16 @@ result is bit-identical to it (``tests/test_streaming.py`` checks every architec
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -65,6 +70,16 @@ class _Entry:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class Chunks:
+    """A tensor handed to :class:`ShardWriter` as its raw bytes, produced piece by piece by
+    ``read()`` only when the writer gets to it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], Iterator[memoryview]]
+
+
 class SourceTensors:
     """The tensors of a safetensors checkpoint directory, read one at a time on demand.
 
@@ -83,6 +98,7 @@ class SourceTensors:
         self.paths = paths
         self.entries: dict[str, _Entry] = {}
         self._files: dict[Path, IO[bytes]] = {}
+        self._lock = threading.Lock()  # reads come from the prefetch and writer threads too
         for path in paths:
             with path.open("rb") as handle:
                 (header_len,) = struct.unpack("<Q", handle.read(8))
@@ -110,20 +126,87 @@ class SourceTensors:
         entry = self.entries[key]
         raw = torch.empty(entry.nbytes, dtype=torch.uint8)
         if entry.nbytes:
-            handle = self._files.get(entry.path)
-            if handle is None:
-                handle = self._files[entry.path] = entry.path.open("rb", buffering=0)
-            view = memoryview(raw.numpy())  # type: ignore[arg-type]
-            done = 0
-            while done < entry.nbytes:
-                n = os.preadv(handle.fileno(), [view[done:]], entry.offset + done)
-                if n <= 0:
-                    raise ModelLoadError(
-                        f"'{entry.path}' ends inside tensor '{key}'; the file is truncated: "
-                        "re-download or re-convert the model"
-                    )
-                done += n
+            self._read_into(entry, key, memoryview(raw.numpy()), entry.offset)  # type: ignore[arg-type]
         return raw.view(entry.dtype).reshape(entry.shape)
+
+    def chunks(self, key: str, chunk_bytes: int = 16 << 20) -> Chunks:
+        """The bytes of ``key`` as :class:`Chunks`: read piece by piece into one reused
+        buffer when written, so copying a large unchanged tensor (an embedding, a head)
+        through costs ``chunk_bytes`` of memory, not the tensor."""
+        entry = self.entries[key]
+
+        def pieces() -> Iterator[memoryview]:
+            buffer = memoryview(bytearray(min(chunk_bytes, entry.nbytes)))
+            for start in range(0, entry.nbytes, chunk_bytes):
+                n = min(chunk_bytes, entry.nbytes - start)
+                self._read_into(entry, key, buffer[:n], entry.offset + start)
+                yield buffer[:n]
+
+        return Chunks(entry.shape, entry.dtype, pieces)
+
+    def _read_into(self, entry: _Entry, key: str, view: memoryview, offset: int) -> None:
+        handle = self._handle(entry.path)
+        done = 0
+        while done < len(view):
+            n = os.preadv(handle.fileno(), [view[done:]], offset + done)
+            if n <= 0:
+                raise ModelLoadError(
+                    f"'{entry.path}' ends inside tensor '{key}'; the file is truncated: "
+                    "re-download or re-convert the model"
+                )
+            done += n
+
+    def read_ahead(self, keys: Sequence[str]) -> None:
+        """Ask the kernel to start reading ``keys``' bytes into the page cache now
+        (asynchronous; a no-op where ``posix_fadvise`` does not exist)."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        for key in keys:
+            entry = self.entries[key]
+            if entry.nbytes:
+                with suppress(OSError):
+                    advise(
+                        self._handle(entry.path).fileno(),
+                        entry.offset,
+                        entry.nbytes,
+                        os.POSIX_FADV_WILLNEED,
+                    )
+
+    def map(self, key: str) -> Tensor:
+        """The tensor ``key`` as a read-only-in-effect view of a private memory map of its
+        bytes: pages are read (and count as the process's memory) only where touched, e.g.
+        the embedding rows of the prompt's tokens."""
+        entry = self.entries[key]
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
+        length = entry.offset + entry.nbytes - start
+        # ACCESS_COPY: torch needs a writable buffer; nothing writes to it, and a write
+        # would only ever touch private copies of the pages, never the file.
+        mapped = mmap.mmap(
+            self._handle(entry.path).fileno(), length, offset=start, access=mmap.ACCESS_COPY
+        )
+        flat = torch.frombuffer(
+            mapped,  # the tensor keeps the map alive
+            dtype=entry.dtype,
+            count=entry.nbytes // entry.dtype.itemsize,
+            offset=entry.offset - start,
+        )
+        return flat.reshape(entry.shape)
+
+    def nbytes(self, key: str) -> int:
+        return self.entries[key].nbytes
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.entries[key].dtype
+
+    def _handle(self, path: Path) -> IO[bytes]:
+        with self._lock:
+            handle = self._files.get(path)
+            if handle is None:
+                handle = self._files[path] = path.open("rb", buffering=0)
+            return handle
 
     def first_float_dtype(self) -> torch.dtype | None:
         """dtype of the first floating-point tensor of the first file (``dtype="auto"`` when
@@ -152,6 +235,9 @@ class StreamedModel:
         checkpoint_key: internal state-dict name -> the key the source (and the output) use.
         plan: output key -> (shape, dtype) in ``save_pretrained``'s order, tied weights once.
         device: where the forward runs.
+        ff: FF tensor key -> (layer, role, "weight" or "bias").
+        mapped: non-block tensors held as memory maps of the source (the embedding: the
+            forward touches only its prompt rows).
     """
 
     loaded: LoadedModel
@@ -160,6 +246,7 @@ class StreamedModel:
     plan: dict[str, tuple[tuple[int, ...], torch.dtype]]
     device: torch.device
     ff: dict[str, tuple[int, str, str]] = field(default_factory=dict)
+    mapped: set[str] = field(default_factory=set)
 
     @property
     def model(self) -> Any:
@@ -208,6 +295,7 @@ def load_streamed(
     # The non-block tensors the forward needs stay in memory for the whole run. An untied
     # output head is not needed (the forward stops before it): it is read when written.
     head = model.get_output_embeddings()
+    mapped: set[str] = set()
     for name, holder, attr, meta in _tensors(model):
         if name.startswith(block_prefix) or meta.device.type != "meta":
             continue
@@ -215,7 +303,11 @@ def load_streamed(
             continue
         key = checkpoint_key[name]
         if key in reader:
-            _assign(holder, attr, _read_as(reader, key, meta, target))
+            if _mappable(reader, key, meta, target):
+                mapped.add(key)
+                _assign(holder, attr, _checked_shape(key, reader.map(key), meta))
+            else:
+                _assign(holder, attr, _read_as(reader, key, meta, target))
     model.tie_weights()
     still_meta = [
         name
@@ -234,7 +326,7 @@ def load_streamed(
             "re-download or re-convert it"
         )
     loaded = LoadedModel(model, tokenizer, spec, model_type, source)
-    streamed = StreamedModel(loaded, reader, checkpoint_key, plan, target)
+    streamed = StreamedModel(loaded, reader, checkpoint_key, plan, target, mapped=mapped)
     loaded.streamed = streamed
     for layer in range(len(blocks)):
         for role in spec.roles():
@@ -265,15 +357,35 @@ def _assign(owner: nn.Module, attr: str, value: Tensor) -> None:
         owner._buffers[attr] = value
 
 
+#: Non-block tensors at least this large are memory-mapped for the forward, not read.
+MAP_AT_BYTES = 16 << 20
+
+
+def _mappable(reader: SourceTensors, key: str, like: Tensor, device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and reader.dtype(key) == like.dtype
+        and reader.nbytes(key) >= MAP_AT_BYTES
+    )
+
+
+def _check_shape(key: str, shape: Sequence[int], like: Tensor) -> None:
+    if tuple(shape) != tuple(like.shape):
+        raise ModelLoadError(
+            f"'{key}' has shape {tuple(shape)} in the source but the config needs "
+            f"{tuple(like.shape)}; the checkpoint does not match config.json"
+        )
+
+
+def _checked_shape(key: str, value: Tensor, like: Tensor) -> Tensor:
+    _check_shape(key, value.shape, like)
+    return value
+
+
 def _read_as(reader: SourceTensors, key: str, like: Tensor, device: torch.device) -> Tensor:
     """Source tensor ``key`` as the model holds it: floating tensors cast to the model's dtype
     (on the CPU, as ``from_pretrained`` casts), then moved to ``device``."""
-    value = reader.read(key)
-    if tuple(value.shape) != tuple(like.shape):
-        raise ModelLoadError(
-            f"'{key}' has shape {tuple(value.shape)} in the source but the config needs "
-            f"{tuple(like.shape)}; the checkpoint does not match config.json"
-        )
+    value = _checked_shape(key, reader.read(key), like)
     if value.is_floating_point() and value.dtype != like.dtype:
         value = value.to(like.dtype)
     return value.to(device)
@@ -359,6 +471,10 @@ class ShardWriter:
     bytes are appended as ``put`` receives it; tensors that arrive early wait (by reference)
     for their turn. Shards are cut like ``save_pretrained`` cuts them (``huggingface_hub``'s
     greedy split, same names, same index).
+
+    Writing happens on a background thread, so the caller's next block computes meanwhile;
+    at most ``max_queued`` tensors wait in the queue (``put`` blocks beyond that). A failed
+    write is raised by the next ``put`` or by ``close``.
     """
 
     def __init__(
@@ -367,6 +483,7 @@ class ShardWriter:
         entries: list[tuple[str, tuple[int, ...], torch.dtype]],
         max_shard_size: int,
         total_parameters: int,
+        max_queued: int = 16,
     ) -> None:
         from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
 
@@ -391,17 +508,32 @@ class ShardWriter:
         self._next = 0
         self._file = -1
         self._handle: IO[bytes] | None = None
-        self._pending: dict[str, Tensor] = {}
+        self._pending: dict[str, Tensor | Chunks] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="griffin-write")
+        self._queued: deque[Future[None]] = deque()
+        self.max_queued = max_queued
 
     def put(self, key: str, tensor: Tensor) -> None:
         """Hand over the output tensor ``key``; it is written as soon as its turn comes."""
-        self._pending[key] = tensor
+        self.put_lazy(key, lambda: tensor)
+
+    def put_lazy(self, key: str, make: Callable[[], Tensor | Chunks]) -> None:
+        """Like :meth:`put`, with the tensor made by ``make()`` on the writer's thread (e.g.
+        slicing a block's FF weights), or streamed from :class:`Chunks` when its turn comes."""
+        while self._queued and self._queued[0].done():
+            self._queued.popleft().result()  # a failed write surfaces here, early
+        self._queued.append(self._pool.submit(self._accept, key, make))
+        while len(self._queued) > self.max_queued:
+            self._queued.popleft().result()
+
+    def _accept(self, key: str, make: Callable[[], Tensor | Chunks]) -> None:
+        self._pending[key] = make()
         while self._next < len(self.order) and self.order[self._next] in self._pending:
             name = self.order[self._next]
             self._write(name, self._pending.pop(name))
             self._next += 1
 
-    def _write(self, key: str, tensor: Tensor) -> None:
+    def _write(self, key: str, tensor: Tensor | Chunks) -> None:
         shape, dtype = self.entries[key]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise RuntimeError(f"{key}: planned {shape} {dtype}, got {tuple(tensor.shape)}")
@@ -409,6 +541,10 @@ class ShardWriter:
         if self._handle is None or key not in file_keys:
             self._open_next()
         assert self._handle is not None
+        if isinstance(tensor, Chunks):
+            for piece in tensor.read():
+                self._handle.write(piece)
+            return
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
             self._handle.write(data.view(torch.uint8).numpy().data)
@@ -437,6 +573,9 @@ class ShardWriter:
 
     def close(self) -> None:
         """Finish the last shard and write the index; every key must have been written."""
+        while self._queued:
+            self._queued.popleft().result()
+        self._pool.shutdown(wait=True)
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -447,6 +586,10 @@ class ShardWriter:
             (self.directory / INDEX_NAME).write_text(text, encoding="utf-8")
 
     def abort(self) -> None:
+        """Stop writing (queued tensors are dropped) and close the open shard; harmless after
+        :meth:`close`."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._queued.clear()
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -467,11 +610,24 @@ class StreamResult:
 def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tuple[str, Tensor]]]]:
     """While active, every decoder block loads its tensors from the source just before it
     runs and drops them after. Yields ``{layer: [(checkpoint key, tensor)]}`` of the blocks
-    currently loaded."""
+    currently loaded.
+
+    When block ``l`` loads, the kernel is asked to read block ``l + 1``'s bytes ahead
+    (``posix_fadvise(WILLNEED)``), so the disk works while ``l`` computes, without the
+    process holding a second block.
+    """
     spec, model = streamed.spec, streamed.model
+    blocks = spec.blocks(model)
     live: dict[int, list[tuple[str, Tensor]]] = {}
     placeholders: dict[int, list[tuple[nn.Module, str, Tensor]]] = {}
     handles = []
+
+    def keys(layer: int) -> list[tuple[nn.Module, str, Tensor, str]]:
+        prefix = f"{spec.layers}.{layer}."
+        return [
+            (owner, attr, meta, streamed.checkpoint_key[prefix + name])
+            for name, owner, attr, meta in _tensors(blocks[layer])
+        ]
 
     def release(layer: int) -> None:
         for owner, attr, meta in placeholders.pop(layer, []):
@@ -481,26 +637,22 @@ def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tupl
                 owner._buffers[attr] = meta
         live.pop(layer, None)
 
-    for layer, block in enumerate(spec.blocks(model)):
-        prefix = f"{spec.layers}.{layer}."
+    def load(_module: nn.Module, _args: Any, layer: int) -> None:
+        release(layer)
+        if layer + 1 < len(blocks):
+            streamed.reader.read_ahead([key for *_, key in keys(layer + 1)])
+        saved, tensors = [], []
+        for owner, attr, meta, key in keys(layer):
+            value = _read_as(streamed.reader, key, meta, streamed.device)
+            saved.append((owner, attr, meta))
+            _assign(owner, attr, value)
+            tensors.append((key, value))
+        placeholders[layer] = saved
+        live[layer] = tensors
 
-        def load(_module: nn.Module, _args: Any, layer: int = layer, prefix: str = prefix) -> None:
-            release(layer)
-            saved, tensors = [], []
-            for name, owner, attr, meta in _tensors(spec.blocks(model)[layer]):
-                key = streamed.checkpoint_key[prefix + name]
-                value = _read_as(streamed.reader, key, meta, streamed.device)
-                saved.append((owner, attr, meta))
-                _assign(owner, attr, value)
-                tensors.append((key, value))
-            placeholders[layer] = saved
-            live[layer] = tensors
-
-        def drop(_module: nn.Module, _args: Any, _out: Any, layer: int = layer) -> None:
-            release(layer)
-
-        handles.append(block.register_forward_pre_hook(load))
-        handles.append(block.register_forward_hook(drop))
+    for layer, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(partial(_call_with_layer, load, layer)))
+        handles.append(block.register_forward_hook(lambda _m, _a, _o, layer=layer: release(layer)))
     try:
         yield live
     finally:
@@ -508,6 +660,12 @@ def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tupl
             handle.remove()
         for layer in list(placeholders):
             release(layer)
+
+
+def _call_with_layer(
+    fn: Callable[[nn.Module, Any, int], None], layer: int, module: nn.Module, args: Any
+) -> None:
+    fn(module, args, layer)
 
 
 def _return_freed_blocks_to_the_os() -> None:
@@ -565,6 +723,8 @@ def select_and_write(
             value = model.get_parameter_or_buffer(inverse[key])
             if value.device.type == "meta":
                 deferred.append(key)
+            elif key in streamed.mapped:  # copied through in pieces: the map stays untouched
+                writer.put_lazy(key, partial(streamed.reader.chunks, key))
             else:
                 writer.put(key, value)
 
@@ -586,7 +746,9 @@ def select_and_write(
                     scores[layer] = griffin_statistic(sums[layer], accumulated=True)
                     keep[layer] = top_k_indices(scores[layer], ks[layer])
                     for key, value in live[layer]:
-                        writer.put(key, _pruned(streamed, key, value, keep[layer], d_ff, samples))
+                        writer.put_lazy(
+                            key, partial(_pruned, streamed, key, value, keep[layer], d_ff, samples)
+                        )
                 if layer == n_layers - 1:
                     raise _StopForward
 
@@ -600,7 +762,13 @@ def select_and_write(
                     on_prompt(i)
         for key in deferred:
             like = model.get_parameter_or_buffer(inverse[key])
-            writer.put(key, _read_as(streamed.reader, key, like, torch.device("cpu")))
+            if streamed.reader.dtype(key) == like.dtype:
+                _check_shape(key, streamed.reader.entries[key].shape, like)
+                writer.put_lazy(key, partial(streamed.reader.chunks, key))
+            else:
+                writer.put_lazy(
+                    key, partial(_read_as, streamed.reader, key, like, torch.device("cpu"))
+                )
         writer.close()
     finally:
         writer.abort()

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from griffin_export import export
+from griffin_export import export, streaming
 from griffin_export.errors import ModelLoadError
 from griffin_export.export import EXPERTS_FILE, MANIFEST
 from griffin_export.streaming import ShardWriter, SourceTensors
@@ -120,4 +120,43 @@ def test_shard_writer_round_trip(tmp_path: Path) -> None:
     reader = SourceTensors(tmp_path)
     for key, value in values.items():
         assert torch.equal(reader.read(key), value)
+        assert torch.equal(reader.map(key), value)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    again = ShardWriter(copy, entries, max_shard_size=70, total_parameters=34)
+    for key in ("b", "c", "a"):  # copied through in 8-byte pieces, out of order
+        again.put_lazy(key, lambda key=key: reader.chunks(key, chunk_bytes=8))
+    again.close()
     reader.close()
+    for path in sorted(tmp_path.glob("*.safetensors")):
+        assert (copy / path.name).read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_streaming_with_memory_mapped_non_block_tensors(
+    tied: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every non-block tensor memory-mapped (as the embedding is on real models), the
+    export is still bit-identical to the in-memory path."""
+    monkeypatch.setattr(streaming, "MAP_AT_BYTES", 0)
+    seen: list[set[str]] = []
+    original = streaming.load_streamed
+
+    def spy(*args: object, **kwargs: object) -> streaming.StreamedModel:
+        streamed = original(*args, **kwargs)  # type: ignore[arg-type]
+        seen.append(set(streamed.mapped))
+        return streamed
+
+    monkeypatch.setattr(streaming, "load_streamed", spy)
+    assert_same_export(tmp_path, tiny_model("llama", tie_word_embeddings=tied), True, PROMPTS)
+    assert seen and "model.embed_tokens.weight" in seen[0]
+
+
+def test_shard_writer_reports_a_failed_write(tmp_path: Path) -> None:
+    """A tensor that does not match the plan fails on the writer's thread; close raises it
+    and abort afterwards is harmless."""
+    writer = ShardWriter(tmp_path, [("a", (2, 2), torch.float32)], 1 << 20, 4)
+    writer.put("a", torch.zeros(3, 3))
+    with pytest.raises(RuntimeError, match="planned"):
+        writer.close()
+    writer.abort()
