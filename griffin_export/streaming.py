@@ -3,17 +3,20 @@
 The model is built as a weightless skeleton (``torch.device("meta")``) from its config, so
 embeddings, positions, rotary tables, masks and every block's math are ``transformers``' own
 modules for the architecture. Only the tensors outside the decoder blocks (embeddings, final
-norm, head) are materialised from the source; non-persistent buffers (rotary ``inv_freq``...)
+norm; not an untied head, which the forward never reaches) come from the source; non-persistent buffers (rotary ``inv_freq``...)
 are initialised by the model's own ``initialize_weights``, exactly as ``from_pretrained`` does.
 
 The prompt then runs through the model's ordinary forward. A pre-hook on every decoder block
-reads that block's tensors from the source shards (plain file reads, no memory map, converted
-to the model's dtype as ``from_pretrained`` converts them) and a post-hook puts them back to
-``meta``. On the last prompt, the down projection's pre-hook of block ``l`` completes layer
-``l``'s statistic, so its experts are chosen right there and the block's tensors (FF ones
-sliced) are handed to :class:`ShardWriter`, which appends them to the output shards. The
-source is read once (once per prompt with several prompts) and the output written once; peak
-memory is the non-block tensors, one block and the prompt's activations.
+reads that block's tensors from the source shards (plain file reads, converted to the model's
+dtype as ``from_pretrained`` converts them), asks the kernel to read the next block ahead, and
+a post-hook puts them back to ``meta``. On the last prompt, the down projection's pre-hook of
+block ``l`` completes layer ``l``'s statistic, so its experts are chosen right there and the
+block's tensors are handed to :class:`ShardWriter`, which slices the FF ones and appends them
+to the output shards on a background thread while the next block computes. The embedding is a
+memory map of the source (the forward touches only the prompt's rows) and is copied to the
+output in pieces, like an untied head. The source is read once (once per prompt with several
+prompts) and the output written once; peak memory is one block, a bounded write queue and the
+prompt's activations.
 
 Selection uses the same functions as the in-memory path (``capture_down_inputs``,
 ``normalized_square_sum``, ``griffin_statistic``, ``top_k_indices``, ``slice_weight``), so the
