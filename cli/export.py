@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from griffin_cli.main import app, err_console, out_console, stage_progress
+from griffin_export.budgets import DEFAULT_BUDGET
 from griffin_export.checkpoint import DEFAULT_MODEL
 from griffin_export.export import ExportResult, export
 from griffin_export.prompts import gather_prompts
@@ -40,6 +41,13 @@ def export_command(
     ),
     multiple_of: int = typer.Option(
         1, "--multiple-of", help="Round the kept count to a multiple of N (never above d_ff)."
+    ),
+    budget: str = typer.Option(
+        DEFAULT_BUDGET,
+        "--budget",
+        help="uniform (same k in every layer; stock from_pretrained loads it) or protect "
+        "(first and last layers dense, the rest share the same total; load with "
+        "griffin_export.load_pretrained).",
     ),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Output directory [default: <model>-griffin-<ratio>]."
@@ -77,6 +85,7 @@ def export_command(
             ratio,
             out=out,
             multiple_of=multiple_of,
+            budget=budget,
             dtype=dtype,
             device=device,
             max_prompt_tokens=max_prompt_tokens,
@@ -106,9 +115,9 @@ def summary_table(result: ExportResult) -> Table:
     table.add_column("after/before", justify="right")
     table.add_row("model", result.source, f"{result.model_type}, {result.dtype}", "")
     table.add_row("layers", str(result.n_layers), str(result.n_layers), "")
-    table.add_row(
-        "d_ff -> k", str(result.d_ff), k_text, f"{int(k_text.split('.')[0]) / result.d_ff:.3f}"
-    )
+    table.add_row("budget", "", result.budget, "")
+    kept = sum(result.k_per_layer) / (result.n_layers * result.d_ff)
+    table.add_row("d_ff -> k", str(result.d_ff), k_text, f"{kept:.3f}")
     table.add_row(
         "parameters",
         f"{result.params_before:,}",
@@ -117,8 +126,8 @@ def summary_table(result: ExportResult) -> Table:
     )
     table.add_row(
         "weight bytes",
-        _human(result.bytes_before),
-        _human(result.file_bytes),
+        human_bytes(result.bytes_before),
+        human_bytes(result.file_bytes),
         f"{result.file_bytes / result.bytes_before:.3f}",
     )
     table.add_row("prompt tokens", str(result.prompt_tokens), "", "")
@@ -126,7 +135,7 @@ def summary_table(result: ExportResult) -> Table:
     return table
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

@@ -55,6 +55,12 @@ def ppl_command(
         None, "--baselines", help="griffin: static magnitude and/or random at the same k."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random baseline."),
+    budget: list[str] | None = typer.Option(
+        None,
+        "--budget",
+        help="griffin: per-layer budget, uniform or protect (first and last layers dense, same "
+        "total); repeatable, or comma-separated [default: uniform].",
+    ),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Windows per forward."),
     dtype: str = typer.Option("auto", "--dtype", help="Full model dtype (exports keep theirs)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
@@ -79,6 +85,7 @@ def ppl_command(
             window=window,
             baselines=names,
             seed=seed,
+            budgets=[b for item in budget or [] for b in item.split(",") if b] or ["uniform"],
             batch_size=batch_size,
             dtype=dtype,
             device=device,

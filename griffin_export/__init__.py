@@ -4,6 +4,7 @@ from ._version import __version__
 from .architectures import ARCHITECTURES, ArchSpec, spec_for
 from .errors import GriffinError
 from .export import ExportResult, export, read_manifest
+from .loader import load_pretrained
 from .scoring import griffin_statistic, keep_count, top_k_indices
 from .selection import Selection, select_experts
 from .slicing import prune_model
@@ -18,6 +19,7 @@ __all__ = [
     "export",
     "griffin_statistic",
     "keep_count",
+    "load_pretrained",
     "prune_model",
     "read_manifest",
     "select_experts",

@@ -720,3 +720,31 @@ def _process_alive(pid: int) -> bool:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with a reproducible header: safetensors writes the
+    metadata keys in a random order (a Rust hash map), so two identical exports could differ
+    byte for byte. Here metadata keeps its insertion order; tensors are sorted by name, laid
+    out and padded exactly as safetensors does for tensors of one dtype width."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": metadata}
+    blobs: list[bytes] = []
+    offset = 0
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[key] = {
+            "dtype": names[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        blobs.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for data in blobs:
+            handle.write(data)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .architectures import ArchSpec
+from .budgets import check_budget, layer_sizes
 from .errors import UsageError
 from .scoring import griffin_statistic, keep_count, normalized_square_sum, top_k_indices
 
@@ -318,19 +319,28 @@ def griffin_settings(
     window: int | None,
     baselines: Sequence[str],
     seed: int = 0,
+    budgets: Sequence[str] = ("uniform",),
 ) -> list[Setting]:
-    """The report rows of a ``griffin`` run: full, then per ratio GRIFFIN (per refresh) and
-    the requested static baselines at the same k per layer."""
+    """The report rows of a ``griffin`` run: full, then per ratio GRIFFIN (per budget, per
+    refresh) and the requested static baselines at the uniform k per layer. Rows of a budget
+    other than uniform are named ``griffin r=<ratio> <budget>``."""
     d_ff = spec.d_ff(model.config)
     n_layers = len(spec.blocks(model))
+    for budget in budgets:
+        check_budget(budget)
     settings = [Setting("full", "full")]
     for ratio in ratios:
         k = [keep_count(d_ff, ratio)] * n_layers
-        for refresh in refreshes:
-            if refresh < 0:
-                raise UsageError(f"--refresh must be 0 (off) or a positive period, got {refresh}")
-            name = f"griffin r={ratio:g}" + (f" refresh={refresh}" if refresh else "")
-            settings.append(Setting(name, "griffin", k=k, refresh=refresh, window=window))
+        for budget in budgets:
+            sizes = layer_sizes(budget, n_layers, d_ff, ratio)
+            label = f"griffin r={ratio:g}" + ("" if budget == "uniform" else f" {budget}")
+            for refresh in refreshes:
+                if refresh < 0:
+                    raise UsageError(
+                        f"--refresh must be 0 (off) or a positive period, got {refresh}"
+                    )
+                name = label + (f" refresh={refresh}" if refresh else "")
+                settings.append(Setting(name, "griffin", k=sizes, refresh=refresh, window=window))
         for baseline in baselines:
             if baseline == "magnitude":
                 keep = magnitude_keep(spec, model, k)
@@ -358,6 +368,7 @@ def perplexity(
     window: int | None = None,
     baselines: Sequence[str] = (),
     seed: int = 0,
+    budgets: Sequence[str] = ("uniform",),
     batch_size: int = 1,
     dtype: str | None = None,
     device: str = "cpu",
@@ -367,8 +378,9 @@ def perplexity(
 
     ``static`` (default for an export): the export and its original (``original``, default
     the manifest's source, checked against its fingerprint) on the same windows. ``griffin``
-    (default for a full model): the full model and, per ratio, GRIFFIN with each refresh
-    period plus the requested static ``baselines`` at the same k.
+    (default for a full model): the full model and, per ratio, GRIFFIN with each per-layer
+    budget (:data:`griffin_export.budgets.BUDGETS`) and refresh period, plus the requested
+    static ``baselines`` at the uniform k.
     """
     from .checkpoint import load_model, parse_dtype, resolve_source
     from .corpora import corpus_tokens, load_corpus
@@ -385,6 +397,13 @@ def perplexity(
         )
     if window is not None and window < 1:
         raise UsageError(f"--window must be a positive number of tokens, got {window}")
+    for budget in budgets:
+        check_budget(budget)
+    if protocol == "static" and list(budgets) != ["uniform"]:
+        raise UsageError(
+            f"--budget {', '.join(budgets)} applies to --protocol griffin; an export's budget "
+            "was fixed when it was exported (griffin export --budget)"
+        )
     corpus = load_corpus(dataset)
 
     report("load", 0, 1)
@@ -418,7 +437,7 @@ def perplexity(
             runs.append((export.loaded.model, export.spec, Setting(name, "full")))
     else:
         settings = griffin_settings(
-            full.spec, full.model, ratios, refreshes, window, baselines, seed
+            full.spec, full.model, ratios, refreshes, window, baselines, seed, budgets
         )
         runs = [(full.model, full.spec, s) for s in settings]
     report("score", 0, len(windows))
@@ -437,6 +456,7 @@ def perplexity(
             "window": window,
             "baselines": list(baselines),
             "seed": seed,
+            "budgets": list(budgets) if protocol == "griffin" else None,
         },
         on_window=lambda done: report("score", done, len(windows)),
     )

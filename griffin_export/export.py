@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from huggingface_hub.serialization._base import parse_size_to_int
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ._version import __version__
+from .budgets import DEFAULT_BUDGET, check_budget, layer_sizes
 from .checkpoint import (
     LoadedModel,
     atomic_directory,
@@ -29,10 +29,12 @@ from .checkpoint import (
     model_fingerprint,
     parse_dtype,
     resolve_source,
+    save_safetensors,
     state_dict_bytes,
     write_json,
 )
 from .errors import OutputError, UsageError
+from .loader import prune_model_per_layer, set_per_layer_sizes
 from .scoring import STATISTIC_NAME, check_ratio, keep_count
 from .selection import Selection, select_experts
 from .slicing import prune_model
@@ -67,6 +69,7 @@ class ExportResult:
     file_bytes: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    budget: str = DEFAULT_BUDGET
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -74,10 +77,12 @@ class ExportResult:
         return data
 
 
-def default_out_dir(model: str, ratio: float) -> Path:
-    """``<model name>-griffin-<ratio>`` in the current directory."""
+def default_out_dir(model: str, ratio: float, budget: str = DEFAULT_BUDGET) -> Path:
+    """``<model name>-griffin-<ratio>`` in the current directory (``-<budget>`` appended
+    for a budget other than uniform)."""
     stem = Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
-    return Path(f"{stem}-griffin-{ratio:g}")
+    suffix = "" if budget == "uniform" else f"-{budget}"
+    return Path(f"{stem}-griffin-{ratio:g}{suffix}")
 
 
 def tokenize_prompts(
@@ -117,6 +122,7 @@ def export(
     *,
     out: str | Path | None = None,
     multiple_of: int = 1,
+    budget: str = DEFAULT_BUDGET,
     dtype: str | None = None,
     device: str = "cpu",
     max_prompt_tokens: int | None = None,
@@ -135,6 +141,11 @@ def export(
         ratio: fraction of FF neurons kept per layer, in (0, 1].
         out: output directory (default ``<model>-griffin-<ratio>``); written atomically.
         multiple_of: round the kept count to a multiple of this (never above d_ff).
+        budget: how the kept neurons spread over the layers
+            (:data:`griffin_export.budgets.BUDGETS`): ``uniform`` (GRIFFIN: ``ratio * d_ff``
+            in every layer; loads with stock ``from_pretrained``) or ``protect`` (first and
+            last layers dense, the others share the rest of the same total; per-layer sizes,
+            load with :func:`griffin_export.load_pretrained`).
         dtype: ``None``/"auto" keeps the source's; else float32, bfloat16 or float16.
         max_prompt_tokens: truncate each prompt to this many tokens.
         force: replace an existing ``out`` (the old one survives until the new is complete).
@@ -151,6 +162,7 @@ def export(
     report = progress or (lambda stage, done, total: None)
     check_ratio(ratio)
     keep_count(1, 0.5, multiple_of)  # validates multiple_of before any loading
+    check_budget(budget)
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise UsageError(
             f"--max-prompt-tokens must be at least 1, got {max_prompt_tokens}; omit it for no limit"
@@ -160,7 +172,7 @@ def export(
         raise UsageError("the prompt is empty; pass --prompt FILE or --prompt-text TEXT with text")
     torch_dtype = parse_dtype(dtype)
     source = resolve_source(model)
-    out_dir = Path(out) if out is not None else default_out_dir(source.name, ratio)
+    out_dir = Path(out) if out is not None else default_out_dir(source.name, ratio, budget)
     _check_out_dir(out_dir, source.directory, force)
 
     if streaming is None:
@@ -169,6 +181,8 @@ def export(
     loaded = load_model(source, torch_dtype, device, allow_pickle, trust_remote_code, streaming)
     report("load", 1, 1)
     ids, warnings = tokenize_prompts(loaded, texts, max_prompt_tokens)
+    d_ff = loaded.spec.d_ff(loaded.model.config)
+    ks = layer_sizes(budget, len(loaded.spec.blocks(loaded.model)), d_ff, ratio, multiple_of)
 
     def describe(selection: Selection, fingerprint: str) -> dict[str, Any]:
         return {
@@ -186,6 +200,8 @@ def export(
             },
             "ratio": ratio,
             "multiple_of": multiple_of,
+            # uniform manifests stay as they were before per-layer budgets existed
+            **({} if budget == "uniform" else {"budget": budget}),
             "statistic": STATISTIC_NAME,
             "k_per_layer": selection.k_per_layer,
             "prompt": {
@@ -202,10 +218,8 @@ def export(
     if streamed is not None:
         # Scoring and writing are one pass: each block is sliced and written as soon as its
         # experts are known (griffin_export.streaming).
-        d_ff = loaded.spec.d_ff(loaded.model.config)
-        k = keep_count(d_ff, ratio, multiple_of)
         params_before, bytes_before = plan_sizes(streamed, None, d_ff)
-        params_after, bytes_after = plan_sizes(streamed, k, d_ff)
+        params_after, bytes_after = plan_sizes(streamed, ks, d_ff)
         shard_bytes = (
             max_shard_size if isinstance(max_shard_size, int) else parse_size_to_int(max_shard_size)
         )
@@ -219,6 +233,7 @@ def export(
                 directory,
                 shard_bytes,
                 on_prompt=lambda i: report("score", i + 1, len(ids)),
+                k_per_layer=ks,
             )
             return done.selection, describe(done.selection, done.fingerprint)
 
@@ -230,11 +245,15 @@ def export(
             ratio,
             multiple_of,
             on_prompt=lambda i: report("score", i + 1, len(ids)),
+            k_per_layer=ks,
         )
         report("slice", 0, 1)
         params_before, bytes_before = state_dict_bytes(loaded.model)
         fingerprint = model_fingerprint(loaded.spec, loaded.model)
-        prune_model(loaded.spec, loaded.model, selection.keep)
+        if len(set(ks)) == 1:
+            prune_model(loaded.spec, loaded.model, selection.keep)
+        else:
+            prune_model_per_layer(loaded.spec, loaded.model, selection.keep)
         params_after, bytes_after = state_dict_bytes(loaded.model)
         report("slice", 1, 1)
 
@@ -262,6 +281,7 @@ def export(
         file_bytes=file_bytes,
         seconds=time.perf_counter() - started,
         warnings=warnings,
+        budget=budget,
     )
 
 
@@ -273,7 +293,8 @@ def write_export(
 ) -> tuple[int, Selection, dict[str, Any]]:
     """Write an export atomically: the pruned weights first (``write_weights(directory)``,
     which returns the selection and the manifest; it also sets the config's FF width), then
-    config, generation config, tokenizer, experts map, card and manifest.
+    config (per-layer sizes under ``griffin.intermediate_sizes`` when they differ), generation
+    config, tokenizer, experts map, card and manifest.
 
     Returns the bytes of the weight files written, the selection and the manifest.
     """
@@ -282,16 +303,15 @@ def write_export(
         try:
             selection, manifest = write_weights(tmp)
             model.config.griffin = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+            set_per_layer_sizes(loaded.spec, model.config, selection.k_per_layer)
             model.config.save_pretrained(tmp)
             if model.can_generate():
                 model.generation_config.save_pretrained(tmp)
             if loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(tmp)
             experts = {f"layer.{i}": k.to(torch.int32).cpu() for i, k in enumerate(selection.keep)}
-            save_file(
-                experts,
-                str(tmp / EXPERTS_FILE),
-                metadata={"format": FORMAT_NAME, "d_ff": str(selection.d_ff)},
+            save_safetensors(
+                experts, tmp / EXPERTS_FILE, {"format": FORMAT_NAME, "d_ff": str(selection.d_ff)}
             )
             (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
             files = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -339,11 +359,38 @@ def model_card(manifest: dict[str, Any]) -> str:
     """A short README for the export: how it was made and how to load it."""
     source = manifest["source"]
     k = manifest["k_per_layer"]
+    if len(set(k)) == 1:
+        kept = (
+            f"Every feed-forward layer keeps {k[0]} of its {source['d_ff']}\n"
+            f"neurons (ratio {manifest['ratio']})"
+        )
+        load = """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+```"""
+    else:
+        kept = (
+            f"The feed-forward layers keep {min(k)} to {max(k)} of their {source['d_ff']}\n"
+            f"neurons ({sum(k)} in all: `{manifest.get('budget')}` budget, "
+            f"ratio {manifest['ratio']})"
+        )
+        load = """Each layer has its own feed-forward width (`griffin.intermediate_sizes` in
+`config.json`), which stock `from_pretrained` refuses. Load it with griffin, which returns a
+standard `transformers` model:
+
+```python
+import griffin_export
+from transformers import AutoTokenizer
+
+model = griffin_export.load_pretrained("path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+```"""
     return f"""# GRIFFIN export of `{source["model"]}`
 
 This checkpoint was written by griffin
-{manifest["griffin_version"]}. Every feed-forward layer keeps {k[0]} of its {source["d_ff"]}
-neurons (ratio {manifest["ratio"]}), the ones with the largest GRIFFIN statistic
+{manifest["griffin_version"]}. {kept}, the ones with the largest GRIFFIN statistic
 ({manifest["statistic"]}) over a prompt of {manifest["prompt"]["tokens"]} tokens
 (sha256 `{manifest["prompt"]["sha256"][:16]}...`). Everything else is the original's, in
 {manifest["dtype"]}.
@@ -352,12 +399,7 @@ The experts were chosen for text like that prompt; quality on unrelated text is 
 
 ## Load it
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
-```
+{load}
 
 `griffin_experts.safetensors` holds, per layer (`layer.<i>`), the original neuron index of
 every kept neuron in the order of the rows of the weights. `griffin.json` is the manifest

@@ -7,10 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .architectures import ArchSpec
-from .checkpoint import LoadedModel, SourceRef, load_model, parse_dtype, resolve_source
+from .architectures import ArchSpec, spec_for
+from .checkpoint import (
+    LoadedModel,
+    SourceRef,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+    read_model_type,
+    resolve_source,
+)
 from .errors import ModelLoadError
 from .export import MANIFEST
+from .loader import load_pretrained
 from .verify import check_export_files, check_original_model
 
 
@@ -32,11 +41,20 @@ class OpenedExport:
 
 def open_export(export_dir: str | Path, device: str = "cpu") -> OpenedExport:
     """Load an export after checking every file against its manifest (a missing shard or a
-    modified tensor is refused with the reason)."""
+    modified tensor is refused with the reason). Exports with per-layer FF sizes (a budget
+    other than uniform) load through :func:`~griffin_export.loader.load_pretrained`."""
     directory = Path(export_dir)
     manifest = check_export_files(directory)
     source = SourceRef(str(directory), "directory", directory, str(directory))
-    loaded = load_model(source, parse_dtype(manifest.get("dtype")), device)
+    dtype = parse_dtype(manifest.get("dtype"))
+    if len(set(manifest["k_per_layer"])) == 1:
+        loaded = load_model(source, dtype, device)
+    else:
+        model_type = read_model_type(source)
+        model = load_pretrained(directory, dtype=dtype, device=device)
+        loaded = LoadedModel(
+            model, load_tokenizer(source), spec_for(model_type), model_type, source
+        )
     return OpenedExport(directory, manifest, loaded)
 
 

@@ -38,11 +38,6 @@ class Selection:
         return [int(k.numel()) for k in self.keep]
 
 
-def select_from_scores(scores: Sequence[Tensor], k: int) -> list[Tensor]:
-    """Top-``k`` of every layer's statistic (ties to the lower index, sorted ascending)."""
-    return [top_k_indices(s, k) for s in scores]
-
-
 def select_experts(
     spec: ArchSpec,
     model: nn.Module,
@@ -50,17 +45,24 @@ def select_experts(
     ratio: float,
     multiple_of: int = 1,
     on_prompt: Callable[[int], None] | None = None,
+    k_per_layer: Sequence[int] | None = None,
 ) -> Selection:
     """Run ``prompts`` (token-id tensors) through the full ``model`` and keep, in every FF
     layer, the ``keep_count(d_ff, ratio, multiple_of)`` neurons with the largest statistic,
-    pooled over all prompt tokens.
+    pooled over all prompt tokens; or layer ``l``'s ``k_per_layer[l]`` (a per-layer budget,
+    :func:`griffin_export.budgets.layer_sizes`).
     """
     d_ff = spec.d_ff(model.config)
-    k = keep_count(d_ff, ratio, multiple_of)
+    n_layers = len(spec.blocks(model))
+    ks = list(k_per_layer or [keep_count(d_ff, ratio, multiple_of)] * n_layers)
+    if len(ks) != n_layers or not all(1 <= k <= d_ff for k in ks):
+        raise UsageError(
+            f"k_per_layer {ks} must give {n_layers} sizes in 1..{d_ff}; use "
+            "griffin_export.budgets.layer_sizes"
+        )
     if not prompts or all(p.numel() == 0 for p in prompts):
         raise UsageError("the prompt has no tokens; pass a non-empty --prompt or --prompt-text")
     stats = collect_statistics(spec, model, [p for p in prompts if p.numel()], on_prompt)
     scores = [griffin_statistic(s, accumulated=True) for s in stats.sums]
-    return Selection(
-        keep=select_from_scores(scores, k), scores=scores, d_ff=d_ff, tokens=stats.tokens
-    )
+    keep = [top_k_indices(s, k) for s, k in zip(scores, ks, strict=True)]
+    return Selection(keep=keep, scores=scores, d_ff=d_ff, tokens=stats.tokens)

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .architectures import ArchSpec, spec_for
+from .budgets import BUDGETS
 from .checkpoint import (
     DTYPES,
     check_safetensors_files,
@@ -36,6 +37,7 @@ from .errors import (
     VerificationError,
 )
 from .export import EXPERTS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from .loader import SIZES_KEY
 from .slicing import slice_bias, slice_weight
 
 #: Files that a loader would read: an unlisted one was added after the export was written.
@@ -325,10 +327,26 @@ def _check_config(
         width: int | None = spec.d_ff(config)
     except GriffinError:
         width = None
-    if width is None or any(k != width for k in ks):
+    listed = griffin_block.get(SIZES_KEY) if isinstance(griffin_block, dict) else None
+    if listed is None and len(set(ks)) > 1:
+        problems.append(
+            f"config.json: no griffin.{SIZES_KEY} but {MANIFEST} keeps {ks} neurons per layer; "
+            "re-export"
+        )
+    elif listed is not None and listed != ks:
+        problems.append(
+            f"config.json: griffin.{SIZES_KEY} is {listed!r} but {MANIFEST} keeps {ks} neurons "
+            "per layer; re-export"
+        )
+    elif width != max(ks):  # the largest layer's width (all of them, when uniform)
         problems.append(
             f"config.json: {spec.size_key} is {getattr(config, spec.size_key, None)!r} but "
             f"{MANIFEST} keeps {sorted(set(ks))} neurons per layer; re-export"
+        )
+    budget = manifest.get("budget", "uniform")
+    if budget not in BUDGETS:
+        problems.append(
+            f"{MANIFEST}: budget {budget!r} is not one of {', '.join(BUDGETS)}; re-export"
         )
     n_layers, hidden = _config_sizes(export_dir)
     if n_layers is not None and n_layers != len(ks):

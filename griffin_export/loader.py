@@ -1,0 +1,245 @@
+"""Exports whose FF layers keep different numbers of neurons, and the one call that loads
+any export: :func:`load_pretrained`.
+
+Stock Llama/Mistral/Qwen/... configs hold one integer ``intermediate_size`` (transformers 5
+validates it as an ``int``), so a non-uniform export is stored as:
+
+* ``config.json``: the source's ``model_type`` and architecture, ``intermediate_size`` set to
+  the **largest** per-layer width, and ``griffin.intermediate_sizes``: the list of per-layer
+  widths (layer order). Stock ``from_pretrained`` refuses such a directory with a shape
+  mismatch (it never loads it silently wrong).
+* the weights exactly as a uniform export writes them, each FF tensor at its own layer's
+  width (safetensors headers carry the shapes; :func:`checkpoint_ff_sizes` reads them back
+  without loading any data).
+
+Uniform exports keep a plain integer ``intermediate_size`` and no list, and load with stock
+``AutoModelForCausalLM.from_pretrained``; :func:`load_pretrained` does exactly that for them.
+For a non-uniform one it builds the model with a 1-neuron FF (so everything else is
+initialised as transformers does, rotary tables included), gives each layer's FF
+projections their recorded widths, and loads the checkpoint into them strictly.
+
+Other formats with per-layer FF widths, for comparison: DeciLM / Nemotron-NAS
+(``model_type`` ``deci``/``nemotron-nas``) list ``block_configs`` with an ``ffn_mult`` per
+layer -- vLLM loads them natively, transformers only with remote code, and ``ffn_mult`` is
+rounded up to a multiple of 256 neurons, so only ``--multiple-of 256``-style budgets map onto
+it exactly; Gemma 3n puts a list in ``intermediate_size`` (its own config class allows it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from .architectures import ArchSpec, spec_for
+from .errors import ExportFormatError, ModelLoadError, UsageError
+from .slicing import prune_block
+
+#: key of the per-layer widths inside the config's ``griffin`` block.
+SIZES_KEY = "intermediate_sizes"
+
+
+def per_layer_sizes(config: Any) -> list[int] | None:
+    """The per-layer FF widths a config records (``griffin.intermediate_sizes``), or ``None``
+    for a uniform (stock) config."""
+    block = getattr(config, "griffin", None)
+    sizes = block.get(SIZES_KEY) if isinstance(block, dict) else None
+    if sizes is None:
+        return None
+    if not isinstance(sizes, list) or not all(isinstance(k, int) and k > 0 for k in sizes):
+        raise ExportFormatError(
+            f"config.json griffin.{SIZES_KEY} is {sizes!r}; it must list one positive integer "
+            "per layer -- re-run griffin export"
+        )
+    return list(sizes)
+
+
+def set_per_layer_sizes(spec: ArchSpec, config: Any, sizes: Sequence[int]) -> None:
+    """Record per-layer widths on ``config``: the largest as its integer FF width and the list
+    under ``griffin.intermediate_sizes`` (dropped again when all layers are equal, so uniform
+    configs stay stock)."""
+    sizes = [int(k) for k in sizes]
+    spec.set_d_ff(config, max(sizes))
+    existing = getattr(config, "griffin", None)
+    block = dict(existing or {})
+    if len(set(sizes)) > 1:
+        block[SIZES_KEY] = sizes
+    else:
+        block.pop(SIZES_KEY, None)
+    if block or existing is not None:  # a uniform budget leaves a stock config untouched
+        config.griffin = block
+
+
+def prune_model_per_layer(spec: ArchSpec, model: nn.Module, keep: Sequence[Tensor]) -> None:
+    """Like :func:`griffin_export.slicing.prune_model`, but each layer may keep a different
+    number of neurons; the config records them (:func:`set_per_layer_sizes`)."""
+    blocks = spec.blocks(model)
+    if len(keep) != len(blocks):
+        raise ValueError(f"{len(keep)} index sets for {len(blocks)} layers")
+    d_ff = spec.d_ff(model.config)
+    for block, idx in zip(blocks, keep, strict=True):
+        prune_block(spec, block, idx, d_ff)
+    set_per_layer_sizes(spec, model.config, [int(k.numel()) for k in keep])
+
+
+def checkpoint_ff_sizes(directory: str | Path, spec: ArchSpec, n_layers: int) -> list[int]:
+    """Per-layer FF widths read from the safetensors headers (the down projections' neuron
+    axis), without loading tensor data."""
+    shapes = _header_shapes(Path(directory))
+    sizes = []
+    for layer in range(n_layers):
+        key = spec.param_name(layer, "down")
+        if key not in shapes:
+            raise ExportFormatError(
+                f"'{directory}' has no tensor '{key}'; the checkpoint is incomplete -- re-run "
+                "griffin export"
+            )
+        sizes.append(int(shapes[key][spec.neuron_axis("down")]))
+    return sizes
+
+
+def load_pretrained(
+    directory: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a griffin export (uniform or per-layer budgets) as a standard ``transformers``
+    ``*ForCausalLM`` in eval mode.
+
+    Args:
+        directory: the export directory (``config.json`` + safetensors).
+        dtype: parameter dtype; default the checkpoint's (``config.dtype``).
+        device: where the weights go.
+
+    Uniform exports go through stock ``AutoModelForCausalLM.from_pretrained``. Raises
+    :class:`~griffin_export.errors.ExportFormatError` for a malformed directory.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"'{directory}' has no config.json; pass a griffin export directory (griffin export "
+            "--out DIR writes one)"
+        )
+    config = AutoConfig.from_pretrained(path)
+    sizes = per_layer_sizes(config)
+    wanted = dtype if dtype is not None else (getattr(config, "dtype", None) or torch.float32)
+    dtype = getattr(torch, wanted) if isinstance(wanted, str) else wanted
+    if not isinstance(dtype, torch.dtype):
+        raise ExportFormatError(
+            f"dtype {wanted!r} is not a torch dtype; pass e.g. torch.bfloat16 or 'float32'"
+        )
+    if sizes is None:
+        stock: nn.Module = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True
+        )
+        return _to_device(stock, device)
+
+    spec = spec_for(config.model_type)
+    n_layers = getattr(config, "num_hidden_layers", len(sizes))
+    if len(sizes) != n_layers:
+        raise ExportFormatError(
+            f"config.json lists {len(sizes)} FF widths for {n_layers} layers; the export was "
+            "modified -- re-run griffin export"
+        )
+    on_disk = checkpoint_ff_sizes(path, spec, len(sizes))
+    if on_disk != sizes:
+        raise ExportFormatError(
+            f"config.json lists FF widths {sizes} but the weights in '{directory}' have "
+            f"{on_disk}; the export was modified -- re-run griffin export"
+        )
+    # Build with a 1-neuron FF (cheap), then give every layer its own width. Everything that
+    # is not FF is constructed exactly as transformers does (buffers included).
+    skeleton = config.__class__.from_dict(config.to_dict())
+    spec.set_d_ff(skeleton, 1)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(skeleton, dtype=dtype)
+    for block, k in zip(spec.blocks(model), sizes, strict=True):
+        _resize_block(spec, block, k, dtype)
+    state = _read_state(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise ExportFormatError(
+            f"'{directory}' does not match its config: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}; re-run griffin export"
+        )
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    spec.set_d_ff(model.config, max(sizes))
+    model.config.griffin = dict(config.griffin)
+    return _to_device(model, device)
+
+
+def _to_device(model: nn.Module, device: str | torch.device) -> nn.Module:
+    try:
+        return model.to(device).eval()
+    except Exception as exc:
+        raise UsageError(f"--device '{device}' is not usable here ({exc}); use cpu") from exc
+
+
+def _resize_block(spec: ArchSpec, block: nn.Module, k: int, dtype: torch.dtype) -> None:
+    """Give one block's FF projections width ``k`` (uninitialised; the checkpoint fills them)."""
+    for role, module in spec.projections(block).items():
+        weight = module.weight
+        assert isinstance(weight, Tensor)
+        shape = list(weight.shape)
+        axis = spec.neuron_axis(role)
+        shape[axis] = 2 * k if role == "gate_up" else k
+        module.weight = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, Tensor) and role != "down":
+            module.bias = nn.Parameter(
+                torch.empty(2 * k if role == "gate_up" else k, dtype=dtype), requires_grad=False
+            )
+    # keep in_features/out_features (and Conv1D nx/nf) consistent with the new shapes
+    prune_block(spec, block, torch.arange(k), k)
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors weight files of an export (its index's shards, or model.safetensors)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(
+                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ExportFormatError(
+                f"'{index}' is unreadable ({exc}); re-run griffin export"
+            ) from exc
+        files = [directory / n for n in names]
+    else:
+        files = [directory / "model.safetensors"]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise ExportFormatError(
+            f"'{directory}' lacks weight file(s) {absent}; copy the whole export directory"
+        )
+    return files
+
+
+def _header_shapes(directory: Path) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for file in checkpoint_files(directory):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shapes[key] = list(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def _read_state(directory: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, Tensor] = {}
+    for file in checkpoint_files(directory):
+        state.update(load_file(str(file)))
+    return state
