@@ -105,5 +105,6 @@ def run() -> None:
 # Commands register themselves on import: one module per verb.
 from griffin_cli import export as _export  # noqa: E402,F401
 from griffin_cli import generate as _generate  # noqa: E402,F401
+from griffin_cli import inspect as _inspect  # noqa: E402,F401
 from griffin_cli import ppl as _ppl  # noqa: E402,F401
 from griffin_cli import verify as _verify  # noqa: E402,F401

@@ -1,0 +1,207 @@
+"""``griffin inspect``: the per-layer budget of an export, or the flocking heatmap of a layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from griffin_cli.export import human_bytes
+from griffin_cli.main import app, out_console
+from griffin_export.errors import UsageError
+from griffin_export.inspection import ExportSummary, Flocking, flocking, summarize_export
+
+
+@app.command("inspect")
+def inspect_command(
+    export_dir: Path | None = typer.Argument(
+        None, help="An export directory: print per-layer k, kept fraction and bytes saved."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Instead: a full model whose flocking to draw (with --prompt)."
+    ),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt file (UTF-8)."),
+    layer: int = typer.Option(
+        0, "--layer", "-l", help="Layer of the heatmap (negative: from the end)."
+    ),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="Tokens drawn in the heatmap."),
+    neurons: int = typer.Option(
+        256, "--neurons", help="Heatmap: draw the first N neurons (0 = all)."
+    ),
+    sort: bool = typer.Option(
+        False, "--sort", help="Heatmap: order neurons by GRIFFIN statistic, largest first."
+    ),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Write a PNG: the per-layer budget, or the flocking heatmap."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON on stdout."),
+) -> None:
+    """Show what an export kept per layer, or (--model, --prompt, --layer) how a layer's FF
+    neurons flock on a prompt. --plot draws it (needs matplotlib, the 'plot' extra)."""
+    if export_dir is not None and model is not None:
+        raise UsageError("pass an export directory or --model/--prompt, not both")
+    if export_dir is None:
+        if model is None or prompt is None:
+            raise UsageError(
+                "pass an export directory, or --model M --prompt FILE [--layer L] for a heatmap"
+            )
+        _flocking(model, prompt, layer, max_tokens, neurons, sort, plot, as_json)
+        return
+    summary = summarize_export(export_dir)
+    if plot is not None:
+        _plot_budget(summary, plot)
+    if as_json:
+        typer.echo(json.dumps(_summary_dict(summary), indent=2))
+        return
+    out_console.print(_budget_table(summary))
+    if plot is not None:
+        out_console.print(f"wrote {plot}", highlight=False)
+
+
+def _summary_dict(summary: ExportSummary) -> dict[str, Any]:
+    return {
+        "directory": str(summary.directory),
+        "model": summary.model,
+        "ratio": summary.ratio,
+        "budget": summary.budget,
+        "kept_fraction": summary.kept_fraction,
+        "bytes_saved": summary.bytes_saved,
+        "layers": [
+            {
+                "layer": r.layer,
+                "k": r.k,
+                "d_ff": r.d_ff,
+                "kept_fraction": r.fraction,
+                "bytes_saved": r.bytes_saved,
+            }
+            for r in summary.rows
+        ],
+    }
+
+
+def _budget_table(summary: ExportSummary) -> Table:
+    table = Table(
+        title=f"{summary.directory}: {summary.model} ({summary.budget} budget, ratio "
+        f"{summary.ratio:g})",
+        title_justify="left",
+    )
+    for name in ("layer", "k", "d_ff", "kept", "bytes saved"):
+        table.add_column(name, justify="right")
+    for r in summary.rows:
+        table.add_row(
+            str(r.layer), str(r.k), str(r.d_ff), f"{r.fraction:.3f}", human_bytes(r.bytes_saved)
+        )
+    table.add_row(
+        "all",
+        str(sum(r.k for r in summary.rows)),
+        str(sum(r.d_ff for r in summary.rows)),
+        f"{summary.kept_fraction:.3f}",
+        human_bytes(summary.bytes_saved),
+    )
+    return table
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError(
+            "--plot needs matplotlib, which is not installed; run pip install "
+            "'griffin-export[plot]' (or pip install matplotlib), or omit --plot"
+        ) from None
+    return plt
+
+
+def _plot_budget(summary: ExportSummary, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, len(summary.rows) * 0.25), 3.5))
+    layers = [r.layer for r in summary.rows]
+    ax.bar(layers, [r.fraction for r in summary.rows], color="tab:blue", label="kept")
+    ax.axhline(summary.kept_fraction, color="black", lw=1, ls="--", label="overall")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("kept fraction of d_ff")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{summary.model}: {summary.budget} budget, ratio {summary.ratio:g}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save(fig, path, plt)
+
+
+def _flocking(
+    model: str,
+    prompt: str,
+    layer: int,
+    max_tokens: int,
+    neurons: int,
+    sort: bool,
+    plot: Path | None,
+    as_json: bool,
+) -> None:
+    from griffin_export.checkpoint import load_model, resolve_source
+    from griffin_export.prompts import read_prompt_file
+
+    if plot is None and not as_json:
+        raise UsageError("the flocking view is a picture: add --plot FILE.png (or --json)")
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+    plt = _pyplot() if plot is not None else None
+    text = read_prompt_file(prompt)
+    loaded = load_model(resolve_source(model), None, "cpu")
+    if loaded.tokenizer is None:
+        raise UsageError(f"'{model}' has no tokenizer files; add them to the model directory")
+    result = flocking(loaded.model, loaded.tokenizer, text, layer, max_tokens)
+    if plot is not None:
+        _plot_flocking(result, neurons, sort, plot, plt)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "layer": result.layer,
+                    "tokens": len(result.tokens),
+                    "top_neurons": result.order[:32].tolist(),
+                }
+            )
+        )
+    else:
+        out_console.print(f"wrote {plot}", highlight=False)
+
+
+def _plot_flocking(result: Flocking, neurons: int, sort: bool, path: Path, plt: Any) -> None:
+    import torch
+
+    order = result.order if sort else torch.arange(result.values.shape[1])
+    if neurons > 0:
+        order = order[:neurons]
+    values = result.values[:, order]  # [T, N]
+    vmax = float(torch.quantile(values.flatten(), 0.995)) or None
+    fig, ax = plt.subplots(figsize=(9, max(3.0, values.shape[0] * 0.04 + 1.5)))
+    image = ax.imshow(
+        values.numpy(), aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=vmax
+    )
+    what = "by GRIFFIN statistic, largest first" if sort else "index"
+    ax.set_xlabel(f"neuron ({what}; {values.shape[1]} of {result.values.shape[1]})")
+    ax.set_ylabel("token")
+    ax.set_title(
+        f"layer {result.layer}: normalised activations |z_t| / ||z_t|| "
+        f"({values.shape[0]} tokens); vertical stripes = flocking"
+    )
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    _save(fig, path, plt)
+
+
+def _save(fig: Any, path: Path, plt: Any) -> None:
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write --plot '{path}' ({exc.strerror}); choose another path"
+        ) from exc
+    finally:
+        plt.close(fig)
