@@ -3,8 +3,9 @@
 The model is built as a weightless skeleton (``torch.device("meta")``) from its config, so
 embeddings, positions, rotary tables, masks and every block's math are ``transformers``' own
 modules for the architecture. Only the tensors outside the decoder blocks (embeddings, final
-norm; not an untied head, which the forward never reaches) come from the source; non-persistent buffers (rotary ``inv_freq``...)
-are initialised by the model's own ``initialize_weights``, exactly as ``from_pretrained`` does.
+norm; not an untied head, which the forward never reaches) come from the source;
+non-persistent buffers (rotary ``inv_freq``...) are initialised by the model's own
+``initialize_weights``, exactly as ``from_pretrained`` does.
 
 The prompt then runs through the model's ordinary forward. A pre-hook on every decoder block
 reads that block's tensors from the source shards (plain file reads, converted to the model's
