@@ -235,7 +235,10 @@ def export(
                 on_prompt=lambda i: report("score", i + 1, len(ids)),
                 k_per_layer=ks,
             )
-            return done.selection, describe(done.selection, done.fingerprint)
+            return done.selection, {
+                **describe(done.selection, done.fingerprint),
+                "files": done.sha256,
+            }
 
     else:
         selection = select_experts(
@@ -315,7 +318,8 @@ def write_export(
             )
             (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
             files = sorted(p for p in tmp.iterdir() if p.is_file())
-            manifest["files"] = {p.name: file_sha256(p) for p in files}
+            known = manifest.pop("files", {})  # hashed while written (streaming shards)
+            manifest["files"] = {p.name: known.get(p.name) or file_sha256(p) for p in files}
             write_json(tmp / MANIFEST, manifest)
         except (OSError, SafetensorError) as exc:  # disk full, quota, file size limit...
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

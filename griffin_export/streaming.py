@@ -26,6 +26,7 @@ result is bit-identical to it (``tests/test_streaming.py`` checks every architec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -513,6 +514,8 @@ class ShardWriter:
         self._file = -1
         self._handle: IO[bytes] | None = None
         self._pending: dict[str, Tensor | Chunks] = {}
+        self.sha256: dict[str, str] = {}  # shard file name -> sha256 of its bytes, as written
+        self._digest: Any = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="griffin-write")
         self._queued: deque[Future[None]] = deque()
         self.max_queued = max_queued
@@ -547,15 +550,26 @@ class ShardWriter:
         assert self._handle is not None
         if isinstance(tensor, Chunks):
             for piece in tensor.read():
-                self._handle.write(piece)
+                self._emit(piece)
             return
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
-            self._handle.write(data.view(torch.uint8).numpy().data)
+            self._emit(data.view(torch.uint8).numpy().data)
 
-    def _open_next(self) -> None:
+    def _emit(self, data: bytes | memoryview) -> None:
+        """Append to the open shard, hashing on the way (no second read for the manifest)."""
+        assert self._handle is not None
+        self._handle.write(data)
+        self._digest.update(data)
+
+    def _finish_shard(self) -> None:
         if self._handle is not None:
             self._handle.close()
+            self._handle = None
+            self.sha256[self.files[self._file][0]] = self._digest.hexdigest()
+
+    def _open_next(self) -> None:
+        self._finish_shard()
         self._file += 1
         name, keys = self.files[self._file]
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -572,17 +586,16 @@ class ShardWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
         self._handle = (self.directory / name).open("wb")
-        self._handle.write(struct.pack("<Q", len(encoded)))
-        self._handle.write(encoded)
+        self._digest = hashlib.sha256()
+        self._emit(struct.pack("<Q", len(encoded)))
+        self._emit(encoded)
 
     def close(self) -> None:
         """Finish the last shard and write the index; every key must have been written."""
         while self._queued:
             self._queued.popleft().result()
         self._pool.shutdown(wait=True)
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        self._finish_shard()
         if self._next != len(self.order):
             raise RuntimeError(f"export incomplete: '{self.order[self._next]}' was never written")
         if self.index is not None:
@@ -608,6 +621,7 @@ class StreamResult:
 
     selection: Selection
     fingerprint: str
+    sha256: dict[str, str]  # weight shard file name -> sha256, hashed as written
 
 
 @contextmanager
@@ -616,22 +630,27 @@ def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tupl
     runs and drops them after. Yields ``{layer: [(checkpoint key, tensor)]}`` of the blocks
     currently loaded.
 
-    When block ``l`` loads, the kernel is asked to read block ``l + 1``'s bytes ahead
-    (``posix_fadvise(WILLNEED)``), so the disk works while ``l`` computes, without the
-    process holding a second block.
+    While block ``l`` computes, a background thread reads block ``l + 1`` (file reads
+    release the GIL) and the kernel is asked to fetch block ``l + 2`` from disk
+    (``posix_fadvise(WILLNEED)``): reading overlaps the forward for one more block in memory.
     """
     spec, model = streamed.spec, streamed.model
     blocks = spec.blocks(model)
     live: dict[int, list[tuple[str, Tensor]]] = {}
     placeholders: dict[int, list[tuple[nn.Module, str, Tensor]]] = {}
+    ahead: dict[int, Future[list[Tensor]]] = {}
     handles = []
+    reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="griffin-read")
 
-    def keys(layer: int) -> list[tuple[nn.Module, str, Tensor, str]]:
+    def slots(layer: int) -> list[tuple[nn.Module, str, Tensor, str]]:
         prefix = f"{spec.layers}.{layer}."
         return [
             (owner, attr, meta, streamed.checkpoint_key[prefix + name])
             for name, owner, attr, meta in _tensors(blocks[layer])
         ]
+
+    def read(places: list[tuple[nn.Module, str, Tensor, str]]) -> list[Tensor]:
+        return [_read_as(streamed.reader, key, meta, streamed.device) for *_, meta, key in places]
 
     def release(layer: int) -> None:
         for owner, attr, meta in placeholders.pop(layer, []):
@@ -643,16 +662,17 @@ def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tupl
 
     def load(_module: nn.Module, _args: Any, layer: int) -> None:
         release(layer)
+        places = slots(layer)
+        pending = ahead.pop(layer, None)
+        values = pending.result() if pending is not None else read(places)
         if layer + 1 < len(blocks):
-            streamed.reader.read_ahead([key for *_, key in keys(layer + 1)])
-        saved, tensors = [], []
-        for owner, attr, meta, key in keys(layer):
-            value = _read_as(streamed.reader, key, meta, streamed.device)
-            saved.append((owner, attr, meta))
+            ahead[layer + 1] = reads.submit(read, slots(layer + 1))
+        if layer + 2 < len(blocks):
+            streamed.reader.read_ahead([key for *_, key in slots(layer + 2)])
+        for (owner, attr, _, _), value in zip(places, values, strict=True):
             _assign(owner, attr, value)
-            tensors.append((key, value))
-        placeholders[layer] = saved
-        live[layer] = tensors
+        placeholders[layer] = [(owner, attr, meta) for owner, attr, meta, _ in places]
+        live[layer] = [(key, value) for (*_, key), value in zip(places, values, strict=True)]
 
     for layer, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(partial(_call_with_layer, load, layer)))
@@ -662,6 +682,8 @@ def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tupl
     finally:
         for handle in handles:
             handle.remove()
+        reads.shutdown(wait=True, cancel_futures=True)
+        ahead.clear()
         for layer in list(placeholders):
             release(layer)
 
@@ -781,7 +803,8 @@ def select_and_write(
     fingerprint = samples_fingerprint(
         (key, shape, parts) for key, (shape, parts) in samples.items()
     )
-    return StreamResult(Selection(keep=keep, scores=scores, d_ff=d_ff, tokens=tokens), fingerprint)
+    selection = Selection(keep=keep, scores=scores, d_ff=d_ff, tokens=tokens)
+    return StreamResult(selection, fingerprint, dict(writer.sha256))
 
 
 def _pruned(
