@@ -8,10 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from griffin_cli.main import app
+from griffin_export import load_pretrained, spec_for
+from griffin_export.checkpoint import resolve_source
+from griffin_export.export import EXPERTS_FILE
+from griffin_export.loader import prune_model_per_layer
 
 from tiny import save_tiny
 
@@ -81,3 +86,28 @@ def test_embedded_model_end_to_end(tmp_path: Path) -> None:
         generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 8
     assert tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :]).strip()
+
+
+@pytest.mark.slow
+def test_embedded_model_protect_budget(tmp_path: Path) -> None:
+    """--budget protect on the real model: layers 0 and 29 dense, the same total as uniform,
+    refused by stock from_pretrained, and load_pretrained's logits equal slicing the original
+    at the recorded indices."""
+    out = tmp_path / "smol-protect"
+    args = ["export", "--prompt", str(EXAMPLE_PROMPT), "--ratio", "0.5", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--budget", "protect", "--json"])
+    assert result.exit_code == 0, result.output
+    ks = json.loads(result.stdout)["k_per_layer"]
+    assert ks[0] == ks[-1] == 1536 and set(ks[1:-1]) <= {713, 714} and sum(ks) == 30 * 768
+    assert json.loads((out / "config.json").read_text())["griffin"]["intermediate_sizes"] == ks
+    with pytest.raises((RuntimeError, ValueError)):
+        AutoModelForCausalLM.from_pretrained(out)
+
+    model = load_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(resolve_source("smollm2-135m").directory)
+    experts = load_file(str(out / EXPERTS_FILE))
+    spec = spec_for(original.config.model_type)
+    prune_model_per_layer(spec, original, [experts[f"layer.{i}"].long() for i in range(30)])
+    ids = AutoTokenizer.from_pretrained(out)("Rain falls when", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
