@@ -91,6 +91,11 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=None, help="append a Markdown report here")
     args = parser.parse_args()
+    if args.tokens < 2:
+        parser.error(
+            f"--tokens must be at least 2 (decode speed needs tokens after the first), "
+            f"got {args.tokens}"
+        )
     torch.manual_seed(0)
 
     work = Path(tempfile.mkdtemp(prefix="griffin-bench-"))
@@ -186,7 +191,8 @@ def main() -> None:
         f"SmolLM2-135M fp32, keep {args.ratio}, batch 1, {ids.shape[1]}-token prompt, {n} new "
         f"tokens, {args.reps} interleaved repetitions (median), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Decode = tokens after the first / time after the "
-        "first; end-to-end includes tokenizing and the prefill.",
+        "first; end-to-end includes the prefill (and, for (c) and (d) only, tokenizing the "
+        "prompt).",
         "",
         "| configuration | decode tok/s | all runs | vs (a) | end-to-end tok/s | vs (a) |",
         "|---|---|---|---|---|---|",

@@ -108,11 +108,10 @@ class _Ring:
             raise RuntimeError("the ring buffer is empty")
         if self.unscored:
             slots = (torch.arange(self.unscored) + self.next - self.unscored) % self.size
-            slots = slots.to(self.rows.device)
-            new = squares(self.rows.index_select(0, slots))  # [unscored, d_ff]
-            if self.squares is None:
+            new = squares(self.rows.index_select(0, slots.to(self.rows.device)))  # [n, d_ff]
+            if self.squares is None:  # on the device that scores (the original's)
                 self.squares = new.new_zeros(self.size, new.shape[-1])
-            self.squares.index_copy_(0, slots, new)
+            self.squares.index_copy_(0, slots.to(new.device), new)
             self.unscored = 0
         assert self.squares is not None  # rows exist, so some were scored
         return self.squares[: self.count].sum(dim=0)

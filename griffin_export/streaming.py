@@ -16,7 +16,8 @@ block's tensors are handed to :class:`ShardWriter`, which slices the FF ones and
 to the output shards on a background thread while the next block computes. The embedding is a
 memory map of the source (the forward touches only the prompt's rows) and is copied to the
 output in pieces, like an untied head. The source is read once (once per prompt with several
-prompts) and the output written once; peak memory is one block, a bounded write queue and the
+prompts) and the output written once; peak memory is the block computing, the block read
+ahead, the write queue (at most 16 tensors, i.e. up to about two more blocks' worth) and the
 prompt's activations.
 
 Selection uses the same functions as the in-memory path (``capture_down_inputs``,
@@ -739,28 +740,27 @@ def select_and_write(
     ]
     buffers = {streamed.checkpoint_key[n] for n, o, a, _ in _tensors(model) if a in o._buffers}
     params = sum(_numel(shape) for key, shape, _ in entries if key not in buffers)
-    writer = ShardWriter(directory, entries, max_shard_size, params)
     block_keys = {key for key in streamed.plan if key.startswith(spec.layers + ".")}
-    # Non-block tensors: already in memory; the writer holds them until their turn.
     inverse = {key: name for name, key in streamed.checkpoint_key.items()}
     deferred: list[str] = []  # still on meta (an untied head): read from the source at the end
-    for key in streamed.plan:
-        if key not in block_keys:
-            value = model.get_parameter_or_buffer(inverse[key])
-            if value.device.type == "meta":
-                deferred.append(key)
-            elif key in streamed.mapped:  # copied through in pieces: the map stays untouched
-                writer.put_lazy(key, partial(streamed.reader.chunks, key))
-            else:
-                writer.put(key, value)
-
     sums: list[Tensor] = [torch.zeros(0)] * n_layers
     keep: list[Tensor] = [torch.zeros(0, dtype=torch.long)] * n_layers
     scores: list[Tensor] = [torch.zeros(0)] * n_layers
     samples: dict[str, tuple[tuple[int, ...], Tensor]] = {}
     tokens = 0
     last = False
+    writer = ShardWriter(directory, entries, max_shard_size, params)
     try:
+        # Non-block tensors: already in memory; the writer holds them until their turn.
+        for key in streamed.plan:
+            if key not in block_keys:
+                value = model.get_parameter_or_buffer(inverse[key])
+                if value.device.type == "meta":
+                    deferred.append(key)
+                elif key in streamed.mapped:  # copied through in pieces: the map stays untouched
+                    writer.put_lazy(key, partial(streamed.reader.chunks, key))
+                else:
+                    writer.put(key, value)
         with ExitStack() as stack:
             live = stack.enter_context(_blocks_from_source(streamed))
 

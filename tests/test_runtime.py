@@ -162,6 +162,17 @@ def test_ring_scores_each_row_once_and_sums_the_window() -> None:
     assert ring.score_sums(squares) is not None and len(scored) == 7  # nothing new: no call
 
 
+def test_ring_scores_on_the_device_that_computes_them() -> None:
+    """Rows on one device, scores computed on another (the original's weights stay on the CPU
+    while the model runs on an accelerator): the cache follows the scores' device."""
+    ring = _Ring(4)
+    ring.write(torch.randn(6, 3))
+    sums = ring.score_sums(lambda x: torch.empty(x.shape[0], 5, device="meta"))
+    assert sums.device.type == "meta" and sums.shape == (5,)
+    ring.write(torch.randn(1, 3))
+    assert ring.score_sums(lambda x: torch.empty(x.shape[0], 5, device="meta")).shape == (5,)
+
+
 def test_a_different_original_is_refused(
     exports: dict[str, tuple[Path, Path]], tmp_path: Path
 ) -> None:
