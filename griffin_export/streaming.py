@@ -676,7 +676,9 @@ def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tupl
         live[layer] = [(key, value) for (*_, key), value in zip(places, values, strict=True)]
 
     for layer, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(partial(_call_with_layer, load, layer)))
+        handles.append(
+            block.register_forward_pre_hook(lambda _m, _a, layer=layer: load(_m, _a, layer))
+        )
         handles.append(block.register_forward_hook(lambda _m, _a, _o, layer=layer: release(layer)))
     try:
         yield live
@@ -687,12 +689,6 @@ def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tupl
         ahead.clear()
         for layer in list(placeholders):
             release(layer)
-
-
-def _call_with_layer(
-    fn: Callable[[nn.Module, Any, int], None], layer: int, module: nn.Module, args: Any
-) -> None:
-    fn(module, args, layer)
 
 
 def _return_freed_blocks_to_the_os() -> None:
@@ -757,8 +753,8 @@ def select_and_write(
                 value = model.get_parameter_or_buffer(inverse[key])
                 if value.device.type == "meta":
                     deferred.append(key)
-                elif key in streamed.mapped:  # copied through in pieces: the map stays untouched
-                    writer.put_lazy(key, partial(streamed.reader.chunks, key))
+                elif key in streamed.mapped:  # written from the source: the map stays untouched
+                    writer.put_lazy(key, _from_source(streamed.reader, key, value))
                 else:
                     writer.put(key, value)
         with ExitStack() as stack:
@@ -788,13 +784,7 @@ def select_and_write(
                     on_prompt(i)
         for key in deferred:
             like = model.get_parameter_or_buffer(inverse[key])
-            if streamed.reader.dtype(key) == like.dtype:
-                _check_shape(key, streamed.reader.entries[key].shape, like)
-                writer.put_lazy(key, partial(streamed.reader.chunks, key))
-            else:
-                writer.put_lazy(
-                    key, partial(_read_as, streamed.reader, key, like, torch.device("cpu"))
-                )
+            writer.put_lazy(key, _from_source(streamed.reader, key, like))
         writer.close()
     finally:
         writer.abort()
@@ -805,6 +795,15 @@ def select_and_write(
     )
     selection = Selection(keep=keep, scores=scores, d_ff=d_ff, tokens=tokens)
     return StreamResult(selection, fingerprint, dict(writer.sha256))
+
+
+def _from_source(reader: SourceTensors, key: str, like: Tensor) -> Callable[[], Tensor | Chunks]:
+    """What the writer needs to write source tensor ``key`` as the model holds it: its bytes
+    copied through in pieces when no dtype conversion is needed, else the converted tensor."""
+    _check_shape(key, reader.entries[key].shape, like)
+    if reader.dtype(key) == like.dtype:
+        return partial(reader.chunks, key)
+    return partial(_read_as, reader, key, like, torch.device("cpu"))
 
 
 def _pruned(
