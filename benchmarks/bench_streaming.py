@@ -36,7 +36,7 @@ def build(directory: Path) -> int:
     from transformers import AutoTokenizer, LlamaConfig
 
     from griffin_export.checkpoint import resolve_source
-    from griffin_export.streaming import ShardWriter
+    from griffin_export.safetensors_io import ShardWriter
 
     done = directory / "config.json"
     if not done.is_file():

@@ -3,8 +3,9 @@
 from ._version import __version__
 from .architectures import ARCHITECTURES, ArchSpec, spec_for
 from .errors import GriffinError
-from .export import ExportResult, export, read_manifest
+from .export import ExportResult, export
 from .loader import load_pretrained
+from .manifest import Manifest, read_manifest
 from .scoring import griffin_statistic, keep_count, top_k_indices
 from .selection import Selection, select_experts
 from .slicing import prune_model
@@ -14,6 +15,7 @@ __all__ = [
     "ArchSpec",
     "ExportResult",
     "GriffinError",
+    "Manifest",
     "Selection",
     "__version__",
     "export",

@@ -13,12 +13,10 @@ import hashlib
 import importlib.util
 import io
 import json
-import mmap
 import os
 import re
 import shutil
 import signal
-import struct
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 
 from .architectures import ArchSpec, spec_for
 from .errors import ModelLoadError, OutputError, UsageError
+from .safetensors_io import INDEX_NAME, LazyTensors, list_shards
 
 
 @dataclass(frozen=True)
@@ -232,7 +231,6 @@ def load_model(
     device: str = "cpu",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-    stream: bool = False,
 ) -> LoadedModel:
     """Load a causal LM for export. The architecture is checked before weights are read.
 
@@ -240,22 +238,10 @@ def load_model(
         dtype: ``None`` keeps the checkpoint's dtype.
         allow_pickle: permit ``.bin``/``.pt`` weights (pickle can run code; off by default).
         trust_remote_code: permit model code from the checkpoint (off by default).
-        stream: build a weightless skeleton whose decoder blocks stay in the source files
-            (:func:`griffin_export.streaming.load_streamed`; a safetensors directory only).
     """
     from transformers import AutoModelForCausalLM
 
-    model_type = read_model_type(source)
-    spec = spec_for(model_type)
-    if source.directory is not None:
-        if not allow_pickle:
-            _require_safetensors(source.directory)
-        check_safetensors_files(source.directory)
-    if stream:
-        from .streaming import load_streamed
-
-        streamed = load_streamed(source, spec, model_type, dtype, device, load_tokenizer(source))
-        return streamed.loaded
+    model_type, spec = check_source(source, allow_pickle)
     try:
         pair: Any = AutoModelForCausalLM.from_pretrained(
             source.load_id,
@@ -288,6 +274,19 @@ def load_model(
             f"--device '{device}' is not usable here ({_short(exc)}); use cpu"
         ) from exc
     return LoadedModel(model, load_tokenizer(source), spec, model_type, source)
+
+
+def check_source(source: SourceRef, allow_pickle: bool = False) -> tuple[str, ArchSpec]:
+    """The source's ``model_type`` and architecture, after checking (before any weights
+    load) that the architecture is supported and a local directory's weight files are whole
+    (and safetensors unless ``allow_pickle``)."""
+    model_type = read_model_type(source)
+    spec = spec_for(model_type)
+    if source.directory is not None:
+        if not allow_pickle:
+            _require_safetensors(source.directory)
+        check_safetensors_files(source.directory)
+    return model_type, spec
 
 
 def load_tokenizer(source: SourceRef) -> Any | None:
@@ -339,31 +338,17 @@ def check_safetensors_files(directory: Path) -> None:
     weight file's header parses and covers the file exactly (safetensors' own check). Reads
     headers only, no tensor data.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
+    shards = list_shards(directory)
+    if shards.missing:
+        raise ModelLoadError(
+            f"'{directory}' is missing {len(shards.missing)} weight shard(s) listed in "
+            f"{INDEX_NAME} (first: '{shards.missing[0]}'); re-download or re-convert the model"
+        )
+    for path in shards.files:
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelLoadError(
-                f"'{index}' is unreadable or malformed ({_short(e)}); re-download or re-convert "
-                "the model"
-            ) from e
-        absent = [name for name in shards if not (directory / name).is_file()]
-        if absent:
-            raise ModelLoadError(
-                f"'{directory}' is missing {len(absent)} weight shard(s) listed in {index.name} "
-                f"(first: '{absent[0]}'); re-download or re-convert the model"
-            )
-        files = [directory / name for name in shards]
-    else:
-        files = sorted(directory.glob("*.safetensors"))
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                handle.keys()
+            LazyTensors([path]).close()
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(
                 f"'{path}' is truncated or corrupted ({_short(exc)}); re-download or re-convert "
@@ -374,83 +359,6 @@ def check_safetensors_files(directory: Path) -> None:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
-
-
-# -- memory-mapped tensors ------------------------------------------------------------------
-
-#: safetensors dtype names -> torch dtypes
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-class MappedSafetensors:
-    """Tensors of a safetensors checkpoint as zero-copy views of memory-mapped files.
-
-    Pages are read from disk only when touched, and belong to the page cache (shared,
-    reclaimable), not to the process's own memory.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(
-                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-            )
-            paths = [directory / f for f in files]
-        else:
-            paths = sorted(directory.glob("*.safetensors"))
-        if not paths:
-            raise ModelLoadError(f"the original '{directory}' has no *.safetensors weights")
-        self._maps: list[mmap.mmap] = []
-        self._where: dict[str, tuple[int, torch.dtype, list[int], int, int]] = {}
-        for path in paths:
-            with path.open("rb") as handle:
-                # ACCESS_COPY: private copy-on-write pages, so torch gets a writable buffer
-                # without ever writing the file (nothing here writes to them).
-                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-            (header_len,) = struct.unpack("<Q", mapped[:8])
-            header = json.loads(mapped[8 : 8 + header_len])
-            base = 8 + header_len
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                self._where[key] = (
-                    len(self._maps),
-                    dtype,
-                    info["shape"],
-                    base + begin,
-                    end - begin,
-                )
-            self._maps.append(mapped)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def get(self, key: str) -> Tensor:
-        which, dtype, shape, offset, size = self._where[key]
-        if size == 0:
-            return torch.empty(shape, dtype=dtype)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        flat = torch.frombuffer(
-            self._maps[which], dtype=dtype, count=size // itemsize, offset=offset
-        )
-        return flat.reshape(shape)
-
-    @property
-    def mapped_bytes(self) -> int:
-        return sum(len(m) for m in self._maps)
 
 
 # -- fingerprints and hashes ------------------------------------------------------------------
@@ -469,14 +377,33 @@ def weights_fingerprint(named_tensors: Iterable[tuple[str, Tensor]], sample: int
     )
 
 
-def fingerprint_samples(tensor: Tensor, sample: int = 4096) -> Tensor:
+def sample_ranges(numel: int, sample: int = 4096) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` element ranges of a flattened tensor of ``numel`` elements that
+    :func:`weights_fingerprint` hashes: its first, middle and last ``sample`` elements."""
+    mid = max(0, numel // 2 - sample // 2)
+    return [
+        (0, min(sample, numel)),
+        (min(mid, numel), min(mid + sample, numel)),
+        (max(0, numel - sample), numel),
+    ]
+
+
+def fingerprint_samples(
+    tensor: Tensor, sample: int = 4096, dtype: torch.dtype | None = None
+) -> Tensor:
     """The part of ``tensor`` that :func:`weights_fingerprint` hashes: its first, middle and
-    last ``sample`` elements, as one float32 CPU tensor (a few KiB)."""
+    last ``sample`` elements, cast to ``dtype`` (if given; only the samples are cast), as one
+    float32 CPU tensor (a few KiB)."""
     flat = tensor.detach().reshape(-1)
-    n = flat.numel()
-    mid = max(0, n // 2 - sample // 2)
-    parts = [flat[:sample], flat[mid : mid + sample], flat[max(0, n - sample) :]]
-    return torch.cat([part.to("cpu", torch.float32) for part in parts])
+    parts = [flat[a:b] for a, b in sample_ranges(flat.numel(), sample)]
+    return samples_as_float(parts, dtype)
+
+
+def samples_as_float(parts: Iterable[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """Sampled elements, cast to ``dtype`` first if given, as one float32 CPU tensor."""
+    return torch.cat(
+        [(part if dtype is None else part.to(dtype)).to("cpu", torch.float32) for part in parts]
+    )
 
 
 def samples_fingerprint(entries: Iterable[tuple[str, tuple[int, ...], Tensor]]) -> str:
@@ -530,13 +457,6 @@ def state_dict_bytes(model: nn.Module) -> tuple[int, int]:
     return count, size
 
 
-def safetensors_payload_bytes(path: Path) -> int:
-    """Bytes of tensor data in one safetensors file (file size minus its header)."""
-    with path.open("rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-    return path.stat().st_size - 8 - header_len
-
-
 # -- atomic output ----------------------------------------------------------------------------
 
 _TMP_MARK = ".griffin-tmp-"
@@ -548,7 +468,9 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
 
     An existing ``target`` is refused unless ``force``; with ``force`` it survives until the
     new directory is complete, and is then swapped out in one atomic ``renameat2`` exchange
-    where the OS offers it (two renames otherwise). On any error, ``KeyboardInterrupt`` or
+    where the OS offers it (two renames otherwise). Before the rename every file and
+    directory written is fsynced, and the parent directory after it, so a crash never leaves
+    ``target`` naming files whose data is not on disk. On any error, ``KeyboardInterrupt`` or
     SIGTERM the temporary directory (and any parent directory created for it) is removed.
     Temporaries left by killed runs (SIGKILL; their process gone) are removed by the next
     run that writes the same target; an old export caught between two renames is restored.
@@ -581,7 +503,9 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
         with _abort_on_signals() as check_signals:
             yield tmp
             check_signals()
+            _sync_tree(tmp)
             _commit(tmp, target)
+            _fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
@@ -589,6 +513,34 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
 
 
 _OLD_MARK = ".griffin-old-"
+
+
+def _sync_tree(directory: Path) -> None:
+    """fsync every file under ``directory``, then each directory (deepest first) and the
+    directory's parent, so that after the rename a crash cannot leave the new name pointing
+    at files whose data never reached the disk."""
+    folders = [directory]
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            _fsync_path(Path(root) / name)
+        folders.extend(Path(root) / d for d in dirs)
+    for folder in reversed(folders):
+        _fsync_path(folder)
+    _fsync_path(directory.parent if str(directory.parent) else Path("."))
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync one file or directory (directories: where the OS allows opening them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) * path.is_dir())
+    except OSError:
+        return  # e.g. directories cannot be opened on Windows
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the data was still written
+    finally:
+        os.close(fd)
 
 
 def _commit(tmp: Path, target: Path) -> None:
@@ -720,31 +672,3 @@ def _process_alive(pid: int) -> bool:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-
-
-def save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``safetensors.torch.save_file`` with a reproducible header: safetensors writes the
-    metadata keys in a random order (a Rust hash map), so two identical exports could differ
-    byte for byte. Here metadata keeps its insertion order; tensors are sorted by name, laid
-    out and padded exactly as safetensors does for tensors of one dtype width."""
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header: dict[str, Any] = {"__metadata__": metadata}
-    blobs: list[bytes] = []
-    offset = 0
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().cpu().contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[key] = {
-            "dtype": names[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        blobs.append(data)
-        offset += len(data)
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
-    with path.open("wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for data in blobs:
-            handle.write(data)

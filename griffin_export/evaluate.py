@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .architectures import ArchSpec
 from .budgets import check_budget, layer_sizes
 from .errors import UsageError
-from .scoring import griffin_statistic, keep_count, normalized_square_sum, top_k_indices
+from .scoring import griffin_statistic, normalized_square_sum, top_k_indices
 
 # -- windows -----------------------------------------------------------------------------------
 
@@ -330,7 +330,7 @@ def griffin_settings(
         check_budget(budget)
     settings = [Setting("full", "full")]
     for ratio in ratios:
-        k = [keep_count(d_ff, ratio)] * n_layers
+        k = layer_sizes("uniform", n_layers, d_ff, ratio)
         for budget in budgets:
             sizes = layer_sizes(budget, n_layers, d_ff, ratio)
             label = f"griffin r={ratio:g}" + ("" if budget == "uniform" else f" {budget}")

@@ -6,7 +6,6 @@ load -> tokenize -> score (full model, hooks) -> slice in place -> write atomica
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.serialization._base import parse_size_to_int
 from safetensors import SafetensorError
 from torch import Tensor
 
@@ -23,27 +21,35 @@ from .budgets import DEFAULT_BUDGET, check_budget, layer_sizes
 from .checkpoint import (
     LoadedModel,
     atomic_directory,
+    check_source,
     dtype_name,
     file_sha256,
     load_model,
+    load_tokenizer,
     model_fingerprint,
     parse_dtype,
     resolve_source,
-    save_safetensors,
     state_dict_bytes,
-    write_json,
 )
 from .errors import OutputError, UsageError
 from .loader import prune_model_per_layer, set_per_layer_sizes
-from .scoring import STATISTIC_NAME, check_ratio, keep_count
+from .manifest import (
+    EXPERTS_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    Manifest,
+    PromptInfo,
+    SourceInfo,
+    write_manifest,
+)
+from .safetensors_io import list_shards, parse_size, save_file
+from .scoring import STATISTIC_NAME, check_multiple_of, check_ratio
 from .selection import Selection, select_experts
 from .slicing import prune_model
-from .streaming import plan_sizes, select_and_write
+from .streaming import load_streamed, plan_sizes, select_and_write
 
-FORMAT_NAME = "griffin-export"
-FORMAT_VERSION = 1
-MANIFEST = "griffin.json"
-EXPERTS_FILE = "griffin_experts.safetensors"
+__all__ = ["EXPERTS_FILE", "MANIFEST", "ExportResult", "Progress", "export", "write_export"]
 
 #: progress callback: (stage, done, total). Stages: load, score, slice, write.
 Progress = Callable[[str, int, int], None]
@@ -161,8 +167,9 @@ def export(
     started = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
     check_ratio(ratio)
-    keep_count(1, 0.5, multiple_of)  # validates multiple_of before any loading
+    check_multiple_of(multiple_of)
     check_budget(budget)
+    shard_bytes = parse_size(max_shard_size)
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise UsageError(
             f"--max-prompt-tokens must be at least 1, got {max_prompt_tokens}; omit it for no limit"
@@ -176,43 +183,46 @@ def export(
     _check_out_dir(out_dir, source.directory, force)
 
     if streaming is None:
-        streaming = source.directory is not None and any(source.directory.glob("*.safetensors"))
+        streaming = source.directory is not None and bool(list_shards(source.directory).files)
     report("load", 0, 1)
-    loaded = load_model(source, torch_dtype, device, allow_pickle, trust_remote_code, streaming)
+    if streaming:
+        if source.directory is None:
+            raise UsageError(
+                f"'{source.name}' is not a local safetensors directory, so it cannot be streamed; "
+                "pass streaming=None or False (--in-memory)"
+            )
+        model_type, spec = check_source(source, allow_pickle)
+        tokenizer = load_tokenizer(source)
+        loaded = load_streamed(source, spec, model_type, torch_dtype, device, tokenizer).loaded
+    else:
+        loaded = load_model(source, torch_dtype, device, allow_pickle, trust_remote_code)
     report("load", 1, 1)
     ids, warnings = tokenize_prompts(loaded, texts, max_prompt_tokens)
     d_ff = loaded.spec.d_ff(loaded.model.config)
     ks = layer_sizes(budget, len(loaded.spec.blocks(loaded.model)), d_ff, ratio, multiple_of)
 
-    def describe(selection: Selection, fingerprint: str) -> dict[str, Any]:
-        return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "griffin_version": __version__,
-            "source": {
-                "model": source.name,
-                "kind": source.kind,
+    def describe(selection: Selection, fingerprint: str) -> Manifest:
+        return Manifest(
+            griffin_version=__version__,
+            source=SourceInfo(
+                model=source.name,
+                kind=source.kind,
                 # Where the runtime finds the full weights again (GGUF: the cached conversion).
-                "directory": str(source.directory.resolve()) if source.directory else None,
-                "model_type": loaded.model_type,
-                "fingerprint": fingerprint,
-                "d_ff": selection.d_ff,
-            },
-            "ratio": ratio,
-            "multiple_of": multiple_of,
-            # uniform manifests stay as they were before per-layer budgets existed
-            **({} if budget == "uniform" else {"budget": budget}),
-            "statistic": STATISTIC_NAME,
-            "k_per_layer": selection.k_per_layer,
-            "prompt": {
-                "sha256": prompt_sha256(texts),
-                "tokens": selection.tokens,
-                "count": len(texts),
-            },
-            "dtype": dtype_name(loaded.model.dtype),
-        }
+                directory=str(source.directory.resolve()) if source.directory else None,
+                model_type=loaded.model_type,
+                fingerprint=fingerprint,
+                d_ff=selection.d_ff,
+            ),
+            ratio=ratio,
+            multiple_of=multiple_of,
+            budget=budget,
+            statistic=STATISTIC_NAME,
+            k_per_layer=selection.k_per_layer,
+            prompt=PromptInfo(prompt_sha256(texts), selection.tokens, len(texts)),
+            dtype=dtype_name(loaded.model.dtype),
+        )
 
-    write_weights: Callable[[Path], tuple[Selection, dict[str, Any]]]
+    write_weights: Callable[[Path], tuple[Selection, Manifest]]
     report("score", 0, len(ids))
     streamed = loaded.streamed
     if streamed is not None:
@@ -220,33 +230,27 @@ def export(
         # experts are known (griffin_export.streaming).
         params_before, bytes_before = plan_sizes(streamed, None, d_ff)
         params_after, bytes_after = plan_sizes(streamed, ks, d_ff)
-        shard_bytes = (
-            max_shard_size if isinstance(max_shard_size, int) else parse_size_to_int(max_shard_size)
-        )
+        write_total = len(ks)
 
-        def write_weights(directory: Path) -> tuple[Selection, dict[str, Any]]:
+        def write_weights(directory: Path) -> tuple[Selection, Manifest]:
             done = select_and_write(
                 streamed,
                 ids,
-                ratio,
-                multiple_of,
+                ks,
                 directory,
                 shard_bytes,
                 on_prompt=lambda i: report("score", i + 1, len(ids)),
-                k_per_layer=ks,
+                on_layer=lambda layer: report("write", layer + 1, write_total),
             )
-            return done.selection, {
-                **describe(done.selection, done.fingerprint),
-                "files": done.sha256,
-            }
+            manifest = describe(done.selection, done.fingerprint)
+            manifest.files = dict(done.sha256)
+            return done.selection, manifest
 
     else:
         selection = select_experts(
             loaded.spec,
             loaded.model,
             ids,
-            ratio,
-            multiple_of,
             on_prompt=lambda i: report("score", i + 1, len(ids)),
             k_per_layer=ks,
         )
@@ -259,14 +263,15 @@ def export(
             prune_model_per_layer(loaded.spec, loaded.model, selection.keep)
         params_after, bytes_after = state_dict_bytes(loaded.model)
         report("slice", 1, 1)
+        write_total = 1
 
-        def write_weights(directory: Path) -> tuple[Selection, dict[str, Any]]:
-            loaded.model.save_pretrained(directory, max_shard_size=max_shard_size)
+        def write_weights(directory: Path) -> tuple[Selection, Manifest]:
+            loaded.model.save_pretrained(directory, max_shard_size=shard_bytes)
             return selection, describe(selection, fingerprint)
 
-    report("write", 0, 1)
+    report("write", 0, write_total)
     file_bytes, selection, manifest = write_export(out_dir, loaded, force, write_weights)
-    report("write", 1, 1)
+    report("write", write_total, write_total)
     return ExportResult(
         out_dir=out_dir,
         source=source.name,
@@ -275,7 +280,7 @@ def export(
         d_ff=selection.d_ff,
         k_per_layer=selection.k_per_layer,
         ratio=ratio,
-        dtype=manifest["dtype"],
+        dtype=manifest.dtype,
         prompt_tokens=selection.tokens,
         params_before=params_before,
         params_after=params_after,
@@ -292,8 +297,8 @@ def write_export(
     out_dir: Path,
     loaded: LoadedModel,
     force: bool,
-    write_weights: Callable[[Path], tuple[Selection, dict[str, Any]]],
-) -> tuple[int, Selection, dict[str, Any]]:
+    write_weights: Callable[[Path], tuple[Selection, Manifest]],
+) -> tuple[int, Selection, Manifest]:
     """Write an export atomically: the pruned weights first (``write_weights(directory)``,
     which returns the selection and the manifest; it also sets the config's FF width), then
     config (per-layer sizes under ``griffin.intermediate_sizes`` when they differ), generation
@@ -313,21 +318,21 @@ def write_export(
             if loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(tmp)
             experts = {f"layer.{i}": k.to(torch.int32).cpu() for i, k in enumerate(selection.keep)}
-            save_safetensors(
+            save_file(
                 experts, tmp / EXPERTS_FILE, {"format": FORMAT_NAME, "d_ff": str(selection.d_ff)}
             )
             (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
             files = sorted(p for p in tmp.iterdir() if p.is_file())
-            known = manifest.pop("files", {})  # hashed while written (streaming shards)
-            manifest["files"] = {p.name: known.get(p.name) or file_sha256(p) for p in files}
-            write_json(tmp / MANIFEST, manifest)
+            known = manifest.files  # hashed while written (streaming shards)
+            manifest.files = {p.name: known.get(p.name) or file_sha256(p) for p in files}
+            write_manifest(tmp, manifest)
         except (OSError, SafetensorError) as exc:  # disk full, quota, file size limit...
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise OutputError(
                 f"writing the export to '{out_dir}' failed: {why}; "
                 "free disk space or choose another --out (nothing was left behind)"
             ) from exc
-        weight_bytes = sum(p.stat().st_size for p in tmp.glob("model*.safetensors"))
+        weight_bytes = sum(p.stat().st_size for p in list_shards(tmp).files)
     return weight_bytes, selection, manifest
 
 
@@ -359,14 +364,14 @@ def _check_out_dir(out_dir: Path, source_dir: Path | None, force: bool) -> None:
         )
 
 
-def model_card(manifest: dict[str, Any]) -> str:
+def model_card(manifest: Manifest) -> str:
     """A short README for the export: how it was made and how to load it."""
-    source = manifest["source"]
-    k = manifest["k_per_layer"]
+    source = manifest.source
+    k = manifest.k_per_layer
     if len(set(k)) == 1:
         kept = (
-            f"Every feed-forward layer keeps {k[0]} of its {source['d_ff']}\n"
-            f"neurons (ratio {manifest['ratio']})"
+            f"Every feed-forward layer keeps {k[0]} of its {source.d_ff}\n"
+            f"neurons (ratio {manifest.ratio})"
         )
         load = """```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -376,9 +381,9 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 ```"""
     else:
         kept = (
-            f"The feed-forward layers keep {min(k)} to {max(k)} of their {source['d_ff']}\n"
-            f"neurons ({sum(k)} in all: `{manifest.get('budget')}` budget, "
-            f"ratio {manifest['ratio']})"
+            f"The feed-forward layers keep {min(k)} to {max(k)} of their {source.d_ff}\n"
+            f"neurons ({sum(k)} in all: `{manifest.budget}` budget, "
+            f"ratio {manifest.ratio})"
         )
         load = """Each layer has its own feed-forward width (`griffin.intermediate_sizes` in
 `config.json`), which stock `from_pretrained` refuses. Load it with griffin, which returns a
@@ -391,13 +396,13 @@ from transformers import AutoTokenizer
 model = griffin_export.load_pretrained("path/to/this/dir")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 ```"""
-    return f"""# GRIFFIN export of `{source["model"]}`
+    return f"""# GRIFFIN export of `{source.model}`
 
 This checkpoint was written by griffin
-{manifest["griffin_version"]}. {kept}, the ones with the largest GRIFFIN statistic
-({manifest["statistic"]}) over a prompt of {manifest["prompt"]["tokens"]} tokens
-(sha256 `{manifest["prompt"]["sha256"][:16]}...`). Everything else is the original's, in
-{manifest["dtype"]}.
+{manifest.griffin_version}. {kept}, the ones with the largest GRIFFIN statistic
+({manifest.statistic}) over a prompt of {manifest.prompt.tokens} tokens
+(sha256 `{manifest.prompt.sha256[:16]}...`). Everything else is the original's, in
+{manifest.dtype}.
 
 The experts were chosen for text like that prompt; quality on unrelated text is lower.
 
@@ -409,21 +414,3 @@ The experts were chosen for text like that prompt; quality on unrelated text is 
 every kept neuron in the order of the rows of the weights. `griffin.json` is the manifest
 (source fingerprint, ratio, k per layer, prompt hash, file hashes).
 """
-
-
-def read_manifest(export_dir: Path) -> dict[str, Any]:
-    """The manifest of an export directory (raises if it is not one)."""
-    from .errors import ExportFormatError
-
-    path = Path(export_dir) / MANIFEST
-    if not path.is_file():
-        raise ExportFormatError(
-            f"'{export_dir}' is not a griffin export (no {MANIFEST}); run griffin export first"
-        )
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ExportFormatError(f"'{path}' is unreadable ({exc}); re-run griffin export") from exc
-    if data.get("format") != FORMAT_NAME:
-        raise ExportFormatError(f"'{path}' is not a griffin manifest; re-run griffin export")
-    return data

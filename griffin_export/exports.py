@@ -18,14 +18,9 @@ from .checkpoint import (
     resolve_source,
 )
 from .errors import ModelLoadError
-from .export import MANIFEST
 from .loader import load_pretrained
+from .manifest import is_export as is_export  # re-exported: callers open exports from here
 from .verify import check_export_files, check_original_model
-
-
-def is_export(path: str | Path) -> bool:
-    """Whether ``path`` is a directory holding a griffin manifest."""
-    return (Path(path) / MANIFEST).is_file()
 
 
 @dataclass

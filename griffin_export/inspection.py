@@ -8,15 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from .activations import capture_down_inputs
 from .architectures import INPUT_ROLES, spec_for
-from .checkpoint import SAFETENSORS_DTYPES
 from .errors import ExportFormatError, UsageError
-from .export import read_manifest
-from .loader import checkpoint_files
+from .loader import export_shards
+from .manifest import MANIFEST, read_manifest
+from .safetensors_io import DTYPES, LazyTensors
 from .scoring import griffin_statistic
 
 
@@ -57,15 +56,11 @@ def summarize_export(export_dir: str | Path) -> ExportSummary:
     """Per-layer ``k``, kept fraction and FF bytes kept/saved of an export, from its manifest
     and its safetensors headers (no tensor data is read)."""
     directory = Path(export_dir)
-    manifest = read_manifest(directory)
-    source = manifest.get("source", {})
-    d_ff = int(source.get("d_ff", 0))
-    ks = manifest.get("k_per_layer")
-    if not isinstance(ks, list) or not ks or d_ff < 1:
-        raise ExportFormatError(
-            f"'{directory}/griffin.json' lacks k_per_layer or source.d_ff; re-run griffin export"
-        )
-    spec = spec_for(str(source.get("model_type")))
+    manifest = read_manifest(directory)  # validated: k_per_layer and source.d_ff are sound
+    source = manifest.source
+    d_ff = source.d_ff
+    ks = manifest.k_per_layer
+    spec = spec_for(source.model_type)
     # The FF tensors that shrink with k (down's bias does not), by layer.
     shrinking = {
         spec.param_name(layer, role, kind): layer
@@ -75,31 +70,29 @@ def summarize_export(export_dir: str | Path) -> ExportSummary:
         if kind == "weight" or role in INPUT_ROLES
     }
     per_neuron = [0] * len(ks)  # bytes of one kept neuron, per layer
-    for file in checkpoint_files(directory):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (not a mapping)
-                layer = shrinking.get(key)
-                if layer is None:
-                    continue
-                tensor = handle.get_slice(key)
-                numel = math.prod(int(n) for n in tensor.get_shape())
-                dtype = SAFETENSORS_DTYPES.get(tensor.get_dtype())
-                if dtype is None:
-                    raise ExportFormatError(
-                        f"'{file}' holds {key} as {tensor.get_dtype()}, a dtype griffin does not "
-                        "write; re-run griffin export"
-                    )
-                per_neuron[layer] += numel * dtype.itemsize // max(int(ks[layer]), 1)
+    with LazyTensors(export_shards(directory)) as tensors:
+        for key in tensors.keys():  # noqa: SIM118 (not a mapping)
+            layer = shrinking.get(key)
+            if layer is None:
+                continue
+            numel = math.prod(tensors.shape(key))
+            dtype = DTYPES.get(tensors.dtype_name(key))
+            if dtype is None:
+                raise ExportFormatError(
+                    f"'{directory}' holds {key} as {tensors.dtype_name(key)}, a dtype griffin "
+                    f"does not write; re-run griffin export (see {MANIFEST})"
+                )
+            per_neuron[layer] += numel * dtype.itemsize // max(int(ks[layer]), 1)
     rows = [
         LayerRow(i, int(k), d_ff, per_neuron[i] * int(k), per_neuron[i] * (d_ff - int(k)))
         for i, k in enumerate(ks)
     ]
     return ExportSummary(
         directory=directory,
-        model=str(source.get("model")),
-        model_type=str(source.get("model_type")),
-        ratio=float(manifest.get("ratio", float("nan"))),
-        budget=str(manifest.get("budget", "uniform")),
+        model=source.model,
+        model_type=source.model_type,
+        ratio=manifest.ratio,
+        budget=manifest.budget,
         rows=rows,
     )
 

@@ -27,21 +27,18 @@ it exactly; Gemma 3n puts a list in ``intermediate_size`` (its own config class 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from .architectures import ArchSpec, spec_for
 from .errors import ExportFormatError, ModelLoadError, UsageError
+from .manifest import SIZES_KEY
+from .safetensors_io import SINGLE_NAME, LazyTensors, list_shards, load_state
 from .slicing import prune_block
-
-#: key of the per-layer widths inside the config's ``griffin`` block.
-SIZES_KEY = "intermediate_sizes"
 
 
 def per_layer_sizes(config: Any) -> list[int] | None:
@@ -163,7 +160,7 @@ def load_pretrained(
         model = AutoModelForCausalLM.from_config(skeleton, dtype=dtype)
     for block, k in zip(spec.blocks(model), sizes, strict=True):
         _resize_block(spec, block, k, dtype)
-    state = _read_state(path)
+    state = load_state(export_shards(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [m for m in missing if m not in tied]
@@ -204,42 +201,24 @@ def _resize_block(spec: ArchSpec, block: nn.Module, k: int, dtype: torch.dtype) 
     prune_block(spec, block, torch.arange(k), k)
 
 
-def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors weight files of an export (its index's shards, or model.safetensors)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(
-                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise ExportFormatError(
-                f"'{index}' is unreadable ({exc}); re-run griffin export"
-            ) from exc
-        files = [directory / n for n in names]
-    else:
-        files = [directory / "model.safetensors"]
-    absent = [f.name for f in files if not f.is_file()]
-    if absent:
+def export_shards(directory: Path) -> list[Path]:
+    """The safetensors weight files of an export (its index's shards, or model.safetensors);
+    ``ExportFormatError`` when any is missing or the index is unreadable."""
+    try:
+        shards = list_shards(directory)
+    except ModelLoadError as exc:
+        raise ExportFormatError(f"{exc}") from exc
+    if shards.missing or not shards.files:
+        absent = shards.missing or [SINGLE_NAME]
         raise ExportFormatError(
             f"'{directory}' lacks weight file(s) {absent}; copy the whole export directory"
         )
-    return files
+    return shards.files
 
 
-def _header_shapes(directory: Path) -> dict[str, list[int]]:
-    shapes: dict[str, list[int]] = {}
-    for file in checkpoint_files(directory):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                shapes[key] = list(handle.get_slice(key).get_shape())
+def _header_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    with LazyTensors(export_shards(directory)) as tensors:
+        for key in tensors.keys():  # noqa: SIM118 (not a mapping)
+            shapes[key] = tensors.shape(key)
     return shapes
-
-
-def _read_state(directory: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, Tensor] = {}
-    for file in checkpoint_files(directory):
-        state.update(load_file(str(file)))
-    return state

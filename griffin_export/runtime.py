@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .architectures import INPUT_ROLES, ArchSpec
-from .checkpoint import MappedSafetensors
 from .errors import ModelLoadError, UsageError
-from .export import EXPERTS_FILE
 from .exports import OpenedExport, open_export, original_source
+from .manifest import EXPERTS_FILE
+from .safetensors_io import MappedSafetensors
 from .scoring import griffin_statistic, jaccard, normalized_squares, top_k_indices
 from .verify import check_original
 

@@ -13,6 +13,7 @@ tokens, it can be accumulated prompt by prompt (or chunk by chunk) as ``sum_t z~
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -61,10 +62,7 @@ def keep_count(d_ff: int, ratio: float, multiple_of: int = 1) -> int:
     ``d_ff``; ``ratio == 1`` keeps all ``d_ff`` neurons even when ``d_ff`` is not a multiple.
     """
     check_ratio(ratio)
-    if not isinstance(multiple_of, int) or multiple_of < 1:
-        raise UsageError(
-            f"--multiple-of must be a positive integer, got {multiple_of!r}; use e.g. 1, 64 or 128"
-        )
+    check_multiple_of(multiple_of)
     if ratio >= 1.0:
         return d_ff
     if multiple_of > d_ff:
@@ -72,6 +70,26 @@ def keep_count(d_ff: int, ratio: float, multiple_of: int = 1) -> int:
     k = round(ratio * d_ff / multiple_of) * multiple_of
     largest = (d_ff // multiple_of) * multiple_of
     return int(min(max(k, multiple_of), largest))
+
+
+def check_multiple_of(multiple_of: int) -> None:
+    """Reject a ``multiple_of`` that is not a positive integer, naming the fix."""
+    if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of < 1:
+        raise UsageError(
+            f"--multiple-of must be a positive integer, got {multiple_of!r}; use e.g. 1, 64 or 128"
+        )
+
+
+def check_sizes(k_per_layer: Sequence[int], n_layers: int, d_ff: int) -> list[int]:
+    """``k_per_layer`` as a list, if it gives every one of ``n_layers`` layers a width in
+    ``1..d_ff``; else ``UsageError`` naming the fix."""
+    ks = [int(k) for k in k_per_layer]
+    if len(ks) != n_layers or not all(1 <= k <= d_ff for k in ks):
+        raise UsageError(
+            f"k_per_layer {ks} must give {n_layers} sizes in 1..{d_ff}; use "
+            "griffin_export.budgets.layer_sizes"
+        )
+    return ks
 
 
 def check_ratio(ratio: float) -> None:

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from .activations import collect_statistics
 from .architectures import ArchSpec
+from .budgets import layer_sizes
 from .errors import UsageError
-from .scoring import griffin_statistic, keep_count, top_k_indices
+from .scoring import check_sizes, griffin_statistic, top_k_indices
 
 
 @dataclass
@@ -42,24 +43,24 @@ def select_experts(
     spec: ArchSpec,
     model: nn.Module,
     prompts: Sequence[Tensor],
-    ratio: float,
+    ratio: float | None = None,
     multiple_of: int = 1,
     on_prompt: Callable[[int], None] | None = None,
     k_per_layer: Sequence[int] | None = None,
 ) -> Selection:
-    """Run ``prompts`` (token-id tensors) through the full ``model`` and keep, in every FF
-    layer, the ``keep_count(d_ff, ratio, multiple_of)`` neurons with the largest statistic,
-    pooled over all prompt tokens; or layer ``l``'s ``k_per_layer[l]`` (a per-layer budget,
-    :func:`griffin_export.budgets.layer_sizes`).
+    """Run ``prompts`` (token-id tensors) through the full ``model`` and keep, in layer
+    ``l``, the ``k_per_layer[l]`` neurons with the largest statistic pooled over all prompt
+    tokens. Without ``k_per_layer``, ``ratio`` (and ``multiple_of``) give the uniform
+    per-layer widths (:func:`griffin_export.budgets.layer_sizes`, the one place where a
+    ratio becomes widths).
     """
     d_ff = spec.d_ff(model.config)
     n_layers = len(spec.blocks(model))
-    ks = list(k_per_layer or [keep_count(d_ff, ratio, multiple_of)] * n_layers)
-    if len(ks) != n_layers or not all(1 <= k <= d_ff for k in ks):
-        raise UsageError(
-            f"k_per_layer {ks} must give {n_layers} sizes in 1..{d_ff}; use "
-            "griffin_export.budgets.layer_sizes"
-        )
+    if k_per_layer is None:
+        if ratio is None:
+            raise UsageError("select_experts needs k_per_layer or a ratio; e.g. ratio=0.5")
+        k_per_layer = layer_sizes("uniform", n_layers, d_ff, ratio, multiple_of)
+    ks = check_sizes(k_per_layer, n_layers, d_ff)
     if not prompts or all(p.numel() == 0 for p in prompts):
         raise UsageError("the prompt has no tokens; pass a non-empty --prompt or --prompt-text")
     stats = collect_statistics(spec, model, [p for p in prompts if p.numel()], on_prompt)

@@ -27,206 +27,25 @@ result is bit-identical to it (``tests/test_streaming.py`` checks every architec
 
 from __future__ import annotations
 
-import hashlib
-import json
-import mmap
-import os
-import struct
-import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .activations import _StopForward, capture_down_inputs
 from .architectures import ArchSpec
-from .checkpoint import (
-    SAFETENSORS_DTYPES,
-    LoadedModel,
-    SourceRef,
-    fingerprint_samples,
-    samples_fingerprint,
-)
+from .checkpoint import LoadedModel, SourceRef, fingerprint_samples, samples_fingerprint
 from .errors import ModelLoadError, UsageError
-from .scoring import griffin_statistic, keep_count, normalized_square_sum, top_k_indices
+from .safetensors_io import Chunks, ShardWriter, SourceTensors
+from .scoring import check_sizes, griffin_statistic, normalized_square_sum, top_k_indices
 from .selection import Selection
 from .slicing import slice_bias, slice_weight
-
-INDEX_NAME = "model.safetensors.index.json"
-
-_ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
-# -- reading the source -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Entry:
-    path: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class Chunks:
-    """A tensor handed to :class:`ShardWriter` as its raw bytes, produced piece by piece by
-    ``read()`` only when the writer gets to it."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    read: Callable[[], Iterator[memoryview]]
-
-
-class SourceTensors:
-    """The tensors of a safetensors checkpoint directory, read one at a time on demand.
-
-    Reads use plain file I/O into a fresh tensor, not a memory map: the pages pass through the
-    page cache but never count as the process's memory, so only the tensors asked for (and
-    still referenced) do.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        index = directory / INDEX_NAME
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            paths = [directory / name for name in sorted(set(weight_map.values()))]
-        else:
-            paths = sorted(directory.glob("*.safetensors"))
-        self.paths = paths
-        self.entries: dict[str, _Entry] = {}
-        self._files: dict[Path, IO[bytes]] = {}
-        self._lock = threading.Lock()  # reads come from the prefetch and writer threads too
-        for path in paths:
-            with path.open("rb") as handle:
-                (header_len,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(header_len))
-            base = 8 + header_len
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise ModelLoadError(
-                        f"'{path}' stores '{key}' as {info['dtype']}, which griffin cannot "
-                        "stream; pass --in-memory"
-                    )
-                self.entries[key] = _Entry(
-                    path, dtype, tuple(info["shape"]), base + begin, end - begin
-                )
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.entries
-
-    def read(self, key: str) -> Tensor:
-        """The tensor ``key`` as stored (CPU, the file's dtype)."""
-        entry = self.entries[key]
-        raw = torch.empty(entry.nbytes, dtype=torch.uint8)
-        if entry.nbytes:
-            self._read_into(entry, key, memoryview(raw.numpy()), entry.offset)  # type: ignore[arg-type]
-        return raw.view(entry.dtype).reshape(entry.shape)
-
-    def chunks(self, key: str, chunk_bytes: int = 16 << 20) -> Chunks:
-        """The bytes of ``key`` as :class:`Chunks`: read piece by piece into one reused
-        buffer when written, so copying a large unchanged tensor (an embedding, a head)
-        through costs ``chunk_bytes`` of memory, not the tensor."""
-        entry = self.entries[key]
-
-        def pieces() -> Iterator[memoryview]:
-            buffer = memoryview(bytearray(min(chunk_bytes, entry.nbytes)))
-            for start in range(0, entry.nbytes, chunk_bytes):
-                n = min(chunk_bytes, entry.nbytes - start)
-                self._read_into(entry, key, buffer[:n], entry.offset + start)
-                yield buffer[:n]
-
-        return Chunks(entry.shape, entry.dtype, pieces)
-
-    def _read_into(self, entry: _Entry, key: str, view: memoryview, offset: int) -> None:
-        handle = self._handle(entry.path)
-        done = 0
-        while done < len(view):
-            n = os.preadv(handle.fileno(), [view[done:]], offset + done)
-            if n <= 0:
-                raise ModelLoadError(
-                    f"'{entry.path}' ends inside tensor '{key}'; the file is truncated: "
-                    "re-download or re-convert the model"
-                )
-            done += n
-
-    def read_ahead(self, keys: Sequence[str]) -> None:
-        """Ask the kernel to start reading ``keys``' bytes into the page cache now
-        (asynchronous; a no-op where ``posix_fadvise`` does not exist)."""
-        advise = getattr(os, "posix_fadvise", None)
-        if advise is None:
-            return
-        for key in keys:
-            entry = self.entries[key]
-            if entry.nbytes:
-                with suppress(OSError):
-                    advise(
-                        self._handle(entry.path).fileno(),
-                        entry.offset,
-                        entry.nbytes,
-                        os.POSIX_FADV_WILLNEED,
-                    )
-
-    def map(self, key: str) -> Tensor:
-        """The tensor ``key`` as a read-only-in-effect view of a private memory map of its
-        bytes: pages are read (and count as the process's memory) only where touched, e.g.
-        the embedding rows of the prompt's tokens."""
-        entry = self.entries[key]
-        if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=entry.dtype)
-        start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
-        length = entry.offset + entry.nbytes - start
-        # ACCESS_COPY: torch needs a writable buffer; nothing writes to it, and a write
-        # would only ever touch private copies of the pages, never the file.
-        mapped = mmap.mmap(
-            self._handle(entry.path).fileno(), length, offset=start, access=mmap.ACCESS_COPY
-        )
-        flat = torch.frombuffer(
-            mapped,  # the tensor keeps the map alive
-            dtype=entry.dtype,
-            count=entry.nbytes // entry.dtype.itemsize,
-            offset=entry.offset - start,
-        )
-        return flat.reshape(entry.shape)
-
-    def nbytes(self, key: str) -> int:
-        return self.entries[key].nbytes
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.entries[key].dtype
-
-    def _handle(self, path: Path) -> IO[bytes]:
-        with self._lock:
-            handle = self._files.get(path)
-            if handle is None:
-                handle = self._files[path] = path.open("rb", buffering=0)
-            return handle
-
-    def first_float_dtype(self) -> torch.dtype | None:
-        """dtype of the first floating-point tensor of the first file (``dtype="auto"`` when
-        the config names none, as ``from_pretrained`` decides it)."""
-        for entry in self.entries.values():
-            if entry.path == self.paths[0] and entry.dtype.is_floating_point:
-                return entry.dtype
-        return None
-
-    def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
-
 
 # -- the skeleton -----------------------------------------------------------------------------
 
@@ -465,152 +284,9 @@ def output_shape(
 
 def _numel(shape: Sequence[int]) -> int:
     n = 1
-    for s in shape:
-        n *= s
+    for size in shape:
+        n *= size
     return n
-
-
-class ShardWriter:
-    """Writes tensors into safetensors shards as they arrive, in a fixed key order.
-
-    Shapes are known in advance, so every shard's header is written first and each tensor's
-    bytes are appended as ``put`` receives it; tensors that arrive early wait (by reference)
-    for their turn. Shards are cut like ``save_pretrained`` cuts them (``huggingface_hub``'s
-    greedy split, same names, same index).
-
-    Writing happens on a background thread, so the caller's next block computes meanwhile;
-    at most ``max_queued`` tensors wait in the queue (``put`` blocks beyond that). A failed
-    write is raised by the next ``put`` or by ``close``.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-        max_shard_size: int,
-        total_parameters: int,
-        max_queued: int = 16,
-    ) -> None:
-        from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
-
-        self.directory = directory
-        self.entries = {key: (shape, dtype) for key, shape, dtype in entries}
-        sizes = {key: _numel(shape) * dtype.itemsize for key, shape, dtype in entries}
-        split = split_state_dict_into_shards_factory(
-            sizes,
-            get_storage_size=lambda n: n,
-            get_storage_id=lambda n: None,
-            filename_pattern="model{suffix}.safetensors",
-            max_shard_size=max_shard_size,
-        )
-        self.files = list(split.filename_to_tensors.items())
-        self.order = [key for _, keys in self.files for key in keys]
-        self.index: dict[str, Any] | None = None
-        if split.is_sharded:
-            self.index = {
-                "metadata": {"total_parameters": total_parameters, **split.metadata},
-                "weight_map": split.tensor_to_filename,
-            }
-        self._next = 0
-        self._file = -1
-        self._handle: IO[bytes] | None = None
-        self._pending: dict[str, Tensor | Chunks] = {}
-        self.sha256: dict[str, str] = {}  # shard file name -> sha256 of its bytes, as written
-        self._digest: Any = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="griffin-write")
-        self._queued: deque[Future[None]] = deque()
-        self.max_queued = max_queued
-
-    def put(self, key: str, tensor: Tensor) -> None:
-        """Hand over the output tensor ``key``; it is written as soon as its turn comes."""
-        self.put_lazy(key, lambda: tensor)
-
-    def put_lazy(self, key: str, make: Callable[[], Tensor | Chunks]) -> None:
-        """Like :meth:`put`, with the tensor made by ``make()`` on the writer's thread (e.g.
-        slicing a block's FF weights), or streamed from :class:`Chunks` when its turn comes."""
-        while self._queued and self._queued[0].done():
-            self._queued.popleft().result()  # a failed write surfaces here, early
-        self._queued.append(self._pool.submit(self._accept, key, make))
-        while len(self._queued) > self.max_queued:
-            self._queued.popleft().result()
-
-    def _accept(self, key: str, make: Callable[[], Tensor | Chunks]) -> None:
-        self._pending[key] = make()
-        while self._next < len(self.order) and self.order[self._next] in self._pending:
-            name = self.order[self._next]
-            self._write(name, self._pending.pop(name))
-            self._next += 1
-
-    def _write(self, key: str, tensor: Tensor | Chunks) -> None:
-        shape, dtype = self.entries[key]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"{key}: planned {shape} {dtype}, got {tuple(tensor.shape)}")
-        file_keys = self.files[self._file][1] if self._file >= 0 else []
-        if self._handle is None or key not in file_keys:
-            self._open_next()
-        assert self._handle is not None
-        if isinstance(tensor, Chunks):
-            for piece in tensor.read():
-                self._emit(piece)
-            return
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            self._emit(data.view(torch.uint8).numpy().data)
-
-    def _emit(self, data: bytes | memoryview) -> None:
-        """Append to the open shard, hashing on the way (no second read for the manifest)."""
-        assert self._handle is not None
-        self._handle.write(data)
-        self._digest.update(data)
-
-    def _finish_shard(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-            self.sha256[self.files[self._file][0]] = self._digest.hexdigest()
-
-    def _open_next(self) -> None:
-        self._finish_shard()
-        self._file += 1
-        name, keys = self.files[self._file]
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for key in keys:
-            shape, dtype = self.entries[key]
-            size = _numel(shape) * dtype.itemsize
-            header[key] = {
-                "dtype": _ST_NAMES[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
-        self._handle = (self.directory / name).open("wb")
-        self._digest = hashlib.sha256()
-        self._emit(struct.pack("<Q", len(encoded)))
-        self._emit(encoded)
-
-    def close(self) -> None:
-        """Finish the last shard and write the index; every key must have been written."""
-        while self._queued:
-            self._queued.popleft().result()
-        self._pool.shutdown(wait=True)
-        self._finish_shard()
-        if self._next != len(self.order):
-            raise RuntimeError(f"export incomplete: '{self.order[self._next]}' was never written")
-        if self.index is not None:
-            text = json.dumps(self.index, indent=2, sort_keys=True) + "\n"
-            (self.directory / INDEX_NAME).write_text(text, encoding="utf-8")
-
-    def abort(self) -> None:
-        """Stop writing (queued tensors are dropped) and close the open shard; harmless after
-        :meth:`close`."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._queued.clear()
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
 
 
 # -- the streamed forward ---------------------------------------------------------------------
@@ -711,17 +387,17 @@ def _return_freed_blocks_to_the_os() -> None:
 def select_and_write(
     streamed: StreamedModel,
     prompts: Sequence[Tensor],
-    ratio: float,
-    multiple_of: int,
+    k_per_layer: Sequence[int],
     directory: Path,
     max_shard_size: int,
     on_prompt: Callable[[int], None] | None = None,
-    k_per_layer: Sequence[int] | None = None,
+    on_layer: Callable[[int], None] | None = None,
 ) -> StreamResult:
-    """Run ``prompts`` through the streamed model, choose every layer's experts with the same
-    statistic as :func:`~griffin_export.selection.select_experts`, and write the pruned
-    weights into ``directory`` (sets the config's FF width to the largest layer's).
-    ``k_per_layer`` (fixed before the forward) overrides ``keep_count(d_ff, ratio, ...)``."""
+    """Run ``prompts`` through the streamed model, keep layer ``l``'s ``k_per_layer[l]``
+    neurons by the same statistic as :func:`~griffin_export.selection.select_experts`, and
+    write the pruned weights into ``directory`` (sets the config's FF width to the largest
+    layer's). ``on_prompt(i)`` is called after prompt ``i``; ``on_layer(l)`` when layer ``l``'s
+    experts are chosen and its tensors handed to the writer (on the last prompt)."""
     spec, model = streamed.spec, streamed.model
     d_ff = spec.d_ff(model.config)
     prompts = [p for p in prompts if p.numel()]
@@ -729,7 +405,7 @@ def select_and_write(
         raise UsageError("the prompt has no tokens; pass a non-empty --prompt or --prompt-text")
     _return_freed_blocks_to_the_os()
     n_layers = len(spec.blocks(model))
-    ks = list(k_per_layer or [keep_count(d_ff, ratio, multiple_of)] * n_layers)
+    ks = check_sizes(k_per_layer, n_layers, d_ff)
     entries = [
         (key, output_shape(streamed, key, ks, d_ff), dtype)
         for key, (_, dtype) in streamed.plan.items()
@@ -771,6 +447,8 @@ def select_and_write(
                         writer.put_lazy(
                             key, partial(_pruned, streamed, key, value, keep[layer], d_ff, samples)
                         )
+                    if on_layer is not None:
+                        on_layer(layer)
                 if layer == n_layers - 1:
                     raise _StopForward
 

@@ -10,24 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
-from .architectures import ArchSpec, spec_for
+from .architectures import INPUT_ROLES, ArchSpec, spec_for
 from .budgets import BUDGETS
 from .checkpoint import (
     DTYPES,
     check_safetensors_files,
     file_sha256,
     resolve_source,
-    weights_fingerprint,
+    sample_ranges,
+    samples_as_float,
+    samples_fingerprint,
 )
 from .errors import (
     GriffinError,
@@ -36,13 +38,12 @@ from .errors import (
     UsageError,
     VerificationError,
 )
-from .export import EXPERTS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST
-from .loader import SIZES_KEY
-from .slicing import slice_bias, slice_weight
+from .manifest import EXPERTS_FILE, FORMAT_NAME, MANIFEST, SIZES_KEY, manifest_problems
+from .safetensors_io import INDEX_NAME, LazyTensors, list_shards
+from .slicing import fused_indices
 
 #: Files that a loader would read: an unlisted one was added after the export was written.
 _LOADABLE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".py", ".gguf")
-_INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -68,46 +69,21 @@ class VerifyReport:
         }
 
 
-class _Tensors:
-    """Checkpoint key -> tensor (or shape) over the safetensors files of one directory."""
-
-    def __init__(self, stack: contextlib.ExitStack, files: Iterable[Path]) -> None:
-        self._handles: dict[str, Any] = {}
-        for path in files:
-            handle = stack.enter_context(safe_open(str(path), framework="pt"))
-            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                self._handles[key] = handle
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._handles
-
-    def keys(self) -> list[str]:
-        return list(self._handles)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[key].get_slice(key).get_shape())
-
-    def get(self, key: str) -> Tensor:
-        tensor: Tensor = self._handles[key].get_tensor(key)
-        return tensor
-
-
 def weight_files(directory: Path) -> tuple[list[Path], list[str]]:
     """The safetensors weight files of an HF directory and the problems finding them."""
-    index = directory / _INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
-            return [], [f"{_INDEX}: unreadable or malformed; re-export"]
-        missing = [s for s in shards if not (directory / s).is_file()]
-        problems = [f"{s}: weight shard listed in {_INDEX} is missing; re-export" for s in missing]
-        return [directory / s for s in shards if s not in missing], problems
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single], []
-    return [], ["no model.safetensors or model.safetensors.index.json: weights missing; re-export"]
+    try:
+        shards = list_shards(directory)
+    except GriffinError:
+        return [], [f"{INDEX_NAME}: unreadable or malformed; re-export"]
+    problems = [
+        f"{name}: weight shard listed in {INDEX_NAME} is missing; re-export"
+        for name in shards.missing
+    ]
+    if not shards.files and not shards.missing:
+        problems.append(
+            "no model.safetensors or model.safetensors.index.json: weights missing; re-export"
+        )
+    return shards.files, problems
 
 
 def verify_export(
@@ -153,7 +129,7 @@ def verify_export(
         files, found = weight_files(export_dir)
         problems.extend(found)
         try:
-            exported = _Tensors(stack, files)
+            exported = stack.enter_context(LazyTensors(files))
         except (SafetensorError, OSError) as exc:
             problems.append(f"weights unreadable ({_first_line(exc)}); re-export")
             return report
@@ -203,22 +179,33 @@ def check_original(export_dir: str | Path, original: str | Path) -> None:
 def check_original_model(export_dir: str | Path, model: nn.Module) -> None:
     """:func:`check_original` for an original already loaded as a model (any dtype that
     holds the export's values exactly, e.g. the export's own dtype)."""
-    from .checkpoint import ff_tensors
+    from .checkpoint import ff_tensors, fingerprint_samples
 
     manifest = _require_manifest(Path(export_dir))
     spec = spec_for(manifest["source"]["model_type"])
     dtype = _torch_dtype(manifest["dtype"])
-    found = weights_fingerprint((k, t.to(dtype)) for k, t in ff_tensors(spec, model))
+    found = samples_fingerprint(
+        (key, tuple(tensor.shape), fingerprint_samples(tensor, dtype=dtype))
+        for key, tensor in ff_tensors(spec, model)
+    )
     _compare_fingerprint(export_dir, getattr(model, "name_or_path", "model"), manifest, found)
 
 
-def original_fingerprint(spec: ArchSpec, manifest: dict[str, Any], tensors: _Tensors) -> str:
-    """The export-time fingerprint recomputed from an original's safetensors."""
+def original_fingerprint(spec: ArchSpec, manifest: dict[str, Any], tensors: LazyTensors) -> str:
+    """The export-time fingerprint recomputed from an original's safetensors: only the
+    sampled elements of each FF tensor are read and cast to the export's dtype (as
+    :func:`~griffin_export.checkpoint.weights_fingerprint` of the cast tensors)."""
     dtype = _torch_dtype(manifest["dtype"])
     n_layers = len(manifest["k_per_layer"])
-    return weights_fingerprint(
-        (k, tensors.get(k).to(dtype)) for k in _ff_keys(spec, n_layers, tensors)
-    )
+    entries = []
+    for key in _ff_keys(spec, n_layers, tensors):
+        shape = tensors.shape(key)
+        numel = 1
+        for n in shape:
+            numel *= n
+        parts = [tensors.flat(key, a, b) for a, b in sample_ranges(numel)]
+        entries.append((key, shape, samples_as_float(parts, dtype)))
+    return samples_fingerprint(entries)
 
 
 # -- the checks ---------------------------------------------------------------------------------
@@ -237,39 +224,9 @@ def _check_manifest(export_dir: Path, problems: list[str]) -> dict[str, Any] | N
     except ValueError as exc:
         problems.append(f"{MANIFEST}: {exc}; re-export")
         return None
-    if manifest.get("format") != FORMAT_NAME:
-        problems.append(f"{MANIFEST}: format is not '{FORMAT_NAME}'; re-export")
-        return None
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        problems.append(
-            f"{MANIFEST}: format_version {version!r} is not one this griffin reads "
-            f"(up to {FORMAT_VERSION}); upgrade griffin or re-export"
-        )
-        return None
-    source = manifest.get("source")
-    bad: list[str] = []
-    if not isinstance(source, dict):
-        bad.append("source")
-    else:
-        if not _is_int(source.get("d_ff")) or source["d_ff"] < 1:
-            bad.append("source.d_ff")
-        if not isinstance(source.get("model_type"), str):
-            bad.append("source.model_type")
-        if not isinstance(source.get("fingerprint"), str):
-            bad.append("source.fingerprint")
-    ks = manifest.get("k_per_layer")
-    if not isinstance(ks, list) or not ks or not all(_is_int(k) and k > 0 for k in ks):
-        bad.append("k_per_layer")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
-    ):
-        bad.append("files")
-    if manifest.get("dtype") not in {_dtype_name(d) for d in DTYPES.values()}:
-        bad.append("dtype")
-    if bad:
-        problems.append(f"{MANIFEST}: missing or malformed {', '.join(bad)}; re-export")
+    found = manifest_problems(manifest)
+    if found:
+        problems.append(f"{MANIFEST}: {found[0]}")
         return None
     return manifest
 
@@ -378,9 +335,9 @@ def _check_experts(
         problems.append(f"{EXPERTS_FILE}: missing (the kept-index map); re-export")
         return None
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        with LazyTensors([path]) as handle:
+            metadata = handle.metadata(path)
+            tensors = {key: handle.get(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as exc:
         problems.append(f"{EXPERTS_FILE}: unreadable ({_first_line(exc)}); re-export")
         return None
@@ -428,7 +385,7 @@ def _check_experts(
 
 def _check_shapes(
     spec: ArchSpec,
-    tensors: _Tensors,
+    tensors: LazyTensors,
     k_per_layer: list[int],
     hidden: int | None,
     problems: list[str],
@@ -470,7 +427,7 @@ def _expected_shape(
 def _check_against_original(
     spec: ArchSpec,
     manifest: dict[str, Any],
-    exported: _Tensors,
+    exported: LazyTensors,
     keep: list[Tensor],
     original: str,
     stack: contextlib.ExitStack,
@@ -511,11 +468,7 @@ def _check_against_original(
                     continue
                 if key not in exported:
                     continue  # a missing weight is already reported
-                full = tensors.get(key).to(dtype)
-                if kind == "weight":
-                    want = slice_weight(spec, role, full, index, d_ff)
-                else:
-                    want = slice_bias(role, full, index, d_ff)
+                want = _sliced_original(spec, tensors, key, role, kind, index, d_ff).to(dtype)
                 got = exported.get(key)
                 if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
                     problems.append(
@@ -527,6 +480,23 @@ def _check_against_original(
 # -- helpers ------------------------------------------------------------------------------------
 
 
+def _sliced_original(
+    spec: ArchSpec,
+    tensors: LazyTensors,
+    key: str,
+    role: str,
+    kind: str,
+    keep: Tensor,
+    d_ff: int,
+) -> Tensor:
+    """The original's ``key`` sliced to the kept neurons (as :mod:`griffin_export.slicing`
+    slices it), reading only the kept rows or the column range they span, not the tensor."""
+    if kind == "bias" and role not in INPUT_ROLES:
+        return tensors.get(key)  # a down bias is kept whole
+    index = fused_indices(keep, d_ff) if role == "gate_up" else keep
+    return tensors.select(key, index, 0 if kind == "bias" else spec.neuron_axis(role))
+
+
 def _original_directory(original: str) -> Path:
     source = resolve_source(original)
     if source.directory is None:
@@ -536,19 +506,16 @@ def _original_directory(original: str) -> Path:
     return source.directory
 
 
-def _open_original(directory: Path, stack: contextlib.ExitStack) -> _Tensors:
+def _open_original(directory: Path, stack: contextlib.ExitStack) -> LazyTensors:
     check_safetensors_files(directory)
-    files = sorted(directory.glob("*.safetensors"))
-    index = directory / _INDEX
-    if index.is_file():
-        files, _ = weight_files(directory)
+    files = list_shards(directory).files
     if not files:
         raise ModelLoadError(
             f"the original '{directory}' has no *.safetensors weights; verify reads safetensors "
             "only (convert pickle checkpoints first)"
         )
     try:
-        return _Tensors(stack, files)
+        return stack.enter_context(LazyTensors(files))
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(
             f"the original's weights in '{directory}' are unreadable ({_first_line(exc)}); "
@@ -556,7 +523,7 @@ def _open_original(directory: Path, stack: contextlib.ExitStack) -> _Tensors:
         ) from exc
 
 
-def _ff_keys(spec: ArchSpec, n_layers: int, tensors: _Tensors) -> Iterator[str]:
+def _ff_keys(spec: ArchSpec, n_layers: int, tensors: LazyTensors) -> Iterator[str]:
     for layer in range(n_layers):
         for role in spec.roles():
             for kind in ("weight", "bias"):

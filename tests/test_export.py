@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from griffin_export import ARCHITECTURES, export, prune_model, spec_for
-from griffin_export.checkpoint import safetensors_payload_bytes, state_dict_bytes
+from griffin_export.checkpoint import state_dict_bytes
 from griffin_export.errors import UnsupportedArchitectureError
-from griffin_export.export import EXPERTS_FILE, MANIFEST
+from griffin_export.manifest import EXPERTS_FILE, MANIFEST
+from griffin_export.safetensors_io import payload_bytes
 
 from tiny import MODEL_TYPES, random_ids, save_tiny, tiny_model
 
@@ -112,7 +113,7 @@ def test_file_bytes_equal_predicted_parameter_bytes(
 ) -> None:
     out = tmp_path / "out"
     result = export(str(sources[model_type]), [PROMPT], ratio=0.5, out=out)
-    payload = sum(safetensors_payload_bytes(p) for p in out.glob("model*.safetensors"))
+    payload = sum(payload_bytes(p) for p in out.glob("model*.safetensors"))
     assert payload == result.bytes_after
     assert result.file_bytes - payload < 64 * 1024  # the JSON header, nothing else
     reloaded = AutoModelForCausalLM.from_pretrained(out)

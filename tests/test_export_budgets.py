@@ -18,9 +18,9 @@ from griffin_export import export, load_pretrained, spec_for
 from griffin_export.budgets import layer_sizes
 from griffin_export.errors import UsageError
 from griffin_export.evaluate import Setting, evaluate, make_windows
-from griffin_export.export import MANIFEST
 from griffin_export.exports import open_export
 from griffin_export.loader import prune_model_per_layer
+from griffin_export.manifest import MANIFEST
 from griffin_export.selection import select_experts
 from griffin_export.verify import verify_export
 

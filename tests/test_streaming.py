@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,8 @@ from safetensors.torch import load_file
 
 from griffin_export import export, streaming
 from griffin_export.errors import ModelLoadError
-from griffin_export.export import EXPERTS_FILE, MANIFEST
-from griffin_export.streaming import ShardWriter, SourceTensors
+from griffin_export.manifest import EXPERTS_FILE, MANIFEST
+from griffin_export.safetensors_io import ShardWriter, SourceTensors
 
 from tiny import MODEL_TYPES, char_tokenizer, save_tiny, tiny_model
 
@@ -147,7 +148,8 @@ def test_streaming_with_memory_mapped_non_block_tensors(
         seen.append(set(streamed.mapped))
         return streamed
 
-    monkeypatch.setattr(streaming, "load_streamed", spy)
+    # the pipeline module (griffin_export.export is shadowed by the function of that name)
+    monkeypatch.setattr(sys.modules["griffin_export.export"], "load_streamed", spy)
     assert_same_export(tmp_path, tiny_model("llama", tie_word_embeddings=tied), True, PROMPTS)
     assert seen and "model.embed_tokens.weight" in seen[0]
 
@@ -160,3 +162,23 @@ def test_shard_writer_reports_a_failed_write(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="planned"):
         writer.close()
     writer.abort()
+
+
+def test_streaming_progress_advances_per_layer(tmp_path: Path) -> None:
+    """The streaming export reports its write stage once per decoder layer, in order, out of
+    the number of layers (the CLI's bar then moves while the model streams). Catches a
+    write stage reported only as 0/1 before and 1/1 after the whole pass."""
+    src = save_tiny("llama", tmp_path / "src")
+    events: list[tuple[str, int, int]] = []
+    result = export(
+        str(src),
+        PROMPTS,
+        0.5,
+        out=tmp_path / "out",
+        streaming=True,
+        progress=lambda stage, done, total: events.append((stage, done, total)),
+    )
+    n = result.n_layers
+    assert n > 1
+    writes = [(done, total) for stage, done, total in events if stage == "write"]
+    assert writes == [(0, n), *[(i, n) for i in range(1, n + 1)], (n, n)]

@@ -17,7 +17,7 @@ from griffin_cli.main import app
 from griffin_export import export
 from griffin_export.checkpoint import file_sha256
 from griffin_export.errors import OriginalMismatchError, VerificationError
-from griffin_export.export import EXPERTS_FILE, MANIFEST
+from griffin_export.manifest import EXPERTS_FILE, MANIFEST
 from griffin_export.verify import (
     check_export_files,
     check_original,
@@ -203,3 +203,41 @@ def test_verify_report_as_json(made: dict[str, Path]) -> None:
     report = json.loads(result.stdout)
     assert report["ok"] is True and report["problems"] == []
     assert verify_export(made["root"] / "phi3-out", hash_files=False).ok
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3"])
+def test_original_check_reads_only_samples_and_kept_rows(
+    made: dict[str, Path], model_type: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verifying against the original never loads a whole FF weight of the original (only
+    the fingerprint's samples and the kept rows/column range), and still passes. Catches a
+    verify that casts or reads whole original tensors (issue 13, item 8)."""
+    from griffin_export.safetensors_io import LazyTensors
+
+    whole: list[str] = []
+    real_get = LazyTensors.get
+    original = made[model_type]
+
+    def get(self: LazyTensors, key: str) -> torch.Tensor:
+        from_original = any(path.parent == original for path in self._files)
+        if from_original and ".mlp." in key and key.endswith("weight"):
+            whole.append(key)
+        return real_get(self, key)
+
+    monkeypatch.setattr(LazyTensors, "get", get)
+    report = verify_export(made["root"] / f"{model_type}-out", original, hash_files=False)
+    assert report.ok, report.problems
+    assert "pruned tensors against the original" in report.checked
+    assert whole == []
+
+
+def test_fingerprint_of_a_dtype_changed_export(tmp_path: Path) -> None:
+    """A float32 original exported as bfloat16 passes check_original: the samples are cast
+    to the export's dtype before hashing, as the export hashed its cast tensors. Catches
+    hashing the original's own dtype, or casting after converting to float32."""
+    src = save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    export(str(src), [PROMPT], 0.5, out=out, dtype="bfloat16")
+    check_original(out, src)
+    report = verify_export(out, src, hash_files=False)
+    assert report.ok, report.problems
