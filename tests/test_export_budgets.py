@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from griffin_cli.main import app
-from griffin_export import export, load_pretrained, spec_for
+from griffin_export import export, load_pretrained, read_manifest, spec_for
 from griffin_export.budgets import layer_sizes
 from griffin_export.errors import UsageError
 from griffin_export.evaluate import Setting, evaluate, make_windows
@@ -81,6 +81,9 @@ def test_protect_export_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config["griffin"]["intermediate_sizes"] == SIZES
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["budget"] == "protect" and manifest["k_per_layer"] == SIZES
+    # the typed manifest reads back every field (a dropped budget would read as uniform)
+    typed = read_manifest(out)
+    assert typed.budget == "protect" and typed.to_dict() == manifest
     assert "griffin_export.load_pretrained" in (out / "README.md").read_text()
     assert verify_export(out, src).problems == []
     with pytest.raises(Exception, match=r"(?i)size|shape"):  # stock loading refuses, loudly
