@@ -40,13 +40,14 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from griffin_export.budgets import (  # noqa: E402
+from budget_methods import (  # noqa: E402  (benchmarks/, next to this script)
     blend,
     energy_gains,
     layer_budgets,
     output_gains,
     selection_order,
 )
+
 from griffin_export.checkpoint import load_model, resolve_source  # noqa: E402
 from griffin_export.corpora import corpus_tokens, load_corpus  # noqa: E402
 from griffin_export.evaluate import make_windows  # noqa: E402

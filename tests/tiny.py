@@ -6,6 +6,7 @@ bugs (rows vs columns, fused halves) cannot hide behind square matrices.
 
 from __future__ import annotations
 
+import math
 import string
 from pathlib import Path
 from typing import Any
@@ -111,3 +112,51 @@ def save_tiny(model_type: str, directory: Path, seed: int = 0, **overrides: Any)
 def random_ids(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n,), generator=g)
+
+
+# -- independent oracles (plain loops, no griffin_export code) ----------------------------------
+
+
+def loop_statistic(z: Any) -> list[float]:
+    """GRIFFIN's ``s_j = sqrt(sum_t (z_tj / ||z_t||)^2)`` written out token by token in
+    float64 Python arithmetic; an all-zero token adds nothing. ``z``: rows of floats (or a
+    ``[T, d_ff]`` tensor)."""
+    rows = z.double().tolist() if isinstance(z, torch.Tensor) else z
+    s = [0.0] * len(rows[0])
+    for row in rows:
+        norm = math.sqrt(sum(v * v for v in row))
+        if norm == 0.0:
+            continue
+        for j, v in enumerate(row):
+            s[j] += (v / norm) ** 2
+    return [math.sqrt(v) for v in s]
+
+
+def plain_top_k(scores: Any, k: int) -> list[int]:
+    """The ``k`` largest scores' indices, ties to the lower index, ascending: a plain
+    ``sorted`` over ``(-score, index)``."""
+    values = scores.tolist() if isinstance(scores, torch.Tensor) else list(scores)
+    ranked = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    return sorted(ranked[:k])
+
+
+def capture_down_inputs(spec: Any, model: torch.nn.Module, ids: torch.Tensor) -> list[Any]:
+    """Per layer, the ``[T, d_ff]`` inputs of the down projection for one forward of ``ids``,
+    taken by forward pre-hooks on the model's own modules."""
+    captured: list[Any] = []
+    blocks = list(spec.blocks(model))
+    handles = [
+        spec.down_module(b).register_forward_pre_hook(
+            lambda _m, a: captured.append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())
+        )
+        for b in blocks
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids.reshape(1, -1))
+    finally:
+        for h in handles:
+            h.remove()
+    if len(captured) != len(blocks):
+        raise RuntimeError(f"captured {len(captured)} down inputs for {len(blocks)} blocks")
+    return captured
