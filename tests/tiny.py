@@ -56,6 +56,54 @@ CONFIGS: dict[str, dict[str, Any]] = {
         n_embd=HIDDEN, n_inner=D_FF, n_layer=LAYERS, n_head=4, rotary_dim=4, n_positions=256
     ),
 }
+# Rows added with the enumeration of transformers' causal-LM types (tests/test_architectures.py).
+CONFIGS.update(
+    {
+        **{
+            model_type: {}
+            for model_type in (
+                "granite_swa",
+                "beam",
+                "cohere",
+                "cohere2",
+                "cwm",
+                "diffllama",
+                "doge",
+                "ernie4_5",
+                "exaone4",
+                "helium",
+                "hunyuan_v1_dense",
+                "hyperclovax",
+                "internlm3",
+                "iquestcoder",
+                "ministral",
+                "ministral3",
+                "olmo3",
+                "seed_oss",
+                "smollm3",
+                "vaultgemma",
+                "glm",
+                "glm4",
+                "modernbert-decoder",
+                "apertus",
+                "apertus1p5_text",
+                "arcee",
+                "jais2",
+                "nemotron",
+                "nanochat",
+                "persimmon",
+                "biogpt",
+            )
+        },
+        "xglm": dict(ffn_dim=D_FF, d_model=HIDDEN, num_layers=LAYERS, attention_heads=4),
+        "gpt-sw3": CONFIGS["gpt2"],
+        "gpt_bigcode": dict(n_embd=HIDDEN, n_inner=D_FF, n_layer=LAYERS, n_head=4, n_positions=256),
+        "codegen": dict(
+            n_embd=HIDDEN, n_inner=D_FF, n_layer=LAYERS, n_head=4, rotary_dim=4, n_positions=256
+        ),
+        "ctrl": dict(n_embd=HIDDEN, dff=D_FF, n_layer=LAYERS, n_head=4, n_positions=256),
+    }
+)
 MODEL_TYPES = sorted(CONFIGS)
 
 
