@@ -8,7 +8,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from griffin_cli.main import app, err_console, out_console, stage_progress
+from griffin_cli.main import (
+    Budget,
+    Dtype,
+    app,
+    err_console,
+    model_option,
+    out_console,
+    stage_progress,
+)
 from griffin_export.budgets import DEFAULT_BUDGET
 from griffin_export.checkpoint import DEFAULT_MODEL
 from griffin_export.export import ExportResult, export
@@ -24,11 +32,8 @@ _STAGES = {
 
 @app.command("export")
 def export_command(
-    model: str = typer.Option(
-        DEFAULT_MODEL,
-        "--model",
-        "-m",
-        help="Hub id, local HF directory, .gguf file, or the embedded 'smollm2-135m'.",
+    model: str = model_option(
+        "Hub id, local HF directory, .gguf file, or the embedded 'smollm2-135m'.", DEFAULT_MODEL
     ),
     prompt: list[str] | None = typer.Option(
         None, "--prompt", "-p", help="Prompt file (UTF-8); repeatable; '-' reads stdin."
@@ -42,7 +47,7 @@ def export_command(
     multiple_of: int = typer.Option(
         1, "--multiple-of", help="Round the kept count to a multiple of N (never above d_ff)."
     ),
-    budget: str = typer.Option(
+    budget: Budget = typer.Option(
         DEFAULT_BUDGET,
         "--budget",
         help="uniform (same k in every layer; stock from_pretrained loads it) or protect "
@@ -50,10 +55,14 @@ def export_command(
         "griffin_export.load_pretrained).",
     ),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Output directory [default: <model>-griffin-<ratio>]."
+        None,
+        "--out",
+        "-o",
+        help="Output directory, written atomically.",
+        show_default="<model>-griffin-<ratio>",
     ),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="auto (the source's), float32, bfloat16 or float16."
+    dtype: Dtype = typer.Option(
+        "auto", "--dtype", help="Weight dtype of the export; auto keeps the source's."
     ),
     device: str = typer.Option("cpu", "--device", help="Device that runs the prompt: cpu, cuda..."),
     max_prompt_tokens: int | None = typer.Option(

@@ -17,7 +17,10 @@ from griffin_export.runtime import GriffinRuntime
 def generate_command(
     model: str = typer.Option(..., "--model", "-m", help="An export directory."),
     original: str | None = typer.Option(
-        None, "--original", help="The export's full model [default: the manifest's source]."
+        None,
+        "--original",
+        help="The export's full model.",
+        show_default="the manifest's source",
     ),
     prompt: list[str] | None = typer.Option(
         None, "--prompt", "-p", help="Prompt file (UTF-8); '-' reads stdin."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -10,20 +11,22 @@ import typer
 from rich.table import Table
 
 from griffin_cli.export import human_bytes
-from griffin_cli.main import app, out_console
+from griffin_cli.main import app, model_option, out_console, pick_model
 from griffin_export.errors import UsageError
+from griffin_export.exports import is_export
 from griffin_export.inspection import ExportSummary, Flocking, flocking, summarize_export
 
 
 @app.command("inspect")
 def inspect_command(
-    export_dir: Path | None = typer.Argument(
-        None, help="An export directory: print per-layer k, kept fraction and bytes saved."
+    model: str | None = model_option(
+        "An export directory: print per-layer k, kept fraction and bytes saved. With --prompt: "
+        "any model (as for export), whose flocking to draw."
     ),
-    model: str | None = typer.Option(
-        None, "--model", "-m", help="Instead: a full model whose flocking to draw (with --prompt)."
+    export_dir: Path | None = typer.Argument(None, hidden=True),  # old spelling of --model
+    prompt: str | None = typer.Option(
+        None, "--prompt", "-p", help="Prompt file (UTF-8): draw the flocking heatmap instead."
     ),
-    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt file (UTF-8)."),
     layer: int = typer.Option(
         0, "--layer", "-l", help="Layer of the heatmap (negative: from the end)."
     ),
@@ -39,18 +42,19 @@ def inspect_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON on stdout."),
 ) -> None:
-    """Show what an export kept per layer, or (--model, --prompt, --layer) how a layer's FF
-    neurons flock on a prompt. --plot draws it (needs matplotlib, the 'plot' extra)."""
-    if export_dir is not None and model is not None:
-        raise UsageError("pass an export directory or --model/--prompt, not both")
-    if export_dir is None:
-        if model is None or prompt is None:
-            raise UsageError(
-                "pass an export directory, or --model M --prompt FILE [--layer L] for a heatmap"
-            )
-        _flocking(model, prompt, layer, max_tokens, neurons, sort, plot, as_json)
+    """Show what an export kept per layer, or (--prompt, --layer) how a layer's FF neurons
+    flock on a prompt. --plot draws it (needs matplotlib, the 'plot' extra)."""
+    usage = "griffin inspect --model EXPORT_DIR, or --model M --prompt FILE --plot OUT.png"
+    chosen = pick_model(model, export_dir, "inspect", usage)
+    if prompt is not None:
+        _flocking(chosen, prompt, layer, max_tokens, neurons, sort, plot, as_json)
         return
-    summary = summarize_export(export_dir)
+    if not is_export(chosen):
+        raise UsageError(
+            f"'{chosen}' is not a griffin export (no manifest); inspect an export directory, or "
+            "draw a model's flocking with --prompt FILE --plot OUT.png"
+        )
+    summary = summarize_export(chosen)
     if plot is not None:
         _plot_budget(summary, plot)
     if as_json:
@@ -120,17 +124,32 @@ def _pyplot() -> Any:
 
 def _plot_budget(summary: ExportSummary, path: Path) -> None:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, len(summary.rows) * 0.25), 3.5))
+    _save(budget_figure(summary, plt), path, plt)
+
+
+def budget_figure(summary: ExportSummary, plt: Any) -> Any:
+    """The per-layer kept fraction as bars: whole-layer ticks, the title wrapped to the width."""
+    from matplotlib.ticker import MaxNLocator
+
+    width = max(6.0, len(summary.rows) * 0.25)
+    fig, ax = plt.subplots(figsize=(width, 3.5))
     layers = [r.layer for r in summary.rows]
     ax.bar(layers, [r.fraction for r in summary.rows], color="tab:blue", label="kept")
     ax.axhline(summary.kept_fraction, color="black", lw=1, ls="--", label="overall")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("kept fraction of d_ff")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"{summary.model}: {summary.budget} budget, ratio {summary.ratio:g}")
+    _title(ax, f"{summary.model}: {summary.budget} budget, ratio {summary.ratio:g}", width)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    _save(fig, path, plt)
+    return fig
+
+
+def _title(ax: Any, text: str, inches: float) -> None:
+    """A title wrapped to the figure's width (about 9 characters of 12 pt text per inch), so a
+    long model path wraps instead of running off the figure."""
+    ax.set_title(textwrap.fill(text, width=int(inches * 9), break_on_hyphens=False))
 
 
 def _flocking(
@@ -187,9 +206,11 @@ def _plot_flocking(result: Flocking, neurons: int, sort: bool, path: Path, plt: 
     what = "by GRIFFIN statistic, largest first" if sort else "index"
     ax.set_xlabel(f"neuron ({what}; {values.shape[1]} of {result.values.shape[1]})")
     ax.set_ylabel("token")
-    ax.set_title(
+    _title(
+        ax,
         f"layer {result.layer}: normalised activations |z_t| / ||z_t|| "
-        f"({values.shape[0]} tokens); vertical stripes = flocking"
+        f"({values.shape[0]} tokens); vertical stripes = flocking",
+        9,
     )
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import typer
 from rich.console import Console
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from typer.core import TyperGroup
 
 from griffin_export import __version__
-from griffin_export.errors import GriffinError
+from griffin_export.errors import GriffinError, UsageError
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -23,14 +24,46 @@ err_console = Console(stderr=True)
 out_console = Console()
 
 
+#: The fixed choices the parser enforces (tests/test_cli_help.py keeps them equal to the
+#: library's tables). Typer lists a ``Literal``'s values in ``--help`` and refuses others.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Budget = Literal["uniform", "protect"]
+Protocol = Literal["static", "griffin"]
+BASELINES = ("magnitude", "random")
+
+_DEBUG = "griffin_debug"  # key in click's Context.meta, which every nested context shares
+
+
+def _set_debug(ctx: typer.Context, value: bool) -> bool:
+    if value:
+        ctx.meta[_DEBUG] = True
+    return value
+
+
+def _no_usage(ctx: Any) -> list[str]:
+    return []
+
+
 class _GriffinGroup(TyperGroup):
-    """Maps every :class:`GriffinError` to one red line and its exit code (1, or 2 for usage)."""
+    """Maps every :class:`GriffinError` to one red line and its exit code (1, or 2 for usage),
+    and gives every command the group's ``--debug`` so it works before or after the verb.
+    Hidden arguments (old spellings kept as aliases) stay out of the usage line too."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        debug = next(p for p in self.params if p.name == "debug")
+        for command in self.commands.values():
+            if all(p.name != "debug" for p in command.params):
+                command.params.append(debug)
+            for param in command.params:
+                if param.param_type_name == "argument" and getattr(param, "hidden", False):
+                    param.get_usage_pieces = _no_usage  # type: ignore[method-assign]
 
     def invoke(self, ctx: Any) -> Any:  # a click Context (typer vendors click)
         try:
             return super().invoke(ctx)
         except GriffinError as exc:
-            if ctx.params.get("debug") or os.environ.get("GRIFFIN_DEBUG"):
+            if ctx.meta.get(_DEBUG) or os.environ.get("GRIFFIN_DEBUG"):
                 err_console.print_exception()
             err_console.print(
                 f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
@@ -62,7 +95,9 @@ def main(
     debug: bool = typer.Option(
         False,
         "--debug",
-        help="Show the traceback of an error (or set GRIFFIN_DEBUG=1).",  # read by _GriffinGroup
+        callback=_set_debug,  # read by _GriffinGroup, which also adds it to every command
+        expose_value=False,
+        help="Show the traceback of an error (or set GRIFFIN_DEBUG=1).",
     ),
 ) -> None:
     """griffin: smaller checkpoints from the neurons a prompt actually uses."""
@@ -95,6 +130,46 @@ def stage_progress(labels: dict[str, str], transient: bool) -> Iterator[Progress
             bar.update(tasks[stage], completed=done, total=max(total, 1))
 
         yield on_progress
+
+
+def model_option(help: str, default: str | None = None) -> Any:
+    """``--model``/``-m``, the one name every command gives what it reads: a full model or an
+    export directory."""
+    return typer.Option(default, "--model", "-m", help=help)
+
+
+def pick_model(model: str | None, positional: Path | None, command: str, usage: str) -> str:
+    """``--model``, or the positional directory that ``verify`` and ``inspect`` took before
+    (still accepted, no longer shown); exactly one of them, else a usage error naming ``usage``."""
+    if model is not None and positional is not None:
+        raise UsageError(
+            f"pass the directory once: griffin {command} --model DIR, not also '{positional}'"
+        )
+    if model is None and positional is None:
+        raise UsageError(f"griffin {command} needs --model: {usage}")
+    return model if model is not None else str(positional)
+
+
+def choice_list(choices: Sequence[str]) -> Callable[[list[str] | None], list[str] | None]:
+    """Callback of a repeatable option whose values may also be comma-separated
+    (``--baselines magnitude,random``): the flat list, or a parse-time error naming the
+    choices."""
+
+    def check(values: list[str] | None) -> list[str] | None:
+        if values is None:
+            return None
+        flat = [name.strip() for item in values for name in item.split(",") if name.strip()]
+        for name in flat:
+            if name not in choices:
+                raise typer.BadParameter(f"{name!r} is not one of {', '.join(map(repr, choices))}.")
+        return flat
+
+    return check
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 window``, ``2 windows``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def run() -> None:

@@ -7,18 +7,32 @@ import json
 import typer
 from rich.table import Table
 
-from griffin_cli.main import app, out_console, stage_progress
+from griffin_cli.main import (
+    BASELINES,
+    Dtype,
+    Protocol,
+    app,
+    choice_list,
+    model_option,
+    out_console,
+    plural,
+    stage_progress,
+)
+from griffin_export.budgets import BUDGETS
 from griffin_export.checkpoint import DEFAULT_MODEL
 from griffin_export.evaluate import PplReport, perplexity
 
 
 @app.command("ppl")
 def ppl_command(
-    model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", help="An export directory, or a full model (as for export)."
+    model: str = model_option(
+        "An export directory, or a full model (as for export).", DEFAULT_MODEL
     ),
     original: str | None = typer.Option(
-        None, "--original", help="The export's full model [default: the manifest's source]."
+        None,
+        "--original",
+        help="The export's full model.",
+        show_default="the manifest's source",
     ),
     dataset: str = typer.Option(
         "wiki-summaries",
@@ -26,10 +40,12 @@ def ppl_command(
         "-d",
         help="wiki-summaries, shakespeare, wikitext2 (needs the hub), or a .txt file.",
     ),
-    protocol: str | None = typer.Option(
+    protocol: Protocol | None = typer.Option(
         None,
         "--protocol",
-        help="static or griffin [default: static for an export, griffin for a full model].",
+        help="static: an export beside its original; griffin: prompt-adaptive pruning of a "
+        "full model.",
+        show_default="static for an export, griffin for a full model",
     ),
     seq_len: int = typer.Option(1024, "--seq-len", "-L", help="Window length in tokens."),
     stride: int | None = typer.Option(
@@ -43,31 +59,44 @@ def ppl_command(
         512, "--prompt-len", "-P", help="griffin: tokens per window that choose the experts."
     ),
     ratio: list[float] | None = typer.Option(
-        None, "--ratio", "-r", help="griffin: fraction kept; repeatable [default: 0.5]."
+        None, "--ratio", "-r", help="griffin: fraction kept; repeatable.", show_default="0.5"
     ),
     refresh: list[int] | None = typer.Option(
         None, "--refresh", help="griffin: re-choose every N scored tokens (0 = never); repeatable."
     ),
     window: int | None = typer.Option(
-        None, "--window", "-W", help="griffin: choose from the last W tokens [default: all]."
+        None,
+        "--window",
+        "-W",
+        help="griffin: choose from the last W tokens.",
+        show_default="all",
     ),
     baselines: list[str] | None = typer.Option(
-        None, "--baselines", help="griffin: static magnitude and/or random at the same k."
+        None,
+        "--baselines",
+        callback=choice_list(BASELINES),
+        metavar="<magnitude|random>,...",
+        help="griffin: static baselines at the same k, magnitude and/or random; repeatable, "
+        "or comma-separated.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random baseline."),
     budget: list[str] | None = typer.Option(
         None,
         "--budget",
+        callback=choice_list(BUDGETS),
+        metavar="<uniform|protect>,...",
         help="griffin: per-layer budget, uniform or protect (first and last layers dense, same "
-        "total); repeatable, or comma-separated [default: uniform].",
+        "total); repeatable, or comma-separated.",
+        show_default="uniform",
     ),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Windows per forward."),
-    dtype: str = typer.Option("auto", "--dtype", help="Full model dtype (exports keep theirs)."),
+    dtype: Dtype = typer.Option(
+        "auto", "--dtype", help="Full model dtype; auto keeps the source's (exports keep theirs)."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Perplexity of an export or of prompt-adaptive GRIFFIN, beside the full model."""
-    names = [b for item in baselines or [] for b in item.split(",") if b]
     labels = {"load": "Loading models", "score": "Scoring windows"}
     with stage_progress(labels, transient=as_json) as on_progress:
         result = perplexity(
@@ -83,9 +112,9 @@ def ppl_command(
             ratios=ratio or [0.5],
             refreshes=refresh or [0],
             window=window,
-            baselines=names,
+            baselines=baselines or [],
             seed=seed,
-            budgets=[b for item in budget or [] for b in item.split(",") if b] or ["uniform"],
+            budgets=budget or ["uniform"],
             batch_size=batch_size,
             dtype=dtype,
             device=device,
@@ -101,7 +130,7 @@ def ppl_table(report: PplReport) -> Table:
     """name, protocol, tokens scored, PPL, change vs full."""
     extra = f", P={report.prompt_len}" if report.protocol == "griffin" else ""
     table = Table(
-        title=f"{report.dataset}: {report.windows} windows of {report.seq_len}{extra}",
+        title=f"{report.dataset}: {plural(report.windows, 'window')} of {report.seq_len}{extra}",
         title_justify="left",
     )
     for column in ("name", "protocol", "tokens scored", "PPL", "vs full"):

@@ -8,13 +8,14 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from griffin_cli.main import app, err_console, out_console
+from griffin_cli.main import app, err_console, model_option, out_console, pick_model
 from griffin_export.verify import verify_export
 
 
 @app.command("verify")
 def verify_command(
-    export_dir: Path = typer.Argument(..., help="The directory griffin export wrote."),
+    model: str | None = model_option("The export directory: what griffin export wrote."),
+    export_dir: Path | None = typer.Argument(None, hidden=True),  # old spelling of --model
     original: str | None = typer.Option(
         None,
         "--original",
@@ -25,7 +26,8 @@ def verify_command(
 ) -> None:
     """Check an export: manifest, file hashes, shapes, kept-index map, and with --original its
     tensors. Exit 0 when all hold, else one line per problem and exit 1."""
-    report = verify_export(export_dir, original)
+    directory = Path(pick_model(model, export_dir, "verify", "griffin verify --model DIR"))
+    report = verify_export(directory, original)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     for problem in report.problems:
@@ -36,7 +38,7 @@ def verify_command(
         raise typer.Exit(1)
     if not as_json:
         out_console.print(
-            f"[green]ok:[/] {escape(str(export_dir))} ({escape(', '.join(report.checked))})",
+            f"[green]ok:[/] {escape(str(directory))} ({escape(', '.join(report.checked))})",
             highlight=False,
             soft_wrap=True,
         )
