@@ -62,7 +62,10 @@ def export_command(
         show_default="<model>-griffin-<ratio>",
     ),
     dtype: Dtype = typer.Option(
-        "auto", "--dtype", help="Weight dtype of the export; auto keeps the source's."
+        "auto",
+        "--dtype",
+        case_sensitive=False,
+        help="Weight dtype of the export; auto keeps the source's.",
     ),
     device: str = typer.Option("cpu", "--device", help="Device that runs the prompt: cpu, cuda..."),
     max_prompt_tokens: int | None = typer.Option(

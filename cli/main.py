@@ -26,7 +26,7 @@ out_console = Console()
 
 #: The fixed choices the parser enforces (tests/test_cli_help.py keeps them equal to the
 #: library's tables). Typer lists a ``Literal``'s values in ``--help`` and refuses others.
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 Budget = Literal["uniform", "protect"]
 Protocol = Literal["static", "griffin"]
 BASELINES = ("magnitude", "random")

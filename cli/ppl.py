@@ -91,7 +91,10 @@ def ppl_command(
     ),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Windows per forward."),
     dtype: Dtype = typer.Option(
-        "auto", "--dtype", help="Full model dtype; auto keeps the source's (exports keep theirs)."
+        "auto",
+        "--dtype",
+        case_sensitive=False,
+        help="Full model dtype; auto keeps the source's (exports keep theirs).",
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),

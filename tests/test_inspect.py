@@ -140,3 +140,33 @@ def test_inspect_a_per_layer_export(tiny_export: tuple[Path, Path], tmp_path: Pa
     plotted = CliRunner().invoke(app, ["inspect", str(out), "--plot", str(png)])
     assert plotted.exit_code == 0, plotted.output
     assert png.stat().st_size > 1000
+
+
+def test_budget_plot_has_whole_layer_ticks_and_a_title_inside_the_figure() -> None:
+    """Three layers and a long model path: every x tick is a whole layer number and the title,
+    drawn, lies inside the figure. Catches matplotlib's default locator (ticks at 0.5, 1.5 for
+    a few layers) and an unwrapped title that runs off both edges."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from griffin_cli.inspect import budget_figure
+    from griffin_export.inspection import ExportSummary, LayerRow
+
+    rows = [LayerRow(i, k, 96, k * 100, (96 - k) * 100) for i, k in enumerate((96, 40, 96))]
+    model = "/data/models/" + "a-rather-long-directory-name/" * 4 + "SmolLM2-135M-Instruct"
+    summary = ExportSummary(Path("exp"), model, "llama", 0.8, "protect", rows)
+    fig = budget_figure(summary, plt)
+    try:
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+        fig.canvas.draw()
+        box = ax.title.get_window_extent(fig.canvas.get_renderer())
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
+        assert box.y0 >= 0 and box.y1 <= fig.bbox.height, (box, fig.bbox)
+        assert "SmolLM2-135M-Instruct" in ax.get_title().replace("\n", "")
+    finally:
+        plt.close(fig)
