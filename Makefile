@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(BIN)/griffin export --prompt examples/prompt.txt --ratio 0.5 --out demo-export --force
-	$(BIN)/python examples/load_export.py demo-export
+	$(BIN)/griffin export --prompt examples/prompt.txt --ratio 0.75 --out demo-export --force
+	$(BIN)/python examples/demo.py demo-export
 
 test: install
 	$(BIN)/python -m pytest -q
