@@ -20,7 +20,7 @@ from griffin_export.evaluate import perplexity
 export_dir = Path(sys.argv[1])
 prompt = sys.argv[2] if len(sys.argv) > 2 else "The water cycle begins when"
 manifest = read_manifest(export_dir)
-original_dir = resolve_source(manifest["source"]["model"]).directory
+original_dir = resolve_source(manifest.source.model).directory
 console = Console()
 hf_logging.disable_progress_bar()
 
@@ -49,7 +49,7 @@ ppl = [row.ppl for row in report.rows]  # the full model first, then the export
 sizes = [weight_bytes(original_dir), weight_bytes(export_dir)]
 
 table = Table(
-    title=f"{manifest['source']['model']}: full vs griffin export, keep {manifest['ratio']:g} "
+    title=f"{manifest.source.model}: full vs griffin export, keep {manifest.ratio:g} "
     f"of FF neurons (chosen on examples/prompt.txt)",
     title_justify="left",
     show_lines=True,
