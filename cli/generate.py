@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from typing import Any
 
 import typer
 
 from griffin_cli.main import app, err_console
+from griffin_export.errors import UsageError
 from griffin_export.prompts import gather_prompts
-from griffin_export.runtime import GriffinRuntime
+from griffin_export.runtime import GriffinRuntime, TextStream
+
+
+class Events(str, Enum):
+    """How much of each refresh event ``--json`` records."""
+
+    counts = "counts"
+    full = "full"
 
 
 @app.command("generate")
@@ -34,27 +43,29 @@ def generate_command(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, "--top-k", help="Sample from the k likeliest (0 = off)."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed for sampling."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed for sampling (none: drawn at random, and reported)."
+    ),
+    chat: bool = typer.Option(
+        False, "--chat", help="Wrap the prompt as a user turn in the tokenizer's chat template."
+    ),
+    events: Events = typer.Option(
+        Events.counts,
+        "--events",
+        help="With --json, per refresh and layer: counts (overlap, neurons changed) or full "
+        "(also the kept indices).",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead."),
 ) -> None:
     """Generate with an export, re-slicing its experts from the full weights as it goes."""
+    if events is Events.full and not as_json:
+        raise UsageError("--events full lists the kept indices in the JSON result; add --json")
     text = "\n\n".join(gather_prompts(prompt, prompt_text))
     with err_console.status("Loading export and mapping the original", spinner="dots"):
         runtime = GriffinRuntime.from_export(model, original, device=device)
     tokenizer: Any = runtime.tokenizer  # generate() refuses an export without one
-    shown = ""
-    produced: list[int] = []
-
-    def on_token(token: int) -> None:
-        nonlocal shown
-        if as_json:
-            return
-        produced.append(token)
-        decoded = tokenizer.decode(produced, skip_special_tokens=True)
-        sys.stdout.write(decoded[len(shown) :])
-        sys.stdout.flush()
-        shown = decoded
+    streamer = None if as_json else TextStream(tokenizer, _write)
 
     result = runtime.generate(
         text,
@@ -65,16 +76,26 @@ def generate_command(
         top_p=top_p,
         top_k=top_k,
         seed=seed,
-        on_token=on_token,
+        chat=chat,
+        record_kept=events is Events.full,
+        on_token=None if streamer is None else streamer.put,
     )
-    if as_json:
+    if streamer is None:
         typer.echo(json.dumps(result.to_dict()))
         return
-    sys.stdout.write("\n")
+    streamer.end()
+    _write("\n")
     overlaps = [e.mean_overlap for e in result.refreshes]
     mean = f", mean overlap {sum(overlaps) / len(overlaps):.3f}" if overlaps else ""
+    seeded = "" if result.seed is None else f", seed {result.seed}"
     err_console.print(
         f"[dim]{len(result.token_ids)} tokens in {result.seconds:.1f} s "
-        f"({result.tokens_per_second:.1f} tok/s), {len(result.refreshes)} refreshes{mean}[/]",
+        f"({result.tokens_per_second:.1f} tok/s), {len(result.refreshes)} refreshes{mean}"
+        f"{seeded}[/]",
         highlight=False,
     )
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,5 +1,7 @@
 """griffin: export prompt-pruned (GRIFFIN) feed-forward checkpoints of causal LMs."""
 
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
 from .architectures import ARCHITECTURES, ArchSpec, spec_for
 from .errors import GriffinError
@@ -10,11 +12,15 @@ from .scoring import griffin_statistic, keep_count, top_k_indices
 from .selection import Selection, select_experts
 from .slicing import prune_model
 
+if TYPE_CHECKING:
+    from .runtime import GriffinRuntime
+
 __all__ = [
     "ARCHITECTURES",
     "ArchSpec",
     "ExportResult",
     "GriffinError",
+    "GriffinRuntime",
     "Manifest",
     "Selection",
     "__version__",
@@ -28,3 +34,12 @@ __all__ = [
     "spec_for",
     "top_k_indices",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``GriffinRuntime`` is imported on first use (it pulls in verification and generation)."""
+    if name == "GriffinRuntime":
+        from .runtime import GriffinRuntime
+
+        return GriffinRuntime
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,12 +8,17 @@ generated tokens each layer recomputes full-width activations for those inputs f
 original's gate/up weights, applies the export's statistic and top-k, and copies only the
 neurons that changed into the slots of the ones that left, in the live parameters' existing
 storage: no reallocation, the KV cache stays valid and attention is never re-run.
+
+Every :meth:`GriffinRuntime.generate` call starts from the export's experts: it first calls
+:meth:`GriffinRuntime.reset`, which copies back (slot for slot, into the same storage) only
+the rows a previous call's refreshes changed. So a call's tokens never depend on earlier calls.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,18 +39,27 @@ from .verify import check_original
 
 @dataclass
 class RefreshEvent:
-    """One refresh: after ``token_index`` generated tokens, per layer the kept neurons in slot
-    order (the order of the live weight rows) and their Jaccard overlap with the previous set."""
+    """One refresh: after ``token_index`` generated tokens, per layer the Jaccard overlap of the
+    kept set with the previous one and how many neurons were copied in.
+
+    ``kept`` (per layer, the kept neurons in slot order, i.e. the order of the live weight rows)
+    is recorded only when asked (``generate(record_kept=True)``): it is a full index list per
+    layer per refresh, hundreds of MB over a long run of a large model.
+    """
 
     token_index: int
-    kept: list[list[int]]
     overlap: list[float]
-    changed: int
+    changed: list[int]
     seconds: float
+    kept: list[list[int]] | None = None
 
     @property
     def mean_overlap(self) -> float:
         return sum(self.overlap) / len(self.overlap)
+
+    @property
+    def total_changed(self) -> int:
+        return sum(self.changed)
 
 
 @dataclass
@@ -55,6 +69,7 @@ class GenerationResult:
     prompt_tokens: int
     seconds: float
     refreshes: list[RefreshEvent] = field(default_factory=list)
+    seed: int | None = None  # the sampling seed used (drawn from OS entropy if none was given)
 
     @property
     def tokens_per_second(self) -> float:
@@ -62,6 +77,9 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        for event in data["refreshes"]:
+            if event["kept"] is None:
+                del event["kept"]
         data["tokens_per_second"] = self.tokens_per_second
         return data
 
@@ -118,23 +136,41 @@ class _Ring:
 
 
 def full_activations(
-    spec: ArchSpec, act: Callable[[Tensor], Tensor], full: dict[str, Tensor], x: Tensor
+    spec: ArchSpec,
+    act: Callable[[Tensor], Tensor],
+    full: dict[str, Tensor],
+    x: Tensor,
+    *,
+    block: int = 1024,
 ) -> Tensor:
     """Full-width down-projection inputs ``[T, d_ff]`` for MLP inputs ``x`` ``[T, hidden]``,
-    from the original's input projections (``full`` maps ``role`` / ``role.bias`` to tensors)."""
+    from the original's input projections (``full`` maps ``role`` / ``role.bias`` to tensors).
 
-    def project(role: str) -> Tensor:
-        weight = full[role].to(x.dtype)
+    When the original's dtype differs from ``x``'s, its weights are cast ``block`` neurons at a
+    time (the rows being read), never as a whole tensor per call.
+    """
+    first = spec.roles()[0]
+    axis = spec.neuron_axis(first)
+    d_ff = full[first].shape[axis] // (2 if spec.fused_gate_up else 1)
+    step = d_ff if full[first].dtype == x.dtype else block
+
+    def project(role: str, lo: int, hi: int) -> Tensor:
+        weight = full[role].narrow(axis, lo, hi - lo).to(x.dtype)
         y = x @ weight if spec.transposed else x @ weight.T
         bias = full.get(f"{role}.bias")
-        return y if bias is None else y + bias.to(x.dtype)
+        return y if bias is None else y + bias[lo:hi].to(x.dtype)
 
-    if spec.fused_gate_up:
-        gate, up = project("gate_up").chunk(2, dim=-1)
-        return act(gate) * up
-    if spec.gate is not None:
-        return act(project("gate")) * project("up")
-    return act(project("up"))
+    out = x.new_empty(x.shape[0], d_ff)
+    for lo in range(0, d_ff, step):
+        hi = min(lo + step, d_ff)
+        if spec.fused_gate_up:  # [gate; up] along the neuron axis
+            z = act(project("gate_up", lo, hi)) * project("gate_up", d_ff + lo, d_ff + hi)
+        elif spec.gate is not None:
+            z = act(project("gate", lo, hi)) * project("up", lo, hi)
+        else:
+            z = act(project("up", lo, hi))
+        out[:, lo:hi] = z
+    return out
 
 
 class GriffinRuntime:
@@ -143,6 +179,9 @@ class GriffinRuntime:
     Attributes:
         model: the live pruned model (its FF weights change in place at each refresh).
         slots: per layer, the original index of the neuron in each live row (slot order).
+
+    Each :meth:`generate` call starts from the export's experts (it calls :meth:`reset`); after
+    a call, ``model`` and ``slots`` stay as its last refresh left them, for inspection.
     """
 
     def __init__(
@@ -160,6 +199,7 @@ class GriffinRuntime:
         experts = load_file(str(export.directory / EXPERTS_FILE))
         blocks = self.spec.blocks(self.model)
         self.slots = [experts[f"layer.{i}"].long() for i in range(len(blocks))]
+        self._export_slots = [slots.clone() for slots in self.slots]
         self.original = original
         self._full: list[dict[str, Tensor]] = []
         for layer in range(len(blocks)):
@@ -216,20 +256,38 @@ class GriffinRuntime:
         mapped = MappedSafetensors(source.directory)
         return cls(export, mapped, original_device=device if original_on_device else "cpu")
 
-    def refresh(self, token_index: int = 0) -> RefreshEvent:
+    def reset(self) -> int:
+        """Put the export's experts back, slot for slot (so the live weights equal the export's
+        again, bit for bit), copying only the rows that differ into the existing storage.
+        Returns how many slots were rewritten. :meth:`generate` calls it first."""
+        rewritten = 0
+        for layer, block in enumerate(self.spec.blocks(self.model)):
+            want, slots = self._export_slots[layer], self.slots[layer]
+            positions = (slots != want).nonzero().flatten()
+            if positions.numel():
+                self._write(layer, block, positions, want[positions])
+                slots[positions] = want[positions]
+                rewritten += int(positions.numel())
+        return rewritten
+
+    def refresh(self, token_index: int = 0, *, record_kept: bool = False) -> RefreshEvent:
         """Re-select every layer's experts from its ring buffer and copy changed neurons in."""
         started = time.perf_counter()
-        kept, overlap, changed = [], [], 0
+        kept: list[list[int]] = []
+        overlap: list[float] = []
+        changed: list[int] = []
         blocks = self.spec.blocks(self.model)
         for layer, block in enumerate(blocks):
             sums = self._rings[layer].score_sums(partial(self._squares, layer))
             scores = griffin_statistic(sums, accumulated=True)
             current = self.slots[layer].clone()
             new = top_k_indices(scores, current.numel())
-            changed += self._swap_in(layer, block, new)
+            changed.append(self._swap_in(layer, block, new))
             overlap.append(jaccard(current, new))
-            kept.append(self.slots[layer].tolist())
-        return RefreshEvent(token_index, kept, overlap, changed, time.perf_counter() - started)
+            if record_kept:
+                kept.append(self.slots[layer].tolist())
+        seconds = time.perf_counter() - started
+        return RefreshEvent(token_index, overlap, changed, seconds, kept if record_kept else None)
 
     def _squares(self, layer: int, x: Tensor) -> Tensor:
         """Each buffered MLP input's term of the statistic, from the original's weights."""
@@ -245,21 +303,25 @@ class GriffinRuntime:
         arriving = new[~torch.isin(new, slots)]  # original neuron indices to copy in
         if leaving.numel() == 0:
             return 0
-        k = slots.numel()
+        self._write(layer, block, leaving, arriving)
+        slots[leaving] = arriving
+        return int(leaving.numel())
+
+    def _write(self, layer: int, block: nn.Module, positions: Tensor, neurons: Tensor) -> None:
+        """Copy the original's neurons ``neurons`` into the live slots ``positions``."""
+        k = self.slots[layer].numel()
         for role, module in self.spec.projections(block).items():
             axis = self.spec.neuron_axis(role)
-            dst, src = leaving, arriving
+            dst, src = positions, neurons
             if role == "gate_up":  # [gate; up]: live rows s and k + s, original j and d_ff + j
                 dst, src = (
-                    torch.cat([leaving, leaving + k]),
-                    torch.cat([arriving, arriving + self.d_ff]),
+                    torch.cat([positions, positions + k]),
+                    torch.cat([neurons, neurons + self.d_ff]),
                 )
             self._copy(module.weight, self._full[layer][role], axis, dst, src)
             bias = getattr(module, "bias", None)
             if role in INPUT_ROLES and isinstance(bias, Tensor):
                 self._copy(bias, self._full[layer][f"{role}.bias"], 0, dst, src)
-        slots[leaving] = arriving
-        return int(leaving.numel())
 
     @staticmethod
     def _copy(live: Tensor | nn.Module, full: Tensor, axis: int, dst: Tensor, src: Tensor) -> None:
@@ -283,14 +345,20 @@ class GriffinRuntime:
         top_k: int = 0,
         seed: int | None = None,
         stop_at_eos: bool = True,
+        chat: bool = False,
+        record_kept: bool = False,
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Generate up to ``max_new_tokens`` (batch 1), greedy unless ``temperature`` > 0.
 
+        Starts from the export's experts (:meth:`reset`), whatever earlier calls refreshed.
         Every ``refresh_every`` generated tokens (0 = never) the experts are re-chosen from the
-        last ``window`` MLP inputs (with refresh off no inputs are recorded). Stops at the
-        tokenizer's EOS unless ``stop_at_eos`` is False. ``on_token(id)`` is called as each
-        token is produced.
+        last ``window`` MLP inputs (with refresh off no inputs are recorded). Sampling without a
+        ``seed`` draws one from OS entropy; the result records the seed used. Stops at any of
+        the model's end tokens (``generation_config.eos_token_id``, an id or a list, and the
+        tokenizer's EOS) unless ``stop_at_eos`` is False. ``chat`` wraps the prompt as one user
+        turn in the tokenizer's chat template. ``record_kept`` keeps every refresh's full kept
+        lists (:class:`RefreshEvent`). ``on_token(id)`` is called as each token is produced.
         """
         _check_generation_options(max_new_tokens, refresh_every, window, temperature, top_p, top_k)
         if self.tokenizer is None:
@@ -300,11 +368,14 @@ class GriffinRuntime:
         if not prompt.strip():
             raise UsageError("the prompt is empty; pass --prompt FILE or --prompt-text TEXT")
         device = next(self.model.parameters()).device
-        ids = torch.tensor([self.tokenizer(prompt)["input_ids"]], device=device)
+        ids = torch.tensor([_prompt_ids(self.tokenizer, prompt, chat)], device=device)
+        if seed is None and temperature > 0:
+            seed = secrets.randbits(63)
         generator = torch.Generator(device="cpu")
         if seed is not None:
             generator.manual_seed(seed)
-        eos = self.tokenizer.eos_token_id if stop_at_eos else None
+        stop = self.stop_ids() if stop_at_eos else set()
+        self.reset()
         self._rings = [_Ring(window) for _ in self.slots] if refresh_every else []
         handles = [
             self.spec.projections(block)[self.spec.roles()[0]].register_forward_pre_hook(
@@ -316,7 +387,7 @@ class GriffinRuntime:
 
         def between(done: int) -> None:
             if refresh_every and done % refresh_every == 0:
-                events.append(self.refresh(done))
+                events.append(self.refresh(done, record_kept=record_kept))
 
         started = time.perf_counter()
         try:
@@ -325,7 +396,7 @@ class GriffinRuntime:
                 ids,
                 max_new_tokens,
                 lambda logits: _sample(logits, temperature, top_p, top_k, generator),
-                eos=eos,
+                stop=stop,
                 on_token=on_token,
                 between=between,
             )
@@ -334,7 +405,74 @@ class GriffinRuntime:
                 handle.remove()
         seconds = time.perf_counter() - started
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        return GenerationResult(text, generated, ids.shape[1], seconds, events)
+        return GenerationResult(text, generated, ids.shape[1], seconds, events, seed)
+
+    def stop_ids(self) -> set[int]:
+        """The ids that end generation: ``generation_config.eos_token_id`` (an id or a list,
+        e.g. Llama 3's ``<|end_of_text|>`` and ``<|eot_id|>``) and the tokenizer's EOS."""
+        config = getattr(self.model, "generation_config", None)
+        found: set[int] = set()
+        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        for value in (getattr(config, "eos_token_id", None), tokenizer_eos):
+            if isinstance(value, int):
+                found.add(value)
+            elif value is not None:
+                found.update(int(v) for v in value)
+        return found
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """The prompt's token ids; with ``chat``, as one user turn in the chat template."""
+    if not chat:
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(
+            "--chat: the export's tokenizer has no chat template; drop --chat and write "
+            "the prompt in the model's own format"
+        )
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )
+    return list(encoded["input_ids"])
+
+
+class TextStream:
+    """Text pieces as tokens arrive, for streaming: ``write(piece)`` gets each new piece once.
+
+    Incremental detokenisation: each token decodes only a short window (the tokens since the
+    previous piece plus the one before it, for context such as a leading space), so a long run
+    costs O(n), not the O(n^2) of re-decoding everything; a piece ending in an incomplete UTF-8
+    sequence (U+FFFD) is held until the next token completes it. The pieces concatenate to the
+    decoded text. Special tokens are skipped, as in :class:`GenerationResult` ``.text``.
+    """
+
+    def __init__(self, tokenizer: Any, write: Callable[[str], None]) -> None:
+        self._tokenizer = tokenizer
+        self._write = write
+        self._tokens: list[int] = []
+        self._prefix = 0  # start of the context window
+        self._read = 0  # tokens up to here have been written
+
+    def _decode(self, stop: int) -> str:
+        tokens = self._tokens[self._prefix : stop]
+        return str(self._tokenizer.decode(tokens, skip_special_tokens=True))
+
+    def put(self, token: int) -> None:
+        self._tokens.append(token)
+        self._flush(final=False)
+
+    def end(self) -> None:
+        """Write whatever is held back (an incomplete sequence at the very end)."""
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        before, after = self._decode(self._read), self._decode(len(self._tokens))
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self._write(after[len(before) :])
+            self._prefix, self._read = self._read, len(self._tokens)
 
 
 @torch.inference_mode()
@@ -344,15 +482,16 @@ def decode(
     max_new_tokens: int,
     pick: Callable[[Tensor], int],
     *,
-    eos: int | None = None,
+    stop: Collection[int] = (),
     on_token: Callable[[int], None] | None = None,
     between: Callable[[int], None] | None = None,
 ) -> list[int]:
     """The decode loop of the runtime (and of the benchmark's full-model reference).
 
     Prefill ``ids`` ``[1, T]``, then one token per forward with the KV cache, computing logits
-    for the last position only. ``pick`` turns logits ``[V]`` into a token;
-    ``between(n)`` runs after the n-th token, before the next forward.
+    for the last position only. ``pick`` turns logits ``[V]`` into a token; a token in
+    ``stop`` ends the loop (it is kept); ``between(n)`` runs after the n-th token, before the
+    next forward.
     """
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     generated: list[int] = []
@@ -361,7 +500,7 @@ def decode(
         generated.append(token)
         if on_token is not None:
             on_token(token)
-        if token == eos or step == max_new_tokens - 1:
+        if token in stop or step == max_new_tokens - 1:
             break
         if between is not None:
             between(step + 1)

@@ -1,14 +1,17 @@
 """The refresh runtime: exact weights after refresh, static behaviour without it, the ring
-buffer's statistic, and refusing a wrong or missing original."""
+buffer's statistic against the full model, each call starting from the export, seeds, end
+tokens, chat templates, and refusing a wrong or missing original."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -20,8 +23,8 @@ from griffin_export.errors import (
     UsageError,
     VerificationError,
 )
-from griffin_export.runtime import GriffinRuntime, _Ring, full_activations
-from griffin_export.scoring import griffin_statistic, normalized_square_sum, normalized_squares
+from griffin_export.runtime import GriffinRuntime, TextStream, _Ring, full_activations
+from griffin_export.scoring import normalized_squares
 
 from tiny import save_tiny
 
@@ -46,10 +49,13 @@ def test_weights_after_refresh_equal_the_original_sliced_at_the_event(
 ) -> None:
     src, out = exports[model_type]
     runtime = GriffinRuntime.from_export(out)
-    result = runtime.generate("Rain and rivers", max_new_tokens=30, refresh_every=7, window=9)
+    result = runtime.generate(
+        "Rain and rivers", max_new_tokens=30, refresh_every=7, window=9, record_kept=True
+    )
     assert len(result.refreshes) >= 1
-    assert sum(e.changed for e in result.refreshes) > 0  # experts did move
+    assert sum(e.total_changed for e in result.refreshes) > 0  # experts did move
     event = result.refreshes[-1]
+    assert event.kept is not None
     spec = spec_for(model_type)
     original = AutoModelForCausalLM.from_pretrained(src)
     d_ff = spec.d_ff(original.config)
@@ -69,15 +75,39 @@ def test_weights_after_refresh_equal_the_original_sliced_at_the_event(
 
 
 def test_refresh_events_record_overlap(exports: dict[str, tuple[Path, Path]]) -> None:
-    runtime = GriffinRuntime.from_export(exports["llama"][1])
-    result = runtime.generate("Rain and rivers", max_new_tokens=24, refresh_every=6, window=6)
+    """Each event's per-layer overlap and changed count equal plain set arithmetic on the kept
+    lists of consecutive events (the first against the export's experts file, read here).
+    Catches an overlap against the wrong previous set (the export's instead of the last
+    refresh's, or the new set with itself) and a count of slots touched instead of neurons
+    that arrived."""
+    out = exports["llama"][1]
+    runtime = GriffinRuntime.from_export(out)
+    result = runtime.generate(
+        "Rain and rivers", max_new_tokens=24, refresh_every=6, window=6, record_kept=True
+    )
     assert [e.token_index for e in result.refreshes] == [6, 12, 18]
+    experts = load_file(str(out / "griffin_experts.safetensors"))
+    previous = [set(experts[f"layer.{i}"].tolist()) for i in range(3)]
     for event in result.refreshes:
-        assert len(event.kept) == len(event.overlap) == 3
-        assert all(0.0 <= o <= 1.0 for o in event.overlap)
-        assert all(len(set(k)) == len(k) == 18 for k in event.kept)
-        moved = any(o < 1.0 for o in event.overlap)
-        assert moved == (event.changed > 0)
+        assert event.kept is not None and len(event.kept) == len(event.overlap) == 3
+        kept = [set(k) for k in event.kept]
+        assert all(len(k) == len(slots) == 18 for k, slots in zip(kept, event.kept, strict=True))
+        assert event.overlap == [
+            len(a & b) / len(a | b) for a, b in zip(previous, kept, strict=True)
+        ]
+        assert event.changed == [len(b - a) for a, b in zip(previous, kept, strict=True)]
+        previous = kept
+    assert sum(e.total_changed for e in result.refreshes) > 0  # the check above saw moves
+
+
+def test_events_keep_counts_only_unless_asked(exports: dict[str, tuple[Path, Path]]) -> None:
+    """By default an event holds per-layer numbers, not index lists (bounded memory on long
+    runs); asked, the lists come back. Catches keeping the lists regardless of the flag."""
+    runtime = GriffinRuntime.from_export(exports["llama"][1])
+    result = runtime.generate(PROMPT, max_new_tokens=13, refresh_every=4, window=6)
+    assert len(result.refreshes) == 3
+    assert all(e.kept is None and len(e.changed) == 3 for e in result.refreshes)
+    assert all("kept" not in e for e in result.to_dict()["refreshes"])
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
@@ -95,37 +125,266 @@ def test_refresh_off_equals_plain_generate_on_the_export(
     assert result.refreshes == []
 
 
-def test_ring_buffer_statistic_equals_a_fresh_forward(
+def _capture(modules: list[torch.nn.Module]) -> tuple[dict[int, torch.Tensor], Any]:
+    """Forward pre-hooks recording each module's input ``[T, features]`` by position."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [
+        m.register_forward_pre_hook(
+            lambda _m, a, i=i: seen.__setitem__(i, a[0].reshape(-1, a[0].shape[-1]).clone())
+        )
+        for i, m in enumerate(modules)
+    ]
+    return seen, handles
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_full_activations_equal_the_full_models_down_projection_input(
+    model_type: str, exports: dict[str, tuple[Path, Path]]
+) -> None:
+    """``full_activations`` on the MLP inputs of a forward of the full original equals the
+    down-projection input that forward really had (hooks on the original model; its own
+    activation, GLU order, fused halves and Conv1D layout). Catches swapped gate/up, the fused
+    halves in the wrong order, a missing bias, a transposed weight read the wrong way, and a
+    wrong block split when the weights are cast a block at a time (float64 weights here, float32
+    inputs, block 5 over d_ff 37)."""
+    src = exports[model_type][0]
+    original = AutoModelForCausalLM.from_pretrained(src).eval()
+    spec = spec_for(model_type)
+    blocks = spec.blocks(original)
+    first = spec.roles()[0]
+    inputs, in_handles = _capture([spec.projections(b)[first] for b in blocks])
+    downs, down_handles = _capture([spec.projections(b)["down"] for b in blocks])
+    ids = torch.tensor([[5, 17, 40, 3, 66, 23, 9, 81]])
+    with torch.no_grad():
+        original(input_ids=ids)
+    for handle in in_handles + down_handles:
+        handle.remove()
+    for layer, block in enumerate(blocks):
+        full: dict[str, torch.Tensor] = {}
+        for role, module in spec.projections(block).items():
+            if role != "down":
+                full[role] = module.weight.detach()
+                if getattr(module, "bias", None) is not None:
+                    full[f"{role}.bias"] = module.bias.detach()
+        act = getattr(spec.mlp_module(block), spec.act)
+        with torch.no_grad():
+            got = full_activations(spec, act, full, inputs[layer])
+            wide = {k: v.double() for k, v in full.items()}
+            blocked = full_activations(spec, act, wide, inputs[layer], block=5)
+        torch.testing.assert_close(got, downs[layer], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(blocked, downs[layer], rtol=1e-5, atol=1e-6)
+
+
+def test_a_refresh_casts_only_blocks_of_the_original() -> None:
+    """With the original in another dtype, no cast covers more than one block of neurons:
+    a refresh must not make a full-size copy of gate/up each time. Catches casting the whole
+    weight before slicing (``full[role].to(dtype)``), today's per-refresh copy."""
+    cast_rows: list[int] = []
+
+    class Watched(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.Tensor.to:
+                cast_rows.append(args[0].shape[0])
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    spec = spec_for("llama")
+    torch.manual_seed(0)
+    full = {
+        role: torch.randn(37, 8, dtype=torch.float64).as_subclass(Watched)
+        for role in ("gate", "up")
+    }
+    x = torch.randn(4, 8)
+    got = full_activations(spec, torch.nn.functional.silu, full, x, block=10)
+    plain = {k: torch.Tensor(v).float() for k, v in full.items()}
+    expected = torch.nn.functional.silu(x @ plain["gate"].T) * (x @ plain["up"].T)
+    torch.testing.assert_close(torch.Tensor(got), expected, rtol=1e-5, atol=1e-6)
+    assert cast_rows and max(cast_rows) <= 10
+
+
+def test_refresh_scores_equal_scoring_the_window_through_the_full_model(
     exports: dict[str, tuple[Path, Path]],
 ) -> None:
-    """The ring (filled token by token during decoding, wrapping around) gives the statistic
-    of one fresh forward of the same live model over the same last W tokens, to 1e-4."""
-    runtime = GriffinRuntime.from_export(exports["llama"][1])
+    """The refresh path's per-layer sums (ring filled token by token during decoding, wrapping
+    around, scored lazily) equal a plain loop over the last W tokens: the export's own MLP
+    inputs (a fresh forward of the export loaded by transformers) pushed one token at a time
+    through the full original's MLP, each captured down-projection input z_t normalised and
+    squared, summed. The refresh then keeps that oracle's top k. Catches a ring that drops or
+    repeats rows on wrap-around, rows scored twice or never, inputs from the wrong layer, and
+    scoring with the live (pruned) weights instead of the original's."""
+    src, out = exports["llama"]
+    runtime = GriffinRuntime.from_export(out)
     window = 11
     result = runtime.generate(PROMPT, max_new_tokens=20, refresh_every=1000, window=window)
     spec = runtime.spec
     ids = runtime.tokenizer(PROMPT)["input_ids"] + result.token_ids[:-1]  # what went through
-    captured: dict[int, torch.Tensor] = {}
-    handles = [
-        spec.projections(block)["gate"].register_forward_pre_hook(
-            lambda _m, a, i=i: captured.__setitem__(i, a[0][0])
-        )
-        for i, block in enumerate(spec.blocks(runtime.model))
-    ]
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    inputs, handles = _capture([spec.mlp_module(b) for b in spec.blocks(exported)])
     with torch.no_grad():
-        runtime.model(input_ids=torch.tensor([ids]))
-    for h in handles:
-        h.remove()
-    for layer, ring in enumerate(runtime._rings):
-        act, full = runtime._acts[layer], runtime._full[layer]
-        from_ring = normalized_square_sum(full_activations(spec, act, full, ring.contents()))
-        fresh = normalized_square_sum(full_activations(spec, act, full, captured[layer][-window:]))
-        torch.testing.assert_close(
-            griffin_statistic(from_ring, accumulated=True),
-            griffin_statistic(fresh, accumulated=True),
-            rtol=1e-4,
-            atol=1e-5,
-        )
+        exported(input_ids=torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    original = AutoModelForCausalLM.from_pretrained(src).eval()
+    sums = [
+        runtime._rings[layer].score_sums(lambda x, layer=layer: runtime._squares(layer, x))
+        for layer in range(3)
+    ]
+    kept = runtime.refresh(record_kept=True).kept
+    assert kept is not None
+    for layer, block in enumerate(spec.blocks(original)):
+        mlp = spec.mlp_module(block)
+        z, handles = _capture([spec.projections(block)["down"]])
+        oracle = torch.zeros(mlp.down_proj.in_features)
+        for x_t in inputs[layer][-window:]:
+            with torch.no_grad():
+                mlp(x_t[None, None])
+            unit = z[0][0] / z[0][0].norm()
+            oracle += unit * unit
+        handles[0].remove()
+        torch.testing.assert_close(sums[layer], oracle, rtol=1e-4, atol=1e-6)
+        want = torch.topk(oracle, len(kept[layer])).indices.tolist()
+        assert set(kept[layer]) == set(want)
+
+
+def _fresh_logits(runtime: GriffinRuntime) -> torch.Tensor:
+    ids = torch.tensor([runtime.tokenizer(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        return runtime.model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3"])
+def test_each_call_starts_from_the_exports_experts(
+    model_type: str, exports: dict[str, tuple[Path, Path]]
+) -> None:
+    """After a call whose refreshes moved experts, a refresh-off call gives the same tokens as a
+    fresh runtime, and the live model the same logits bit for bit (the export's neurons back
+    in their own slots). Catches keeping the last call's experts (the runtime before the fix),
+    and restoring the kept set in another slot order or from another dtype."""
+    out = exports[model_type][1]
+    fresh = GriffinRuntime.from_export(out)
+    want = fresh.generate(PROMPT, max_new_tokens=20, refresh_every=0)
+    runtime = GriffinRuntime.from_export(out)
+    moved = runtime.generate("Rain and rivers", max_new_tokens=30, refresh_every=5, window=7)
+    assert sum(e.total_changed for e in moved.refreshes) > 0
+    got = runtime.generate(PROMPT, max_new_tokens=20, refresh_every=0)
+    assert got.token_ids == want.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(runtime.slots, fresh.slots, strict=True))
+    assert torch.equal(_fresh_logits(runtime), _fresh_logits(fresh))
+
+
+def test_unseeded_sampling_draws_a_seed_and_records_it(
+    exports: dict[str, tuple[Path, Path]],
+) -> None:
+    """Two unseeded sampled runs record different seeds, and the recorded seed repeats a run.
+    Catches a generator that always starts from the same state when no seed is given (every
+    unseeded run repeating), and a recorded seed that is not the one used."""
+    runtime = GriffinRuntime.from_export(exports["llama"][1])
+    options: dict[str, Any] = dict(max_new_tokens=15, temperature=1.5, refresh_every=0)
+    first = runtime.generate(PROMPT, **options)
+    second = runtime.generate(PROMPT, **options)
+    assert first.seed is not None and second.seed is not None and first.seed != second.seed
+    assert runtime.generate(PROMPT, seed=first.seed, **options).token_ids == first.token_ids
+    assert runtime.generate(PROMPT, seed=second.seed, **options).token_ids == second.token_ids
+    assert runtime.generate(PROMPT, max_new_tokens=3).seed is None  # greedy draws none
+
+
+@pytest.mark.parametrize("eos", [[7, 50], 50])
+def test_stops_at_the_generation_configs_end_tokens(
+    exports: dict[str, tuple[Path, Path]], eos: Any
+) -> None:
+    """A model forced to emit token 50 (a hook on its head) whose generation_config lists 50 as
+    an end token (as a list, as Llama 3 does, or as an int) stops after it. Catches honouring
+    only the tokenizer's EOS (id 2 here), or only an int."""
+    runtime = GriffinRuntime.from_export(exports["llama"][1])
+
+    def force(_m: Any, _a: Any, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., 50] = 1e4
+        return logits
+
+    runtime.model.get_output_embeddings().register_forward_hook(force)
+    runtime.model.generation_config.eos_token_id = eos
+    assert runtime.generate(PROMPT, max_new_tokens=10, refresh_every=3).token_ids == [50]
+    kept_going = runtime.generate(PROMPT, max_new_tokens=10, stop_at_eos=False)
+    assert kept_going.token_ids == [50] * 10
+
+
+def test_chat_applies_the_tokenizers_template(exports: dict[str, tuple[Path, Path]]) -> None:
+    """With ``chat`` the prompt is one user turn in the tokenizer's chat template (generation
+    prompt added): tokens and prompt length equal generating from the template's text written
+    out by hand. Catches ignoring ``chat`` or leaving out the generation prompt; without a
+    template the error names --chat."""
+    runtime = GriffinRuntime.from_export(exports["llama"][1])
+    with pytest.raises(UsageError, match=r"--chat.*no chat template"):
+        runtime.generate(PROMPT, chat=True)
+    runtime.tokenizer.chat_template = (
+        "{% for m in messages %}U: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}A:{% endif %}"
+    )
+    chatted = runtime.generate(PROMPT, max_new_tokens=8, chat=True)
+    by_hand = runtime.generate(f"U: {PROMPT}\nA:", max_new_tokens=8)
+    assert chatted.prompt_tokens == by_hand.prompt_tokens == len(PROMPT) + 6
+    assert chatted.token_ids == by_hand.token_ids
+
+
+def _byte_tokenizer() -> Any:
+    """Byte-level BPE without merges: one token per UTF-8 byte, so 'é' is two tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_text_stream_pieces_are_the_text_without_split_characters() -> None:
+    """Streaming a byte-level tokenisation of text with multi-byte characters: the pieces join
+    to the text, none holds a replacement character, and no decode call sees more than a few
+    tokens however long the text. Catches writing each token's own decode (split UTF-8 shows
+    as U+FFFD) and re-decoding everything so far (O(n^2))."""
+    tokenizer = _byte_tokenizer()
+    text = "Crème brûlée, naïve café ✓ — 雨が降る. " * 20
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    widths: list[int] = []
+    decode = tokenizer.decode
+
+    def counting(tokens: list[int], **kwargs: Any) -> str:
+        widths.append(len(tokens))
+        return str(decode(tokens, **kwargs))
+
+    tokenizer.decode = counting
+    pieces: list[str] = []
+    stream = TextStream(tokenizer, pieces.append)
+    for token in ids:
+        stream.put(token)
+    stream.end()
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert max(widths) <= 8
+
+
+def test_text_stream_end_writes_what_it_held() -> None:
+    """A run cut off inside a character still writes its bytes at the end (as the result's
+    text does). Catches an ``end()`` that drops the held-back tail."""
+    tokenizer = _byte_tokenizer()
+    ids = tokenizer("ok é")["input_ids"][:-1]  # the last byte of 'é' never comes
+    pieces: list[str] = []
+    stream = TextStream(tokenizer, pieces.append)
+    for token in ids:
+        stream.put(token)
+    assert "".join(pieces) == "ok "
+    stream.end()
+    assert "".join(pieces) == tokenizer.decode(ids)
+
+
+def test_runtime_is_importable_from_the_package() -> None:
+    """The library API promises ``from griffin_export import GriffinRuntime``."""
+    from griffin_export import GriffinRuntime as exported
+
+    assert exported is GriffinRuntime
 
 
 def test_ring_keeps_the_last_rows() -> None:
@@ -216,10 +475,50 @@ def test_cli_generate_json(exports: dict[str, tuple[Path, Path]]) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert len(data["token_ids"]) == 12 and len(data["refreshes"]) == 2
-    assert data["tokens_per_second"] > 0
+    assert data["tokens_per_second"] > 0 and data["seed"] is None
+    assert all("kept" not in e and len(e["changed"]) == 3 for e in data["refreshes"])
+    full = CliRunner().invoke(app, [*args, "--json", "--events", "full"])
+    assert full.exit_code == 0, full.output
+    assert all(len(e["kept"]) == 3 for e in json.loads(full.stdout)["refreshes"])
     streamed = CliRunner().invoke(app, args)
     assert streamed.exit_code == 0, streamed.output
     assert "refreshes" in streamed.output
+
+
+def test_cli_streams_the_same_text(exports: dict[str, tuple[Path, Path]]) -> None:
+    """The streamed text is the decoded result, each piece once (greedy, so the --json run
+    produces the same tokens). Catches pieces written twice or dropped by the streamer."""
+    out = exports["llama"][1]
+    args = ["generate", "--model", str(out), "--prompt-text", PROMPT, "-n", "40", "--refresh", "8"]
+    data = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)
+    streamed = CliRunner().invoke(app, args)
+    assert streamed.exit_code == 0, streamed.output
+    assert streamed.stdout == data["text"] + "\n"
+
+
+def test_cli_sampling_reports_its_seed(exports: dict[str, tuple[Path, Path]]) -> None:
+    """An unseeded sampled run reports the seed it drew, and --seed with it repeats the run.
+    Catches a --json result without the seed, or one that cannot reproduce the tokens."""
+    out = exports["llama"][1]
+    args = ["generate", "--model", str(out), "-t", PROMPT, "-n", "12", "--temperature", "1.5"]
+    first = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)
+    again = CliRunner().invoke(app, [*args, "--json", "--seed", str(first["seed"])])
+    assert json.loads(again.stdout)["token_ids"] == first["token_ids"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--chat"], "--chat"), (["--events", "full"], "--json"), (["--events", "all"], "--events")],
+)
+def test_cli_generate_refusals(
+    exports: dict[str, tuple[Path, Path]], extra: list[str], message: str
+) -> None:
+    """--chat without a chat template, --events full without --json, and an unknown --events
+    value each exit 2 with one line naming the option."""
+    out = exports["llama"][1]
+    result = CliRunner().invoke(app, ["generate", "-m", str(out), "-t", PROMPT, *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
 
 
 def test_a_tampered_export_is_refused(
