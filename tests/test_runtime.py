@@ -210,8 +210,8 @@ def test_refresh_scores_equal_scoring_the_window_through_the_full_model(
     inputs (a fresh forward of the export loaded by transformers) pushed one token at a time
     through the full original's MLP, each captured down-projection input z_t normalised and
     squared, summed. The refresh then keeps that oracle's top k. Catches a ring that drops or
-    repeats rows on wrap-around, rows scored twice or never, inputs from the wrong layer, and
-    scoring with the live (pruned) weights instead of the original's."""
+    repeats rows on wrap-around, inputs from the wrong layer or position, and scoring with the
+    live (pruned) weights instead of the original's."""
     src, out = exports["llama"]
     runtime = GriffinRuntime.from_export(out)
     window = 11
@@ -225,12 +225,13 @@ def test_refresh_scores_equal_scoring_the_window_through_the_full_model(
     for handle in handles:
         handle.remove()
     original = AutoModelForCausalLM.from_pretrained(src).eval()
-    sums = [
-        runtime._rings[layer].score_sums(lambda x, layer=layer: runtime._squares(layer, x))
-        for layer in range(3)
-    ]
-    kept = runtime.refresh(record_kept=True).kept
+    kept = runtime.refresh(record_kept=True).kept  # scores the rings, keeps their sums
     assert kept is not None
+
+    def unused(x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the refresh scored every buffered row")
+
+    sums = [ring.score_sums(unused) for ring in runtime._rings]
     for layer, block in enumerate(spec.blocks(original)):
         mlp = spec.mlp_module(block)
         z, handles = _capture([spec.projections(block)["down"]])
@@ -275,14 +276,18 @@ def test_each_call_starts_from_the_exports_experts(
 def test_unseeded_sampling_draws_a_seed_and_records_it(
     exports: dict[str, tuple[Path, Path]],
 ) -> None:
-    """Two unseeded sampled runs record different seeds, and the recorded seed repeats a run.
-    Catches a generator that always starts from the same state when no seed is given (every
-    unseeded run repeating), and a recorded seed that is not the one used."""
+    """Two unseeded sampled runs record different seeds and sample different tokens, and the
+    recorded seed repeats a run. Catches a generator that always starts from the same state
+    when no seed is given (every unseeded run repeating, the runtime before the fix), a seed
+    that never reaches the sampler, and a recorded seed that is not the one used."""
     runtime = GriffinRuntime.from_export(exports["llama"][1])
     options: dict[str, Any] = dict(max_new_tokens=15, temperature=1.5, refresh_every=0)
     first = runtime.generate(PROMPT, **options)
     second = runtime.generate(PROMPT, **options)
     assert first.seed is not None and second.seed is not None and first.seed != second.seed
+    assert first.token_ids != second.token_ids  # 15 draws at temperature 1.5 over 99 tokens
+    one, two = (runtime.generate(PROMPT, seed=s, **options).token_ids for s in (1, 2))
+    assert one != two  # the seed reaches the sampler
     assert runtime.generate(PROMPT, seed=first.seed, **options).token_ids == first.token_ids
     assert runtime.generate(PROMPT, seed=second.seed, **options).token_ids == second.token_ids
     assert runtime.generate(PROMPT, max_new_tokens=3).seed is None  # greedy draws none
@@ -532,3 +537,30 @@ def test_a_tampered_export_is_refused(
     weights.write_bytes(bytes(data))
     with pytest.raises(VerificationError, match="failed verification"):
         GriffinRuntime.from_export(tampered)
+
+
+@pytest.mark.slow
+def test_embedded_model_chat(tmp_path: Path) -> None:
+    """``--chat`` on the embedded SmolLM2 (an instruct model) exported at keep 0.5: the runtime
+    feeds the ChatML turn written out by hand (its template's system line included), so the
+    tokens equal generating from that text, refreshes and all; ``<|im_end|>`` ends a run; the
+    CLI takes the flag. Catches --chat ignored or the generation prompt left out."""
+    out = tmp_path / "smol-half"
+    prompt = Path(__file__).parents[1] / "examples" / "prompt.txt"
+    args = ["export", "--prompt", str(prompt), "--ratio", "0.5", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    runtime = GriffinRuntime.from_export(out)
+    question = "What is the capital of France?"
+    by_hand = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        f"Face<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    chatted = runtime.generate(question, max_new_tokens=12, chat=True, refresh_every=4)
+    written = runtime.generate(by_hand, max_new_tokens=12, refresh_every=4)
+    assert chatted.prompt_tokens == written.prompt_tokens
+    assert chatted.token_ids == written.token_ids
+    assert runtime.tokenizer.convert_tokens_to_ids("<|im_end|>") in runtime.stop_ids()
+    cli = ["generate", "-m", str(out), "-t", question, "--chat", "-n", "4", "--json"]
+    result = CliRunner().invoke(app, cli)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt_tokens"] == chatted.prompt_tokens
