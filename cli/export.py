@@ -23,6 +23,7 @@ from griffin_export.export import ExportResult, export
 from griffin_export.prompts import gather_prompts
 
 _STAGES = {
+    "convert": "Converting GGUF (once; cached)",
     "load": "Loading model",
     "score": "Scoring prompt",
     "slice": "Slicing FF layers",

@@ -100,7 +100,11 @@ def ppl_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Perplexity of an export or of prompt-adaptive GRIFFIN, beside the full model."""
-    labels = {"load": "Loading models", "score": "Scoring windows"}
+    labels = {
+        "convert": "Converting GGUF (once; cached)",
+        "load": "Loading models",
+        "score": "Scoring windows",
+    }
     with stage_progress(labels, transient=as_json) as on_progress:
         result = perplexity(
             model,
@@ -112,12 +116,12 @@ def ppl_command(
             max_windows=max_windows,
             max_tokens=max_tokens,
             prompt_len=prompt_len,
-            ratios=ratio or [0.5],
+            ratios=ratio or None,
             refreshes=refresh or [0],
             window=window,
             baselines=baselines or [],
             seed=seed,
-            budgets=budget or ["uniform"],
+            budgets=budget or None,
             batch_size=batch_size,
             dtype=dtype,
             device=device,

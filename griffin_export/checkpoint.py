@@ -93,8 +93,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 class SourceRef:
     """Where a model comes from, resolved from the user's ``--model`` string.
 
-    ``directory`` is a local HF-format directory (for GGUF sources: the cached conversion),
-    or ``None`` for a hub id that ``transformers`` resolves itself.
+    ``directory`` is a local HF-format directory: the directory itself, the cached conversion
+    of a GGUF file, or the local snapshot of a hub id (``huggingface_hub`` cache).
     """
 
     name: str
@@ -103,14 +103,18 @@ class SourceRef:
     load_id: str  # what from_pretrained receives
 
 
-def resolve_source(model: str) -> SourceRef:
-    """Turn ``--model`` into a :class:`SourceRef`, converting GGUF files once if needed."""
+def resolve_source(
+    model: str, progress: Callable[[str, int, int], None] | None = None
+) -> SourceRef:
+    """Turn ``--model`` into a :class:`SourceRef`, converting GGUF files once if needed
+    (``progress("convert", done, total)`` is called around a conversion, which takes a
+    minute for a large GGUF)."""
     if not model or not model.strip():
         raise UsageError("--model is empty; pass a local directory, a .gguf file or a hub id")
     key = model.strip().lower()
     if key in ("default", *EMBEDDED_MODELS):
         name = DEFAULT_MODEL if key == "default" else key
-        directory = ensure_embedded(name)
+        directory = ensure_embedded(name, progress)
         return SourceRef(name, "embedded", directory, str(directory))
     path = Path(model).expanduser()
     if path.is_dir():
@@ -127,17 +131,91 @@ def resolve_source(model: str) -> SourceRef:
                 f"--model '{model}' is a file but not a .gguf; pass a .gguf file or the "
                 "model's directory (the one holding config.json)"
             )
-        directory = ensure_converted_gguf(path)
+        directory = ensure_converted_gguf(path, progress=progress)
         return SourceRef(str(path), "gguf", directory, str(directory))
     if _HUB_ID.match(model) and not model.startswith((".", "~")):
-        return SourceRef(model, "hub", None, model)
+        directory = ensure_hub_snapshot(model)
+        return SourceRef(model, "hub", directory, str(directory))
     raise ModelLoadError(
         f"model '{model}' not found: no such directory or file, and not a hub id (owner/name); "
         f"pass a local model directory, a .gguf file, or '{DEFAULT_MODEL}'"
     )
 
 
-def ensure_embedded(name: str) -> Path:
+#: Files that make up a Hugging Face tokenizer (whichever of them a model has).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+#: What a hub snapshot needs: weights, configs and tokenizer files (no pickles, no code).
+HUB_PATTERNS = (
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    *TOKENIZER_FILES,
+)
+
+
+def ensure_hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub model (weights, configs, tokenizer files only).
+
+    Downloads what is missing through ``huggingface_hub.snapshot_download`` (its cache, so
+    later runs reuse it). Offline (``HF_HUB_OFFLINE=1`` or no network) a cached snapshot is
+    used; an uncached one fails at once with how to fix it, instead of retrying for seconds.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = list(HUB_PATTERNS)
+    try:
+        # A cached snapshot with a config and weights is used without asking the network:
+        # this is what makes an offline run fast. Otherwise the hub is asked below.
+        cached = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        if (cached / "config.json").is_file() and any(cached.glob("*.safetensors")):
+            return cached
+    except LocalEntryNotFoundError:
+        pass
+    except Exception as exc:  # a malformed id or unreadable cache
+        raise ModelLoadError(f"hub id '{repo_id}' is not usable: {_short(exc)}") from exc
+    fix = (
+        f"download it once where the hub is reachable (hf download {repo_id}) "
+        "and copy the Hugging Face cache here, or pass a local directory or .gguf file"
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"'{repo_id}' is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"and HF_HUB_OFFLINE is set; {fix}"
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=2))
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
+        raise ModelLoadError(
+            f"hub id '{repo_id}' is not a model this machine may download ({_short(exc)}); "
+            "check the id (and HF_TOKEN for a gated model), or pass a local directory"
+        ) from exc
+    except Exception as exc:  # connection errors of several kinds
+        raise ModelLoadError(
+            f"'{repo_id}' is not in the local Hugging Face cache and the hub is not reachable "
+            f"({_short(exc)}); {fix}"
+        ) from exc
+
+
+def ensure_embedded(name: str, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """The cached safetensors copy of an embedded model, converting it on first use."""
     entry = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(entry.package)  # locate without importing it
@@ -149,10 +227,14 @@ def ensure_embedded(name: str) -> Path:
     gguf = Path(next(iter(spec.submodule_search_locations))) / entry.gguf_file
     if not gguf.is_file():
         raise ModelLoadError(f"'{gguf}' is missing; reinstall with: {entry.install_hint}")
-    return ensure_converted_gguf(gguf, cache_name=name)
+    return ensure_converted_gguf(gguf, cache_name=name, progress=progress)
 
 
-def ensure_converted_gguf(gguf: Path, cache_name: str | None = None) -> Path:
+def ensure_converted_gguf(
+    gguf: Path,
+    cache_name: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
     """Dequantise a GGUF file to a safetensors directory once; later calls reuse it.
 
     The cache key includes the file's size and mtime, so a replaced file is converted again.
@@ -160,12 +242,16 @@ def ensure_converted_gguf(gguf: Path, cache_name: str | None = None) -> Path:
     never leaves a half-converted cache entry.
     """
     stat = gguf.stat()
-    tag = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    # "v2": conversions before it recorded load options in tokenizer_config.json.
+    key = f"v2|{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    tag = hashlib.sha256(key.encode()).hexdigest()
     target = cache_dir() / f"{cache_name or gguf.stem}-{tag[:12]}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    report = progress or (lambda stage, done, total: None)
+    report("convert", 0, 1)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         # transformers draws its own tqdm bar while dequantising; the library never prints.
@@ -181,8 +267,57 @@ def ensure_converted_gguf(gguf: Path, cache_name: str | None = None) -> Path:
         del model.config.quantization_config
     with atomic_directory(target, force=True) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
+    report("convert", 1, 1)
     return target
+
+
+#: Options of ``from_pretrained`` that transformers records in ``tokenizer_config.json`` but
+#: that say how a tokenizer was loaded, not what it is.
+_LOAD_OPTIONS = (
+    "is_local",
+    "local_files_only",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "revision",
+    "subfolder",
+    "gguf_file",
+    "trust_remote_code",
+    "_commit_hash",
+)
+
+
+def save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """``tokenizer.save_pretrained(directory)`` without the load options it would record."""
+    tokenizer.save_pretrained(directory)
+    path = directory / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config, dict) and any(key in config for key in _LOAD_OPTIONS):
+            for key in _LOAD_OPTIONS:
+                config.pop(key, None)
+            path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
+
+
+def copy_tokenizer_files(source: SourceRef, tokenizer: Any | None, directory: Path) -> None:
+    """Put the source's tokenizer into ``directory`` as the source has it: a byte copy of its
+    tokenizer files; a source without such files but with a loaded ``tokenizer`` gets it
+    saved by :func:`save_tokenizer`."""
+    present = (
+        []
+        if source.directory is None
+        else [
+            source.directory / name
+            for name in TOKENIZER_FILES
+            if (source.directory / name).is_file()
+        ]
+    )
+    for path in present:
+        shutil.copyfile(path, directory / path.name)
+    if not present and tokenizer is not None:
+        save_tokenizer(tokenizer, directory)
 
 
 # -- loading ----------------------------------------------------------------------------------

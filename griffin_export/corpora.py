@@ -10,6 +10,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,3 +95,15 @@ def corpus_tokens(tokenizer: object, text: str, needed: int | None) -> torch.Ten
         if needed is None or len(ids) > needed + 64 or chars >= len(text):
             return torch.tensor(ids, dtype=torch.long)
         chars = min(len(text), chars * 2)
+
+
+def bos_token(tokenizer: Any) -> int | None:
+    """The BOS id if the tokenizer starts a text with it (``tokenizer("x")`` begins with
+    ``bos_token_id``, as Gemma's and Llama's do), else ``None`` (SmolLM2's adds none).
+
+    Perplexity windows then start with it, as the model saw text in training."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("x")["input_ids"]
+    return int(bos) if ids and ids[0] == bos else None

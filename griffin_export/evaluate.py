@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ from .architectures import ArchSpec
 from .budgets import check_budget, layer_sizes
 from .errors import UsageError
 from .scoring import griffin_statistic, normalized_square_sum, top_k_indices
+from .selection import non_finite_message
 
 # -- windows -----------------------------------------------------------------------------------
 
@@ -51,24 +53,33 @@ def make_windows(
     stride: int | None = None,
     max_windows: int | None = None,
     min_score_from: int = 1,
+    bos: int | None = None,
 ) -> list[Window]:
     """Cut a 1-D token stream into windows of ``seq_len``.
 
     Without ``stride`` windows do not overlap and every position >= ``min_score_from`` is
     scored. With ``stride`` s < L, window i starts at i*s and scores only its last s positions
     (all of them in the first window), so each token is scored once with L-s tokens of context.
+
+    With ``bos`` (a model whose tokenizer starts every text with it), every window is that
+    token followed by L-1 tokens of the stream, cut as above with L-1 in place of L: the BOS
+    is context only, never a scored target, and each stream token is still scored once.
     """
-    if seq_len < 2:
-        raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
-    stride = stride or seq_len
-    if not 0 < stride <= seq_len:
-        raise UsageError(f"--stride must be in 1..{seq_len} (the --seq-len), got {stride}")
+    if seq_len < 2 + (bos is not None):
+        raise UsageError(f"--seq-len must be at least {2 + (bos is not None)}, got {seq_len}")
+    span = seq_len - (bos is not None)  # stream tokens per window
+    stride = stride or span
+    if not 0 < stride <= span:
+        raise UsageError(
+            f"--stride must be in 1..{span} (the stream tokens of a window), got {stride}"
+        )
+    head = torch.tensor([] if bos is None else [bos], dtype=tokens.dtype)
     out: list[Window] = []
     start = 0
-    while start + seq_len <= tokens.numel():
-        first = start == 0 or stride == seq_len
+    while start + span <= tokens.numel():
+        first = start == 0 or stride == span
         score_from = min_score_from if first else max(seq_len - stride, min_score_from)
-        out.append(Window(tokens[start : start + seq_len], score_from))
+        out.append(Window(torch.cat([head, tokens[start : start + span]]), score_from))
         if max_windows is not None and len(out) >= max_windows:
             break
         start += stride
@@ -204,12 +215,24 @@ def window_nll(model: nn.Module, ids: Tensor, score_from: int) -> tuple[float, i
     keep = ids.shape[1] - score_from + 1  # logits of positions score_from-1 .. L-1
     kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
     logits = model(input_ids=ids, use_cache=False, **kwargs).logits  # [B, <=L, V]
-    pred = logits[:, -keep:-1].float()  # predicts positions score_from..L-1
+    pred = logits[:, -keep:-1]  # predicts positions score_from..L-1
     target = ids[:, score_from:]
-    nll = torch.nn.functional.cross_entropy(
-        pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum"
-    )
-    return float(nll), target.numel()
+    # In chunks of positions: a float32 copy and log-softmax of all logits at once would
+    # cost two more logits-sized buffers (1 GiB each for a 262k vocabulary at L = 1024).
+    nll = 0.0
+    for first in range(0, target.shape[1], _NLL_CHUNK):
+        part = pred[:, first : first + _NLL_CHUNK].float()
+        nll += float(
+            torch.nn.functional.cross_entropy(
+                part.reshape(-1, part.shape[-1]),
+                target[:, first : first + _NLL_CHUNK].reshape(-1),
+                reduction="sum",
+            )
+        )
+    return nll, target.numel()
+
+
+_NLL_CHUNK = 128
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -293,6 +316,11 @@ def evaluate(
                 device = next(model.parameters()).device
                 with ff_setting(spec, model, setting, prompt_len):
                     nll, count = window_nll(model, ids.to(device), batch[0].score_from)
+                if not math.isfinite(nll):
+                    dtype = next(model.parameters()).dtype
+                    raise UsageError(
+                        non_finite_message(f"the log-likelihoods of '{row.name}'", dtype)
+                    )
                 row.nll += nll
                 row.tokens += count
         done += len(group)
@@ -334,21 +362,31 @@ def griffin_settings(
         for budget in budgets:
             sizes = layer_sizes(budget, n_layers, d_ff, ratio)
             label = f"griffin r={ratio:g}" + ("" if budget == "uniform" else f" {budget}")
-            for refresh in refreshes:
-                if refresh < 0:
-                    raise UsageError(
-                        f"--refresh must be 0 (off) or a positive period, got {refresh}"
-                    )
+            for refresh in _checked_refreshes(refreshes):
                 name = label + (f" refresh={refresh}" if refresh else "")
                 settings.append(Setting(name, "griffin", k=sizes, refresh=refresh, window=window))
-        for baseline in baselines:
-            if baseline == "magnitude":
-                keep = magnitude_keep(spec, model, k)
-            elif baseline == "random":
-                keep = random_keep(d_ff, k, seed)
-            else:
-                raise UsageError(f"--baselines '{baseline}' is not known; use magnitude, random")
-            settings.append(Setting(f"{baseline} r={ratio:g}", "static", keep=keep))
+        settings += baseline_settings(spec, model, k, f"r={ratio:g}", baselines, seed)
+    return settings
+
+
+def baseline_settings(
+    spec: ArchSpec,
+    model: nn.Module,
+    k: Sequence[int],
+    label: str,
+    baselines: Sequence[str],
+    seed: int = 0,
+) -> list[Setting]:
+    """Static baseline rows (``magnitude``, ``random``) keeping ``k[l]`` neurons in layer l."""
+    settings = []
+    for baseline in baselines:
+        if baseline == "magnitude":
+            keep = magnitude_keep(spec, model, k)
+        elif baseline == "random":
+            keep = random_keep(spec.d_ff(model.config), k, seed)
+        else:
+            raise UsageError(f"--baselines '{baseline}' is not known; use magnitude, random")
+        settings.append(Setting(f"{baseline} {label}", "static", keep=keep))
     return settings
 
 
@@ -363,12 +401,12 @@ def perplexity(
     max_windows: int | None = None,
     max_tokens: int | None = None,
     prompt_len: int = 512,
-    ratios: Sequence[float] = (0.5,),
+    ratios: Sequence[float] | None = None,
     refreshes: Sequence[int] = (0,),
     window: int | None = None,
     baselines: Sequence[str] = (),
     seed: int = 0,
-    budgets: Sequence[str] = ("uniform",),
+    budgets: Sequence[str] | None = None,
     batch_size: int = 1,
     dtype: str | None = None,
     device: str = "cpu",
@@ -383,8 +421,8 @@ def perplexity(
     static ``baselines`` at the uniform k.
     """
     from .checkpoint import load_model, parse_dtype, resolve_source
-    from .corpora import corpus_tokens, load_corpus
-    from .exports import is_export, load_original, open_export
+    from .corpora import bos_token, corpus_tokens, load_corpus
+    from .exports import is_export, open_export_with_original
 
     report = progress or (lambda stage, done, total: None)
     exported = is_export(model)
@@ -397,9 +435,9 @@ def perplexity(
         )
     if window is not None and window < 1:
         raise UsageError(f"--window must be a positive number of tokens, got {window}")
-    for budget in budgets:
+    for budget in budgets or ():
         check_budget(budget)
-    if protocol == "static" and list(budgets) != ["uniform"]:
+    if protocol == "static" and budgets is not None and list(budgets) != ["uniform"]:
         raise UsageError(
             f"--budget {', '.join(budgets)} applies to --protocol griffin; an export's budget "
             "was fixed when it was exported (griffin export --budget)"
@@ -407,34 +445,54 @@ def perplexity(
     corpus = load_corpus(dataset)
 
     report("load", 0, 1)
-    if exported:
-        export = open_export(model, device)
-        full = load_original(export, original, device)
+    recipe: dict[str, object] | None = None
+    if exported and protocol == "griffin":
+        full, recipe = _export_recipe(Path(model), original, device, ratios, budgets)
+        tokenizer = full.tokenizer
+    elif exported:
+        export, full = open_export_with_original(model, original, device)
         tokenizer = export.loaded.tokenizer or full.tokenizer
     else:
-        full = load_model(resolve_source(model), parse_dtype(dtype), device)
+        full = load_model(resolve_source(model, progress), parse_dtype(dtype), device)
         tokenizer = full.tokenizer
     report("load", 1, 1)
     if tokenizer is None:
         raise UsageError(f"'{model}' has no tokenizer files; add them to the model directory")
 
+    bos = bos_token(tokenizer)
+    span = seq_len - (bos is not None)  # corpus tokens per window
     needed = (
         max_tokens
         if max_tokens is not None
-        else (None if max_windows is None else seq_len + (max_windows - 1) * (stride or seq_len))
+        else (None if max_windows is None else span + (max_windows - 1) * (stride or span))
     )
     tokens = corpus_tokens(tokenizer, corpus.text, needed)
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     score_from = prompt_len if protocol == "griffin" else 1
-    windows = make_windows(tokens, seq_len, stride, max_windows, min_score_from=score_from)
+    windows = make_windows(tokens, seq_len, stride, max_windows, score_from, bos)
 
+    ratios = ratios or (0.5,)
+    budgets = budgets or ("uniform",)
     runs: list[tuple[nn.Module, ArchSpec, Setting]]
     if protocol == "static":
         runs = [(full.model, full.spec, Setting("full", "full"))]
         if exported:
             name = Path(model).name or str(model)
             runs.append((export.loaded.model, export.spec, Setting(name, "full")))
+    elif recipe is not None:
+        k = list(recipe["k_per_layer"])  # type: ignore[call-overload]
+        label = f"griffin {Path(model).name or model}"
+        settings = [Setting("full", "full")] + [
+            Setting(
+                label + (f" refresh={r}" if r else ""), "griffin", k=k, refresh=r, window=window
+            )
+            for r in _checked_refreshes(refreshes)
+        ]
+        settings += baseline_settings(
+            full.spec, full.model, k, f"r={recipe['ratio']:g}", baselines, seed
+        )
+        runs = [(full.model, full.spec, s) for s in settings]
     else:
         settings = griffin_settings(
             full.spec, full.model, ratios, refreshes, window, baselines, seed, budgets
@@ -451,12 +509,55 @@ def perplexity(
         params={
             "model": str(model),
             "stride": stride,
-            "ratios": list(ratios) if protocol == "griffin" else None,
+            "ratios": list(ratios) if protocol == "griffin" and recipe is None else None,
             "refreshes": list(refreshes) if protocol == "griffin" else None,
             "window": window,
             "baselines": list(baselines),
             "seed": seed,
             "budgets": list(budgets) if protocol == "griffin" else None,
+            "recipe": recipe,
+            "bos": bos is not None,
         },
         on_window=lambda done: report("score", done, len(windows)),
     )
+
+
+def _checked_refreshes(refreshes: Sequence[int]) -> Sequence[int]:
+    for refresh in refreshes:
+        if refresh < 0:
+            raise UsageError(f"--refresh must be 0 (off) or a positive period, got {refresh}")
+    return refreshes
+
+
+def _export_recipe(
+    directory: Path,
+    original: str | None,
+    device: str,
+    ratios: Sequence[float] | None,
+    budgets: Sequence[str] | None,
+) -> tuple[Any, dict[str, object]]:
+    """``--protocol griffin`` on an export: its original, and the export's recipe (k per
+    layer, ratio, budget, statistic) from the checked manifest, which the run then uses."""
+    from .exports import load_original
+    from .scoring import STATISTIC_NAME
+    from .verify import check_export_files
+
+    manifest = check_export_files(directory)
+    recipe: dict[str, object] = {
+        "ratio": manifest["ratio"],
+        "budget": manifest.get("budget", "uniform"),
+        "statistic": manifest.get("statistic"),
+        "k_per_layer": list(manifest["k_per_layer"]),
+    }
+    if ratios is not None or budgets is not None:
+        raise UsageError(
+            f"--ratio/--budget do not apply to an export with --protocol griffin: it runs the "
+            f"export's own recipe (ratio {recipe['ratio']}, budget {recipe['budget']}); drop "
+            "them, or pass the original as --model to try others"
+        )
+    if recipe["statistic"] != STATISTIC_NAME:
+        raise UsageError(
+            f"'{directory}' was chosen with statistic {recipe['statistic']!r}, which this "
+            f"griffin does not compute ({STATISTIC_NAME}); use --protocol static"
+        )
+    return load_original(directory, manifest, original, device), recipe

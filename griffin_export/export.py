@@ -22,6 +22,7 @@ from .checkpoint import (
     LoadedModel,
     atomic_directory,
     check_source,
+    copy_tokenizer_files,
     dtype_name,
     file_sha256,
     load_model,
@@ -178,7 +179,7 @@ def export(
     if not texts:
         raise UsageError("the prompt is empty; pass --prompt FILE or --prompt-text TEXT with text")
     torch_dtype = parse_dtype(dtype)
-    source = resolve_source(model)
+    source = resolve_source(model, report)
     out_dir = Path(out) if out is not None else default_out_dir(source.name, ratio, budget)
     _check_out_dir(out_dir, source.directory, force)
 
@@ -315,8 +316,7 @@ def write_export(
             model.config.save_pretrained(tmp)
             if model.can_generate():
                 model.generation_config.save_pretrained(tmp)
-            if loaded.tokenizer is not None:
-                loaded.tokenizer.save_pretrained(tmp)
+            copy_tokenizer_files(loaded.source, loaded.tokenizer, tmp)
             experts = {f"layer.{i}": k.to(torch.int32).cpu() for i, k in enumerate(selection.keep)}
             save_file(
                 experts, tmp / EXPERTS_FILE, {"format": FORMAT_NAME, "d_ff": str(selection.d_ff)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from .activations import collect_statistics
@@ -65,5 +66,27 @@ def select_experts(
         raise UsageError("the prompt has no tokens; pass a non-empty --prompt or --prompt-text")
     stats = collect_statistics(spec, model, [p for p in prompts if p.numel()], on_prompt)
     scores = [griffin_statistic(s, accumulated=True) for s in stats.sums]
+    for layer, layer_scores in enumerate(scores):
+        check_finite_scores(layer_scores, layer, next(model.parameters()).dtype)
     keep = [top_k_indices(s, k) for s, k in zip(scores, ks, strict=True)]
     return Selection(keep=keep, scores=scores, d_ff=d_ff, tokens=stats.tokens)
+
+
+def check_finite_scores(scores: Tensor, layer: int, dtype: torch.dtype) -> None:
+    """Refuse a statistic with inf/nan in it: the activations overflowed the model's dtype
+    (float16 has a small range), and top-k of nan silently keeps neurons 0..k-1."""
+    if bool(torch.isfinite(scores).all()):
+        return
+    raise UsageError(non_finite_message(f"layer {layer}'s FF activations", dtype))
+
+
+def non_finite_message(what: str, dtype: torch.dtype) -> str:
+    """One line for inf/nan values: the dtype that overflowed and one that works."""
+    name = str(dtype).removeprefix("torch.")
+    if dtype in (torch.float16, torch.bfloat16):
+        works = "bfloat16 or float32" if dtype == torch.float16 else "float32"
+        return (
+            f"{what} are not finite in {name} (the model overflows it); "
+            f"use --dtype {works} (re-export with it for an export)"
+        )
+    return f"{what} are not finite in {name}; the weights hold inf/nan: re-download the model"

@@ -44,7 +44,7 @@ from .checkpoint import LoadedModel, SourceRef, fingerprint_samples, samples_fin
 from .errors import ModelLoadError, UsageError
 from .safetensors_io import Chunks, ShardWriter, SourceTensors
 from .scoring import check_sizes, griffin_statistic, normalized_square_sum, top_k_indices
-from .selection import Selection
+from .selection import Selection, check_finite_scores
 from .slicing import slice_bias, slice_weight
 
 # -- the skeleton -----------------------------------------------------------------------------
@@ -442,6 +442,7 @@ def select_and_write(
                 sums[layer] = part if current.numel() == 0 else current + part
                 if last:
                     scores[layer] = griffin_statistic(sums[layer], accumulated=True)
+                    check_finite_scores(scores[layer], layer, model.dtype)
                     keep[layer] = top_k_indices(scores[layer], ks[layer])
                     for key, value in live[layer]:
                         writer.put_lazy(
