@@ -265,11 +265,36 @@ def ensure_converted_gguf(
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # transformers dequantises to float32 whatever the file holds; keep the GGUF's own float
+    # type where it has one (exact: its values are that type), so --dtype auto means it.
+    dtype = gguf_float_dtype(gguf)
+    if dtype != torch.float32:
+        model.to(dtype)
+        model.config.dtype = dtype
     with atomic_directory(target, force=True) as tmp:
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
     report("convert", 1, 1)
     return target
+
+
+#: GGUF tensor types stored as plain floats (every other type is a quantized block format).
+_GGUF_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def gguf_float_dtype(gguf: Path) -> torch.dtype:
+    """The float type a GGUF's weight matrices imply: the float type (F16, BF16, F32) that
+    holds most of the elements of its unquantized matrices (2-D and up); float32 when all its
+    matrices are quantized (Q4_K, Q8_0, ...), since their dequantised values are exact only in
+    float32 (1-D norms and biases, always F32 in a GGUF, do not count)."""
+    from gguf import GGUFReader
+
+    elements: dict[torch.dtype, int] = {}
+    for tensor in GGUFReader(str(gguf)).tensors:
+        dtype = _GGUF_FLOATS.get(tensor.tensor_type.name)
+        if dtype is not None and len(tensor.shape) >= 2:
+            elements[dtype] = elements.get(dtype, 0) + int(tensor.n_elements)
+    return max(elements, key=lambda d: elements[d]) if elements else torch.float32
 
 
 #: Options of ``from_pretrained`` that transformers records in ``tokenizer_config.json`` but

@@ -34,6 +34,7 @@ from .exports import OpenedExport, open_export, original_source
 from .manifest import EXPERTS_FILE
 from .safetensors_io import MappedSafetensors
 from .scoring import griffin_statistic, jaccard, normalized_squares, top_k_indices
+from .selection import non_finite_message
 from .verify import check_original
 
 
@@ -496,7 +497,11 @@ def decode(
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     generated: list[int] = []
     for step in range(max_new_tokens):
-        token = pick(out.logits[0, -1])
+        logits = out.logits[0, -1]
+        if not bool(torch.isfinite(logits).all()):  # never decode token 0 from nan
+            dtype = next(model.parameters()).dtype
+            raise UsageError(non_finite_message("the model's logits", dtype))
+        token = pick(logits)
         generated.append(token)
         if on_token is not None:
             on_token(token)

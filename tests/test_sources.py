@@ -245,3 +245,63 @@ def test_generate_on_a_model_file_asks_for_an_export(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["generate", "--model", str(gguf), "-t", "hi"])
     assert result.exit_code == 2, result.output
     assert "export directory" in result.output and "griffin export" in result.output
+
+
+def test_generate_from_an_overflowing_float16_export_fails_instead_of_printing_token_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export made in float16 by a griffin without the overflow check (simulated by
+    disabling it). Catches decoding argmax(nan) = token 0 forever with exit 0."""
+    import griffin_export.selection as selection
+    import griffin_export.streaming as streaming
+
+    src = overflowing_model(tmp_path / "src")
+    monkeypatch.setattr(selection, "check_finite_scores", lambda *args: None)
+    monkeypatch.setattr(streaming, "check_finite_scores", lambda *args: None)
+    out = export(str(src), [TEXT[:80]], 0.5, out=tmp_path / "exp", dtype="float16").out_dir
+    result = CliRunner().invoke(app, ["generate", "--model", str(out), "-t", "The fox", "-n", "4"])
+    assert result.exit_code == 2, result.output
+    assert "not finite in float16" in result.output and "bfloat16" in result.output
+
+
+def write_gguf(path: Path, tensors: dict[str, object]) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, value in tensors.items():
+        if isinstance(value, tuple):  # (raw quantized bytes, shape, type)
+            data, shape, kind = value
+            writer.add_tensor(name, data, raw_shape=shape, raw_dtype=kind)
+        else:
+            writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("matrices", "expected"),
+    [("float16", torch.float16), ("float32", torch.float32), ("q8_0", torch.float32)],
+)
+def test_gguf_float_dtype_is_the_type_its_matrices_are_stored_in(
+    tmp_path: Path, matrices: str, expected: torch.dtype
+) -> None:
+    """``--dtype auto`` for a GGUF source: an F16 file means float16, a quantized one float32;
+    the F32 norms every GGUF has must not decide it. Catches taking transformers' float32
+    for every GGUF, or counting the 1-D norms (F32) as the model's type."""
+    import gguf
+    import numpy as np
+
+    from griffin_export.checkpoint import gguf_float_dtype
+
+    norm = np.ones(64, dtype=np.float32)
+    if matrices == "q8_0":  # 2 rows of one block each: an f16 scale + 32 int8 (34 bytes)
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        matrix: object = (np.zeros((2, 34), dtype=np.uint8), (2, 34), q8)
+    else:
+        matrix = np.zeros((8, 64), dtype=np.dtype(matrices))
+    big_norms = {f"blk.{i}.attn_norm.weight": norm for i in range(20)}  # F32 outweighs
+    path = write_gguf(tmp_path / "m.gguf", {"token_embd.weight": matrix, **big_norms})
+    assert gguf_float_dtype(path) == expected
