@@ -269,7 +269,7 @@ def ensure_converted_gguf(
     # type where it has one (exact: its values are that type), so --dtype auto means it.
     dtype = gguf_float_dtype(gguf)
     if dtype != torch.float32:
-        model.to(dtype)
+        nn.Module.to(model, dtype)
         model.config.dtype = dtype
     with atomic_directory(target, force=True) as tmp:
         model.save_pretrained(tmp)
