@@ -131,7 +131,7 @@ def test_comma_separated_and_repeated_choices_reach_the_library(
     assert seen[0]["budgets"] == ["uniform", "protect"]
     assert seen[0]["baselines"] == ["magnitude", "random"]
     assert griffin("ppl").exit_code == 2
-    assert seen[1]["budgets"] == ["uniform"] and seen[1]["baselines"] == []
+    assert seen[1]["budgets"] is None and seen[1]["baselines"] == []  # library: uniform
     assert seen[1]["dtype"] == "auto" and seen[1]["protocol"] is None
 
 
