@@ -239,12 +239,6 @@ class LazyTensors:
         return block.index_select(axis, index.long() - lo)
 
 
-def header_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape in a checkpoint directory, from its headers."""
-    with LazyTensors.open(directory) as tensors:
-        return {key: tensors.shape(key) for key in tensors.keys()}  # noqa: SIM118
-
-
 def load_state(files: Iterable[Path]) -> dict[str, Tensor]:
     """Every tensor of ``files`` (a checkpoint's shards), loaded into memory."""
     from safetensors.torch import load_file

@@ -568,10 +568,6 @@ def _torch_dtype(name: str) -> torch.dtype:
     return DTYPES.get(name, torch.float32)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
