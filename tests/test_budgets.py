@@ -47,7 +47,7 @@ def test_protect_layer_sizes() -> None:
     assert layer_sizes("protect", 3, 37, 0.4) == [22, 1, 22]
     assert layer_sizes("protect", 3, 37, 0.8) == [37, 16, 37]
     assert layer_sizes("protect", 4, 64, 0.5, 8) == [56, 8, 8, 56]  # multiples of 8
-    assert layer_sizes("protect", 2, 37, 0.5) == layer_sizes("uniform", 2, 37, 0.5)
+    assert layer_sizes("protect", 2, 37, 0.5) == [18, 18]  # both layers are the "ends"
 
 
 def test_unknown_budget_names_the_value_and_the_choices() -> None:
