@@ -20,7 +20,13 @@ from griffin_export.evaluate import perplexity
 export_dir = Path(sys.argv[1])
 prompt = sys.argv[2] if len(sys.argv) > 2 else "The water cycle begins when"
 manifest = read_manifest(export_dir)
-original_dir = resolve_source(manifest.source.model).directory
+# the source the manifest recorded (as griffin ppl finds it), else its name resolved again
+recorded = manifest.source.directory
+original_dir = (
+    Path(recorded)
+    if recorded and Path(recorded).is_dir()
+    else resolve_source(manifest.source.model).directory
+)
 console = Console()
 hf_logging.disable_progress_bar()
 
@@ -50,7 +56,7 @@ sizes = [weight_bytes(original_dir), weight_bytes(export_dir)]
 
 table = Table(
     title=f"{manifest.source.model}: full vs griffin export, keep {manifest.ratio:g} "
-    f"of FF neurons (chosen on examples/prompt.txt)",
+    f"of FF neurons (chosen on a {manifest.prompt.tokens}-token prompt)",
     title_justify="left",
     show_lines=True,
 )
