@@ -237,15 +237,12 @@ def ensure_converted_gguf(
 ) -> Path:
     """Dequantise a GGUF file to a safetensors directory once; later calls reuse it.
 
-    The cache key includes the file's size and mtime, so a replaced file is converted again.
-    The conversion is written to a temporary directory and renamed, so an interrupted run
-    never leaves a half-converted cache entry.
+    The cache entry is keyed on the file's content (:func:`gguf_cache_key`), not its path, so
+    the same GGUF reinstalled in another environment reuses one conversion, and a changed file
+    is converted again. The conversion is written to a temporary directory and renamed, so an
+    interrupted run never leaves a half-converted cache entry.
     """
-    stat = gguf.stat()
-    # "v2": conversions before it recorded load options in tokenizer_config.json.
-    key = f"v2|{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    tag = hashlib.sha256(key.encode()).hexdigest()
-    target = cache_dir() / f"{cache_name or gguf.stem}-{tag[:12]}"
+    target = cache_dir() / f"{cache_name or gguf.stem}-{gguf_cache_key(gguf)}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -276,6 +273,29 @@ def ensure_converted_gguf(
         save_tokenizer(tokenizer, tmp)
     report("convert", 1, 1)
     return target
+
+
+_KEY_SPAN = 1 << 22  # bytes hashed at each end of a GGUF file for its cache key
+
+
+def gguf_cache_key(gguf: Path) -> str:
+    """A short content key for a GGUF file: its size and the hash of its first and last 4 MiB.
+
+    The head holds the whole metadata block (architecture, tokenizer, tensor index) and the
+    tail the last tensors' data, so a different model or re-quantisation changes the key, while
+    hashing stays fast for multi-GB files. "v3" versions the conversion itself (v2: tokenizer
+    files without load options; v3: keyed on content instead of path).
+    """
+    size = gguf.stat().st_size
+    digest = hashlib.sha256(f"v3|{size}|".encode())
+    with gguf.open("rb") as f:
+        digest.update(f.read(_KEY_SPAN))
+        if size > 2 * _KEY_SPAN:
+            f.seek(size - _KEY_SPAN)
+            digest.update(f.read(_KEY_SPAN))
+        elif size > _KEY_SPAN:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 #: GGUF tensor types stored as plain floats (every other type is a quantized block format).

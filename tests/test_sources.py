@@ -305,3 +305,28 @@ def test_gguf_float_dtype_is_the_type_its_matrices_are_stored_in(
     big_norms = {f"blk.{i}.attn_norm.weight": norm for i in range(20)}  # F32 outweighs
     path = write_gguf(tmp_path / "m.gguf", {"token_embd.weight": matrix, **big_norms})
     assert gguf_float_dtype(path) == expected
+
+
+@pytest.mark.parametrize("size", [1000, (1 << 22) + 777, 3 * (1 << 22) + 5])
+def test_gguf_cache_key_follows_content_not_path(tmp_path: Path, size: int) -> None:
+    """The embedded GGUF lives inside each virtual environment, so a key on the resolved path
+    converted (and stored ~0.5 GB) once per environment. Catches keying on the path or mtime
+    (the copy elsewhere must hit the same entry) and hashing only the head of a large file
+    (a change in the last bytes, i.e. different tensor data, must give another key)."""
+    from griffin_export.checkpoint import gguf_cache_key
+
+    data = bytearray(
+        torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(0))
+        .to(torch.uint8)
+        .numpy()
+        .tobytes()
+    )
+    a = tmp_path / "env1" / "m.gguf"
+    b = tmp_path / "env2" / "m.gguf"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    assert gguf_cache_key(a) == gguf_cache_key(b)
+    data[-1] ^= 1
+    b.write_bytes(data)
+    assert gguf_cache_key(a) != gguf_cache_key(b)
