@@ -82,8 +82,7 @@ def eval_command(
     ),
 ) -> None:
     """Task accuracy (lm-evaluation-harness) of pruned settings beside the full model."""
-    logging.getLogger("lm-eval").setLevel(logging.ERROR)
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    _quiet()
     labels = {"load": "Loading models", "eval": "Evaluating settings"}
     with stage_progress(labels, transient=as_json) as on_progress:
         report = evaluate_tasks(
@@ -120,6 +119,14 @@ def eval_command(
         err_console.print(
             f"check: ratio 1.0 equals the full model on all {report.check['requests']} requests"
         )
+
+
+def _quiet() -> None:
+    """Progress is ours (Rich): keep lm-eval's log lines and datasets' bars off the terminal."""
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
 
 
 def eval_tables(report: TaskEvalReport) -> list[Table]:
