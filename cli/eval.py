@@ -130,33 +130,35 @@ def _quiet() -> None:
 
 
 def eval_tables(report: TaskEvalReport) -> list[Table]:
-    """One table per task: metric, full, then each pruned setting and its change vs full."""
-    pruned = [s.name for s in report.settings if s.name != "full"]
-    tables: dict[str, Table] = {}
-    for row in report.metric_rows():
-        table = tables.get(row.task)
-        if table is None:
-            n = report.results["full"].get("n-samples", {}).get(row.task, {}).get("effective")
-            table = Table(
-                title=f"{row.task} ({report.mode}{f', {n} documents' if n else ''})",
-                title_justify="left",
-            )
-            table.add_column("metric")
-            table.add_column("full", justify="right")
-            for name in pruned:
-                table.add_column(name, justify="right")
-                table.add_column("vs full", justify="right")
-            tables[row.task] = table
-        full = row.values.get("full")
-        cells = [row.metric, _cell(full)]
-        for name in pruned:
-            value = row.values.get(name)
-            change = value[0] - full[0] if value and full else None
-            cells += [_cell(value), "" if change is None else f"{change:+.3f}"]
-        table.add_row(*cells)
-    for table in tables.values():
-        table.caption = "  ".join(f"{k}: {v:.0f} s" for k, v in report.seconds.items())
-    return list(tables.values())
+    """One table per task: a row per setting (full first), per metric its value with the
+    standard error and its change vs full."""
+    rows = report.metric_rows()
+    tables = []
+    for task in report.tasks:
+        metrics = [r for r in rows if r.task == task]
+        n = report.results["full"].get("n-samples", {}).get(task, {}).get("effective")
+        table = Table(
+            title=f"{task}: {report.mode}" + (f", {n} documents" if n else ""),
+            title_justify="left",
+        )
+        table.add_column("setting")
+        for row in metrics:
+            table.add_column(row.metric, justify="right")
+            table.add_column("vs full", justify="right")
+        for setting in report.settings:
+            cells = [setting.name]
+            for row in metrics:
+                value, full = row.values.get(setting.name), row.values.get("full")
+                change = (
+                    ""
+                    if setting.name == "full" or not (value and full)
+                    else (f"{value[0] - full[0]:+.3f}")
+                )
+                cells += [_cell(value), change]
+            table.add_row(*cells)
+        table.caption = f"{sum(report.seconds.values()):.0f} s for {len(report.settings)} settings"
+        tables.append(table)
+    return tables
 
 
 def _cell(value: tuple[float, float | None] | None) -> str:
