@@ -5,68 +5,103 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 from rich.table import Table
 
-from griffin_cli.main import app, err_console, out_console, stage_progress
-from griffin_export.errors import OutputError
+from griffin_cli.main import Dtype, app, choice_list, err_console, out_console, stage_progress
+from griffin_export.budgets import BUDGETS
+from griffin_export.checkpoint import DEFAULT_MODEL
+from griffin_export.errors import OutputError, UsageError
 from griffin_export.taskeval import TaskEvalReport, evaluate_tasks
+
+#: ``--mode`` choices (the library's :data:`~griffin_export.taskeval.MODES`).
+EvalMode = Literal["static", "class", "gen"]
 
 
 @app.command("eval")
 def eval_command(
-    model: list[str] = typer.Argument(
-        ...,
-        help="Export directories of one original (static mode), or one full model (class and "
-        "gen modes).",
+    model: list[str] | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Export directories of one original (static mode; repeatable), or one full model "
+        "(class and gen modes, as for export).",
+        show_default=DEFAULT_MODEL,
     ),
+    models: list[str] | None = typer.Argument(None, hidden=True),  # the same, positional
     tasks: list[str] = typer.Option(
         ...,
         "--tasks",
         help="lm-eval task names, comma-separated or repeated; offline: griffin_wiki_next, "
         "griffin_shakespeare_next (ours, not standard benchmarks).",
     ),
-    mode: str | None = typer.Option(
+    mode: EvalMode | None = typer.Option(
         None,
         "--mode",
-        help="static (an export as it is), class (GRIFFIN's classification mode) or gen "
-        "(experts from the prompt, pruned decoding). Default: static for an export, class "
-        "for a full model.",
+        help="static: exports as they are, beside their original; class: GRIFFIN's "
+        "classification mode (experts from each request's context); gen: experts from the "
+        "prompt, pruned decoding.",
+        show_default="static for exports, class for a full model",
     ),
     ratio: list[float] | None = typer.Option(
-        None, "--ratio", "-r", help="class/gen: fraction of FF neurons kept; repeatable (0.5)."
+        None,
+        "--ratio",
+        "-r",
+        help="class/gen: fraction of FF neurons kept; repeatable.",
+        show_default="0.5",
     ),
     budget: list[str] | None = typer.Option(
         None,
         "--budget",
-        help="class/gen: uniform or protect (first and last layers dense, same total); "
-        "repeatable or comma-separated (uniform).",
+        callback=choice_list(BUDGETS),
+        metavar="<uniform|protect>,...",
+        help="class/gen: per-layer budget, uniform or protect (first and last layers dense, "
+        "same total); repeatable, or comma-separated.",
+        show_default="uniform",
     ),
     refresh: int = typer.Option(
         0, "--refresh", help="gen: re-choose the experts every N generated tokens (0 = never)."
     ),
     window: int | None = typer.Option(
-        None, "--window", "-W", help="gen: re-choose from the last W positions (all)."
+        None,
+        "--window",
+        "-W",
+        help="gen: re-choose from the last W positions.",
+        show_default="all",
     ),
     original: str | None = typer.Option(
-        None, "--original", help="static: the export's full model (the manifest's source)."
+        None,
+        "--original",
+        help="static: the exports' full model.",
+        show_default="the manifest's source",
     ),
     include_path: list[Path] | None = typer.Option(
         None, "--include-path", help="A folder of your own lm-eval task YAML; repeatable."
     ),
     limit: int | None = typer.Option(None, "--limit", help="At most N documents per task."),
     num_fewshot: int | None = typer.Option(
-        None, "--num-fewshot", help="Few-shot examples per prompt (the task's own, else 0)."
+        None,
+        "--num-fewshot",
+        help="Few-shot examples per prompt.",
+        show_default="the task's own, else 0",
     ),
     batch_size: int = typer.Option(
         1, "--batch-size", "-b", help="Requests per forward (static only; class/gen need 1)."
     ),
     max_gen_tokens: int | None = typer.Option(
-        None, "--max-gen-tokens", help="gen: at most N new tokens (the task's own, else 256)."
+        None,
+        "--max-gen-tokens",
+        help="gen: at most N new tokens.",
+        show_default="the task's own, else 256",
     ),
-    dtype: str = typer.Option("auto", "--dtype", help="Full model dtype (exports keep theirs)."),
+    dtype: Dtype = typer.Option(
+        "auto",
+        "--dtype",
+        case_sensitive=False,
+        help="Full model dtype; auto keeps the source's (exports keep theirs).",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
     check: bool = typer.Option(
         False,
@@ -86,12 +121,12 @@ def eval_command(
     labels = {"load": "Loading models", "eval": "Evaluating settings"}
     with stage_progress(labels, transient=as_json) as on_progress:
         report = evaluate_tasks(
-            model,
+            _models(model, models),
             tasks=tasks,
             mode=mode,
             original=original,
             ratios=ratio,
-            budgets=[b for item in budget or [] for b in item.split(",") if b] or None,
+            budgets=budget or None,
             refresh=refresh,
             window=window,
             include_path=include_path or [],
@@ -119,6 +154,15 @@ def eval_command(
         err_console.print(
             f"check: ratio 1.0 equals the full model on all {report.check['requests']} requests"
         )
+
+
+def _models(option: list[str] | None, positional: list[str] | None) -> list[str]:
+    """``--model`` (repeatable) or the positional form; not both."""
+    if option and positional:
+        raise UsageError(
+            f"pass the models once: griffin eval --model M ..., not also '{positional[0]}'"
+        )
+    return option or positional or [DEFAULT_MODEL]
 
 
 def _quiet() -> None:

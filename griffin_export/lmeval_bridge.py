@@ -124,7 +124,13 @@ class GriffinLM(HFLM):
                 ids.to(self.device),
                 max(max_new, 1),
                 lambda logits: int(logits.argmax()),
-                eos=self.eot_token_id,
+                stop=self._stop_ids(),
                 on_token=on_token,
             )
         return generated
+
+    def _stop_ids(self) -> set[int]:
+        """lm-eval's end-of-text id and the model's own end tokens (``generation_config``'s,
+        an id or a list), as the refresh runtime and ``generate`` stop."""
+        ends = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        return {self.eot_token_id, *([ends] if isinstance(ends, int) else ends or [])}

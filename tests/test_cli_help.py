@@ -12,6 +12,7 @@ import typer
 from typer.testing import CliRunner, Result
 
 from griffin_cli import ppl as ppl_module
+from griffin_cli.eval import EvalMode
 from griffin_cli.main import BASELINES, Budget, Dtype, Protocol, app
 from griffin_export.budgets import BUDGETS, check_budget
 from griffin_export.checkpoint import DTYPES, parse_dtype
@@ -19,7 +20,7 @@ from griffin_export.errors import UsageError
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "GRIFFIN_DEBUG": None}
-COMMANDS = ("export", "ppl", "generate", "verify", "inspect")
+COMMANDS = ("export", "ppl", "generate", "verify", "inspect", "eval")
 
 
 def griffin(*args: str) -> Result:
@@ -80,6 +81,9 @@ CHOICES = [
     ("ppl", "--protocol", get_args(Protocol)),
     ("ppl", "--budget", get_args(Budget)),
     ("ppl", "--baselines", BASELINES),
+    ("eval", "--mode", get_args(EvalMode)),
+    ("eval", "--budget", get_args(Budget)),
+    ("eval", "--dtype", get_args(Dtype)),
 ]
 
 
@@ -101,10 +105,10 @@ def test_unknown_choice_is_a_parse_error_naming_the_choices(
     naming the bad value and every choice. Catches validation left to the library, and a
     comma-list callback that checks only the first item."""
     missing = str(tmp_path / "no-such-model")
-    value = "uniform,nonsense" if option == "--budget" and command == "ppl" else "nonsense"
+    value = "uniform,nonsense" if option == "--budget" and command != "export" else "nonsense"
     if option == "--baselines":
         value = "random,nonsense"
-    extra = ["--prompt-text", "x"] if command == "export" else []
+    extra = {"export": ["--prompt-text", "x"], "eval": ["--tasks", "x"]}.get(command, [])
     result = griffin(command, "--model", missing, option, value, *extra)
     assert result.exit_code == 2, result.output
     text = flat(result.output)

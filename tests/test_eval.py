@@ -287,14 +287,9 @@ def test_cli_json_schema_and_log_samples(tiny_dir: Path, tasks_dir: Path, tmp_pa
     line per request with every setting's log-likelihood. Catches a renamed/missing key, a
     setting absent from the log, and rows misaligned across settings."""
     log = tmp_path / "samples.jsonl"
-    result = CliRunner().invoke(
-        app,
-        [
-            "eval", str(tiny_dir), "--tasks", "tiny_mc", "--include-path", str(tasks_dir),
-            "--ratio", "0.5", "--budget", "uniform,protect", "--limit", "2", "--json",
-            "--log-samples", str(log),
-        ],
-    )  # fmt: skip
+    args = ["eval", "--model", str(tiny_dir), "--tasks", "tiny_mc", "--include-path"]
+    args += [str(tasks_dir), "--ratio", "0.5", "--budget", "uniform,protect", "--limit", "2"]
+    result = CliRunner().invoke(app, [*args, "--json", "--log-samples", str(log)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     griffin = data["griffin"]
@@ -326,7 +321,8 @@ def test_cli_without_lm_eval_says_how_to_install(
     """Without lm-eval installed: one red line with the install command, exit code 2, no
     traceback. Catches an ImportError escaping, or lm-eval imported when griffin loads."""
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    result = CliRunner().invoke(app, ["eval", str(tiny_dir), "--tasks", "griffin_wiki_next"])
+    args = ["eval", "--model", str(tiny_dir), "--tasks", "griffin_wiki_next"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "pip install 'griffin-export[eval]'" in result.output
     assert "Traceback" not in result.output
