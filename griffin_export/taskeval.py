@@ -466,7 +466,7 @@ def evaluate_tasks(
     settings: list[EvalSetting]
     if mode == "static":
         exports = [open_export(m, device) for m in sources]
-        full = load_original(exports[0], original, device)
+        full = load_original(exports[0].directory, exports[0].manifest, original, device)
         settings = [EvalSetting("full", "plain")]
         for source, export in zip(sources, exports, strict=True):
             check_original_model(export.directory, full.model)
