@@ -551,6 +551,8 @@ def evaluate_tasks(
         seconds=seconds,
         params={
             "original": original,
+            "ratios": None if mode == "static" else list(ratios or (0.5,)),
+            "budgets": None if mode == "static" else list(budgets or ("uniform",)),
             "limit": limit,
             "num_fewshot": num_fewshot,
             "batch_size": batch_size,

@@ -297,6 +297,7 @@ def test_cli_json_schema_and_log_samples(tiny_dir: Path, tasks_dir: Path, tmp_pa
         griffin
     )
     assert griffin["mode"] == "class" and griffin["tasks"] == ["tiny_mc"]
+    assert griffin["ratios"] == [0.5] and griffin["budgets"] == ["uniform", "protect"]
     names = [s["name"] for s in griffin["settings"]]
     assert names == ["full", "class r=0.5", "class r=0.5 protect"]
     protect = griffin["settings"][2]
