@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .architectures import ArchSpec
 from .budgets import check_budget, layer_sizes
+from .compensation import DEFAULT_ALPHA, GramStats, regression
 from .errors import UsageError
 from .scoring import griffin_statistic, normalized_square_sum, top_k_indices
 from .selection import non_finite_message
@@ -108,6 +109,8 @@ class Setting:
     refresh: int = 0
     window: int | None = None
     keep: Sequence[Tensor] = ()
+    compensate: str = "none"
+    alpha: float = DEFAULT_ALPHA
 
 
 def griffin_segments(
@@ -135,13 +138,47 @@ def griffin_mask(z: Tensor, k: int, segments: Sequence[tuple[int, int, int, int]
     mask = torch.ones_like(z)
     for b in range(batch):
         for look_from, look_to, seg_from, seg_to in segments:
-            scores = griffin_statistic(
-                normalized_square_sum(z[b, look_from:look_to]), accumulated=True
-            )
             keep = torch.zeros(d_ff, dtype=z.dtype, device=z.device)
-            keep[top_k_indices(scores, k).to(z.device)] = 1
+            keep[_segment_experts(z[b, look_from:look_to], k)] = 1
             mask[b, seg_from:seg_to] = keep
     return mask
+
+
+def _segment_experts(look: Tensor, k: int) -> Tensor:
+    scores = griffin_statistic(normalized_square_sum(look), accumulated=True)
+    return top_k_indices(scores, k).to(look.device)
+
+
+def griffin_refit_input(
+    z: Tensor,
+    k: int,
+    segments: Sequence[tuple[int, int, int, int]],
+    method: str,
+    alpha: float,
+) -> Tensor:
+    """``z`` with, in each segment, the dropped neurons replaced by their ridge prediction
+    from the kept ones, fitted on the segment's look-back positions
+    (:func:`griffin_export.compensation.regression`). The down projection of this input
+    equals the refitted kept columns (and bias) applied to the kept neurons
+    (``W_S z_S + W_D (coef^T z_S + offset) = W' z_S + b``): exactly what an export refitted
+    on those positions computes."""
+    out = z.clone()
+    for b in range(z.shape[0]):
+        for look_from, look_to, seg_from, seg_to in segments:
+            look = z[b, look_from:look_to]
+            stats = GramStats.zeros(z.shape[-1], z.device)
+            stats.add(look)
+            reg = regression(
+                stats.gram,
+                _segment_experts(look, k),
+                alpha,
+                sums=stats.sums,
+                tokens=stats.tokens,
+                bias=method == "refit-bias",
+            )
+            seg = z[b, seg_from:seg_to]
+            out[b, seg_from:seg_to, reg.dropped] = reg.predict(seg[:, reg.keep])
+    return out
 
 
 @contextmanager
@@ -160,6 +197,11 @@ def ff_setting(
             seq_len = z.shape[1]
             if setting.kind == "griffin":
                 segments = griffin_segments(prompt_len, seq_len, setting.refresh, setting.window)
+                if setting.compensate != "none":
+                    refit = griffin_refit_input(
+                        z, setting.k[layer], segments, setting.compensate, setting.alpha
+                    )
+                    return (refit, *args[1:])
                 mask = griffin_mask(z, setting.k[layer], segments)
             else:
                 mask = torch.ones_like(z)

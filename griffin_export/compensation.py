@@ -1,0 +1,227 @@
+"""Compensation: refit the kept neurons' down-projection columns after the cut. Pure math.
+
+For one FF layer with prompt down-projection inputs ``Z`` (``T x d_ff``), the full output
+``Y = Z W^T`` (``W`` the down weight in ``[out, in]`` form, ``d_model x d_ff``) and the kept
+neurons ``S`` (``k`` of them, ``D`` the dropped ones), the refit solves
+
+    min_{W', b}  ||Z_S W'^T + 1 b^T - Y||^2 + lam ||W' - W_S||^2,
+    lam = alpha * mean(diag(Z_S^T Z_S))
+
+in closed form (one ``k x k`` Cholesky solve). Everything it needs is the Gram matrix
+``G = Z^T Z`` (``Z_S^T Y = G[S, :] W^T``), plus the column sums ``m = Z^T 1`` and the token
+count ``T`` for the bias variant, so the prompt pass only accumulates :class:`GramStats`.
+
+Writing ``Y = Z_S W_S^T + Z_D W_D^T`` the solution is
+
+    W'^T = W_S^T + (G_SS + lam I)^-1 G_SD W_D^T                      (no bias)
+
+i.e. the dropped neurons' contribution is carried by a ridge regression of the dropped
+activations on the kept ones (``alpha -> inf`` gives back the plain slice ``W_S``). With a
+bias (unpenalised) the same holds with the centred Gram ``G - m m^T / T``, and ``b`` is the
+mean residual ``(W m - W' m_S) / T`` (added to any bias the layer already has).
+
+A prompt shorter than ``k`` (``T < k``) leaves ``G_SS`` singular; the ridge term keeps the
+system positive definite as long as some kept neuron is non-zero on the prompt, and the
+change ``W' - W_S`` then lies in the span of the prompt's ``T`` kept-activation vectors (a
+5-token prompt moves ``W'`` in at most 5 directions). If every kept neuron is exactly zero on
+the prompt, there is nothing to fit and the plain slice is returned.
+
+GPT-2's ``Conv1D`` stores the down weight as ``[in, out]``; callers pass ``W`` in ``[out, in]``
+form (transpose it) and transpose the result back (:func:`down_weight_out_in`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import UsageError
+
+#: What ``--compensate`` offers. ``refit`` has no bias (stock configs of most families have
+#: none); ``refit-bias`` writes one into the down projection.
+METHODS = ("none", "refit", "refit-bias")
+#: Default ridge strength (``lam = alpha * mean(diag(Z_S^T Z_S))``).
+DEFAULT_ALPHA = 1.0
+
+
+def check_method(method: str) -> str:
+    """Return ``method`` if it is a known compensation, else raise naming the choices."""
+    if method not in METHODS:
+        raise UsageError(f"--compensate '{method}' is not known; use one of {', '.join(METHODS)}")
+    return method
+
+
+def check_alpha(alpha: float) -> float:
+    """Reject ridge strengths that are negative, NaN or infinite."""
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise UsageError(
+            f"--alpha must be a finite number >= 0, got {alpha!r}; e.g. --alpha 1 (the default)"
+        )
+    return float(alpha)
+
+
+@dataclass
+class GramStats:
+    """Running ``G = sum_t z_t z_t^T`` (``[d_ff, d_ff]``), ``m = sum_t z_t`` and ``T`` of one
+    layer's down-projection inputs. Each chunk's product is computed and summed in ``gram``'s
+    dtype (float32 by default: ``d_ff^2`` floats per layer; float64 for exact checks)."""
+
+    gram: Tensor
+    sums: Tensor
+    tokens: int = 0
+
+    @classmethod
+    def zeros(
+        cls, d_ff: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> GramStats:
+        return cls(
+            gram=torch.zeros(d_ff, d_ff, dtype=dtype, device=device),
+            sums=torch.zeros(d_ff, dtype=torch.float64, device=device),
+        )
+
+    def add(self, z: Tensor) -> None:
+        """Accumulate tokens ``z`` (``[..., d_ff]``; all leading axes are tokens)."""
+        flat = z.detach().reshape(-1, z.shape[-1]).to(self.gram.device, self.gram.dtype)
+        self.gram.addmm_(flat.T, flat)
+        self.sums += flat.sum(dim=0, dtype=torch.float64)
+        self.tokens += int(flat.shape[0])
+
+
+@dataclass
+class Refit:
+    """The refitted down projection of one layer: ``weight`` ``[out, k]`` (columns in the
+    order of ``keep``) and ``bias`` ``[out]`` to *add* to the layer's bias (``None`` without
+    the bias variant)."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+
+def ridge_lambda(gram_kept_diag: Tensor, alpha: float) -> float:
+    """``lam = alpha * mean(diag(Z_S^T Z_S))``."""
+    return float(alpha) * float(gram_kept_diag.double().mean())
+
+
+@dataclass
+class Regression:
+    """The dropped neurons' activations as a ridge regression on the kept ones:
+    ``z_D ~ z_S @ coef + offset``. ``coef`` ``[k, d_ff - k]`` (rows in ``keep``'s order,
+    columns in ``dropped``'s), ``offset`` ``[d_ff - k]`` or ``None`` without a bias."""
+
+    keep: Tensor
+    dropped: Tensor
+    coef: Tensor
+    offset: Tensor | None
+
+    def predict(self, kept: Tensor) -> Tensor:
+        """The dropped neurons' activations predicted from the kept ones (``[..., k]`` ->
+        ``[..., d_ff - k]``, in ``kept``'s dtype): what the refitted down projection adds."""
+        out = kept.to(self.coef.dtype) @ self.coef
+        if self.offset is not None:
+            out = out + self.offset
+        return out.to(kept.dtype)
+
+
+def regression(
+    gram: Tensor,
+    keep: Tensor,
+    alpha: float = DEFAULT_ALPHA,
+    *,
+    sums: Tensor | None = None,
+    tokens: int = 0,
+    bias: bool = False,
+) -> Regression:
+    """Ridge regression of the dropped neurons on the kept ones (in float64 for a float64
+    Gram matrix, else float32): the part of the refit that does not depend on the down
+    weight (:func:`refit_down`).
+
+    ``coef = (G_SS + lam I)^-1 G_SD`` (centred Gram with ``bias``), ``offset = (m_D - coef^T
+    m_S) / T``.
+    """
+    alpha = check_alpha(alpha)
+    d_ff = gram.shape[0]
+    if gram.shape != (d_ff, d_ff):
+        raise ValueError(f"the Gram matrix must be square, got {tuple(gram.shape)}")
+    if bias and (sums is None or tokens < 1):
+        raise ValueError("the bias variant needs the column sums and a token count >= 1")
+    device = gram.device
+    dtype = _math_dtype(gram)
+    keep = keep.to(device=device, dtype=torch.int64)
+    dropped_mask = torch.ones(d_ff, dtype=torch.bool, device=device)
+    dropped_mask[keep] = False
+    drop = dropped_mask.nonzero().flatten()
+    g = gram.detach().to(dtype)
+    m = sums.detach().to(device, dtype) if bias and sums is not None else None
+    centred = g - torch.outer(m, m) / tokens if m is not None else g
+    lam = ridge_lambda(g[keep, keep], alpha)  # paired indices: the diagonal of G_SS
+    kept_block = centred[keep][:, keep]
+    if drop.numel() == 0 or (lam == 0.0 and alpha > 0):
+        # Nothing dropped, or every kept neuron is zero on the prompt (nothing to regress on).
+        coef = torch.zeros(keep.numel(), drop.numel(), dtype=dtype, device=device)
+    else:
+        system = kept_block + lam * torch.eye(keep.numel(), dtype=dtype, device=device)
+        coef = _spd_solve(system, centred[keep][:, drop])
+    offset = (m[drop] - coef.T @ m[keep]) / tokens if m is not None else None
+    return Regression(keep=keep, dropped=drop, coef=coef, offset=offset)
+
+
+def refit_down(
+    gram: Tensor,
+    weight: Tensor,
+    keep: Tensor,
+    alpha: float = DEFAULT_ALPHA,
+    *,
+    sums: Tensor | None = None,
+    tokens: int = 0,
+    bias: bool = False,
+) -> Refit:
+    """Closed-form ridge refit of the kept columns of one down projection.
+
+    Args:
+        gram: ``G = Z^T Z`` over the prompt tokens (``[d_ff, d_ff]``, float32 or float64).
+        weight: the full down weight in ``[out, in]`` form (``[d_model, d_ff]``).
+        keep: ``[k]`` kept neuron indices; the refitted columns follow this order.
+        alpha: ridge strength relative to the kept neurons' mean energy (>= 0).
+        sums: ``m = Z^T 1`` (``[d_ff]``), needed with ``bias``.
+        tokens: ``T``, needed with ``bias``.
+        bias: also fit an unpenalised output bias.
+
+    Returns:
+        :class:`Refit` in ``weight``'s dtype and device; the math runs in float32 (float64
+        for a float64 Gram matrix):
+        ``W' = W_S + W_D coef^T`` and ``b = W_D offset`` (:func:`regression`).
+    """
+    if gram.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(
+            f"Gram {tuple(gram.shape)} does not match the weight's {weight.shape[1]} inputs"
+        )
+    reg = regression(gram.to(weight.device), keep, alpha, sums=sums, tokens=tokens, bias=bias)
+    w = weight.detach().to(reg.coef.dtype)
+    dropped = w[:, reg.dropped]
+    new = w[:, reg.keep] + dropped @ reg.coef.T
+    offset = None if reg.offset is None else (dropped @ reg.offset).to(weight.dtype)
+    return Refit(weight=new.to(weight.dtype), bias=offset)
+
+
+def _math_dtype(gram: Tensor) -> torch.dtype:
+    """float64 for a float64 Gram matrix, else float32 (the ridge keeps the ``k x k`` system's
+    condition number below about ``1 + k / alpha``)."""
+    return torch.float64 if gram.dtype == torch.float64 else torch.float32
+
+
+def _spd_solve(system: Tensor, rhs: Tensor) -> Tensor:
+    """Solve ``system x = rhs`` for a symmetric positive semi-definite ``system``: Cholesky,
+    or the minimum-norm least-squares solution when it is singular (``alpha = 0`` with a
+    prompt shorter than ``k``)."""
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.pinv(system, hermitian=True) @ rhs
+
+
+def down_weight_out_in(weight: Tensor, transposed: bool) -> Tensor:
+    """The down weight in ``[out, in]`` form from the module's layout (Conv1D: ``[in, out]``)."""
+    return weight.T if transposed else weight
