@@ -56,12 +56,14 @@ def collect_statistics(
     model: nn.Module,
     prompts: Iterable[Tensor],
     on_prompt: Callable[[int], None] | None = None,
+    also: Callable[[int, Tensor], None] | None = None,
 ) -> LayerStatistics:
     """Run each prompt (``[seq]`` or ``[1, seq]`` token ids) through ``model`` and pool the
     normalised squared down-projection inputs of all their tokens, per layer.
 
     Prompts run one at a time (no padding enters the statistic). ``on_prompt(i)`` is called
-    after prompt ``i`` so callers can show progress.
+    after prompt ``i`` so callers can show progress; ``also(layer, z)`` sees every layer's
+    down-projection input too (compensation accumulates its Gram matrices there).
     """
     n_layers = len(spec.blocks(model))
     stats = LayerStatistics(sums=[torch.zeros(0)] * n_layers)
@@ -71,6 +73,8 @@ def collect_statistics(
         part = normalized_square_sum(z)
         current = stats.sums[index]
         stats.sums[index] = part if current.numel() == 0 else current + part
+        if also is not None:
+            also(index, z)
         if index == n_layers - 1:
             # Nothing after the last down projection's input matters for selection: skip the
             # rest of the forward (the last FF output and the vocabulary-sized logits).

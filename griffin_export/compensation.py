@@ -26,8 +26,8 @@ change ``W' - W_S`` then lies in the span of the prompt's ``T`` kept-activation 
 5-token prompt moves ``W'`` in at most 5 directions). If every kept neuron is exactly zero on
 the prompt, there is nothing to fit and the plain slice is returned.
 
-GPT-2's ``Conv1D`` stores the down weight as ``[in, out]``; callers pass ``W`` in ``[out, in]``
-form (transpose it) and transpose the result back (:func:`down_weight_out_in`).
+GPT-2's ``Conv1D`` stores the down weight as ``[in, out]``; :func:`refit_down` takes ``W`` in
+``[out, in]`` form and :func:`refit_stored` adapts a weight as the module stores it.
 """
 
 from __future__ import annotations
@@ -41,10 +41,48 @@ from torch import Tensor
 from .errors import UsageError
 
 #: What ``--compensate`` offers. ``refit`` has no bias (stock configs of most families have
-#: none); ``refit-bias`` writes one into the down projection.
+#: none); ``refit-bias`` also fits one, added to the down projection's own bias (only for
+#: families whose stock down projection has one).
 METHODS = ("none", "refit", "refit-bias")
+#: Default of ``griffin export`` and ``griffin ppl``: stock-loadable everywhere
+#: (benchmarks/RESULTS-compensation.md).
+DEFAULT_METHOD = "refit"
 #: Default ridge strength (``lam = alpha * mean(diag(Z_S^T Z_S))``).
 DEFAULT_ALPHA = 1.0
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """How an export repairs its pruned layers: ``method`` (one of :data:`METHODS`) and the
+    ridge strength ``alpha``."""
+
+    method: str = DEFAULT_METHOD
+    alpha: float = DEFAULT_ALPHA
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        check_alpha(self.alpha)
+
+    @property
+    def active(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def bias(self) -> bool:
+        return self.method == "refit-bias"
+
+    def record(self) -> dict[str, object]:
+        """What the manifest records."""
+        return {"method": self.method, "alpha": self.alpha, "bias": self.bias}
+
+    def check_model(self, has_down_bias: bool, model_type: str) -> None:
+        """Refuse ``refit-bias`` where the stock config has no down-projection bias (writing
+        one would need another config or ``model_type``)."""
+        if self.bias and not has_down_bias:
+            raise UsageError(
+                f"--compensate refit-bias needs a down-projection bias, which a stock "
+                f"'{model_type}' config does not have; use --compensate refit"
+            )
 
 
 def check_method(method: str) -> str:
@@ -88,6 +126,29 @@ class GramStats:
         self.gram.addmm_(flat.T, flat)
         self.sums += flat.sum(dim=0, dtype=torch.float64)
         self.tokens += int(flat.shape[0])
+
+
+class LayerGrams:
+    """One :class:`GramStats` per layer, created on the activations' device when the layer's
+    first tokens arrive; :meth:`take` hands one over and forgets it (so its memory goes as
+    soon as the layer is refitted)."""
+
+    def __init__(self, n_layers: int, d_ff: int) -> None:
+        self.d_ff = d_ff
+        self.stats: list[GramStats | None] = [None] * n_layers
+
+    def add(self, layer: int, z: Tensor) -> None:
+        stats = self.stats[layer]
+        if stats is None:
+            stats = self.stats[layer] = GramStats.zeros(self.d_ff, z.device)
+        stats.add(z)
+
+    def take(self, layer: int) -> GramStats:
+        stats = self.stats[layer]
+        if stats is None:
+            raise ValueError(f"layer {layer} saw no prompt tokens")
+        self.stats[layer] = None
+        return stats
 
 
 @dataclass
@@ -222,6 +283,21 @@ def _spd_solve(system: Tensor, rhs: Tensor) -> Tensor:
     return torch.linalg.pinv(system, hermitian=True) @ rhs
 
 
-def down_weight_out_in(weight: Tensor, transposed: bool) -> Tensor:
-    """The down weight in ``[out, in]`` form from the module's layout (Conv1D: ``[in, out]``)."""
-    return weight.T if transposed else weight
+def refit_stored(
+    weight: Tensor, keep: Tensor, stats: GramStats, how: Compensation, transposed: bool
+) -> Refit:
+    """:func:`refit_down` for a down weight as a module stores it (``transposed``: GPT-2's
+    ``Conv1D``, ``[in, out]``); the refitted weight comes back in the same layout, its
+    columns (rows) in ``keep``'s order, contiguous."""
+    out_in = weight.T if transposed else weight
+    refit = refit_down(
+        stats.gram,
+        out_in,
+        keep,
+        how.alpha,
+        sums=stats.sums,
+        tokens=stats.tokens,
+        bias=how.bias,
+    )
+    stored = refit.weight.T if transposed else refit.weight
+    return Refit(weight=stored.contiguous(), bias=refit.bias)

@@ -32,7 +32,14 @@ from torch import Tensor, nn
 
 from .architectures import ArchSpec
 from .budgets import check_budget, layer_sizes
-from .compensation import DEFAULT_ALPHA, GramStats, regression
+from .compensation import (
+    DEFAULT_ALPHA,
+    DEFAULT_METHOD,
+    Compensation,
+    GramStats,
+    default_alpha,
+    regression,
+)
 from .errors import UsageError
 from .scoring import griffin_statistic, normalized_square_sum, top_k_indices
 from .selection import non_finite_message
@@ -390,6 +397,8 @@ def griffin_settings(
     baselines: Sequence[str],
     seed: int = 0,
     budgets: Sequence[str] = ("uniform",),
+    compensate: str = "none",
+    alpha: float | None = None,
 ) -> list[Setting]:
     """The report rows of a ``griffin`` run: full, then per ratio GRIFFIN (per budget, per
     refresh) and the requested static baselines at the uniform k per layer. Rows of a budget
@@ -406,7 +415,17 @@ def griffin_settings(
             label = f"griffin r={ratio:g}" + ("" if budget == "uniform" else f" {budget}")
             for refresh in _checked_refreshes(refreshes):
                 name = label + (f" refresh={refresh}" if refresh else "")
-                settings.append(Setting(name, "griffin", k=sizes, refresh=refresh, window=window))
+                settings.append(
+                    Setting(
+                        name,
+                        "griffin",
+                        k=sizes,
+                        refresh=refresh,
+                        window=window,
+                        compensate=compensate,
+                        alpha=default_alpha(ratio) if alpha is None else alpha,
+                    )
+                )
         settings += baseline_settings(spec, model, k, f"r={ratio:g}", baselines, seed)
     return settings
 
@@ -449,6 +468,8 @@ def perplexity(
     baselines: Sequence[str] = (),
     seed: int = 0,
     budgets: Sequence[str] | None = None,
+    compensate: str = DEFAULT_METHOD,
+    alpha: float | None = None,
     batch_size: int = 1,
     dtype: str | None = None,
     device: str = "cpu",
@@ -460,7 +481,9 @@ def perplexity(
     the manifest's source, checked against its fingerprint) on the same windows. ``griffin``
     (default for a full model): the full model and, per ratio, GRIFFIN with each per-layer
     budget (:data:`griffin_export.budgets.BUDGETS`) and refresh period, plus the requested
-    static ``baselines`` at the uniform k.
+    static ``baselines`` at the uniform k. GRIFFIN rows repair the cut as ``griffin export``
+    does (``compensate``/``alpha``, same defaults; :mod:`griffin_export.compensation`): each
+    window (each refresh segment) refits from the positions that chose its experts.
     """
     from .checkpoint import load_model, parse_dtype, resolve_source
     from .corpora import bos_token, corpus_tokens, load_corpus
@@ -479,6 +502,7 @@ def perplexity(
         raise UsageError(f"--window must be a positive number of tokens, got {window}")
     for budget in budgets or ():
         check_budget(budget)
+    how = Compensation(compensate, DEFAULT_ALPHA if alpha is None else alpha)  # checks both
     if protocol == "static" and budgets is not None and list(budgets) != ["uniform"]:
         raise UsageError(
             f"--budget {', '.join(budgets)} applies to --protocol griffin; an export's budget "
@@ -525,9 +549,16 @@ def perplexity(
     elif recipe is not None:
         k = list(recipe["k_per_layer"])  # type: ignore[call-overload]
         label = f"griffin {Path(model).name or model}"
+        made = recipe.get("compensation") or {"method": "none", "alpha": DEFAULT_ALPHA}
         settings = [Setting("full", "full")] + [
             Setting(
-                label + (f" refresh={r}" if r else ""), "griffin", k=k, refresh=r, window=window
+                label + (f" refresh={r}" if r else ""),
+                "griffin",
+                k=k,
+                refresh=r,
+                window=window,
+                compensate=str(made["method"]),  # type: ignore[index]
+                alpha=float(made["alpha"]),  # type: ignore[index]
             )
             for r in _checked_refreshes(refreshes)
         ]
@@ -537,7 +568,16 @@ def perplexity(
         runs = [(full.model, full.spec, s) for s in settings]
     else:
         settings = griffin_settings(
-            full.spec, full.model, ratios, refreshes, window, baselines, seed, budgets
+            full.spec,
+            full.model,
+            ratios,
+            refreshes,
+            window,
+            baselines,
+            seed,
+            budgets,
+            how.method,
+            alpha,
         )
         runs = [(full.model, full.spec, s) for s in settings]
     report("score", 0, len(windows))
@@ -559,6 +599,12 @@ def perplexity(
             "budgets": list(budgets) if protocol == "griffin" else None,
             "recipe": recipe,
             "bos": bos is not None,
+            "compensate": how.method if protocol == "griffin" and recipe is None else None,
+            "alpha": (
+                [default_alpha(r) if alpha is None else alpha for r in ratios or [0.5]]
+                if protocol == "griffin" and recipe is None and how.active
+                else None
+            ),
         },
         on_window=lambda done: report("score", done, len(windows)),
     )
@@ -579,7 +625,8 @@ def _export_recipe(
     budgets: Sequence[str] | None,
 ) -> tuple[Any, dict[str, object]]:
     """``--protocol griffin`` on an export: its original, and the export's recipe (k per
-    layer, ratio, budget, statistic) from the checked manifest, which the run then uses."""
+    layer, ratio, budget, statistic, compensation) from the checked manifest, which the run
+    then uses."""
     from .exports import load_original
     from .scoring import STATISTIC_NAME
     from .verify import check_export_files
@@ -590,6 +637,7 @@ def _export_recipe(
         "budget": manifest.get("budget", "uniform"),
         "statistic": manifest.get("statistic"),
         "k_per_layer": list(manifest["k_per_layer"]),
+        "compensation": manifest.get("compensation"),
     }
     if ratios is not None or budgets is not None:
         raise UsageError(

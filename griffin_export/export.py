@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._version import __version__
+from .architectures import ArchSpec
 from .budgets import DEFAULT_BUDGET, check_budget, layer_sizes
 from .checkpoint import (
     LoadedModel,
@@ -31,6 +32,13 @@ from .checkpoint import (
     parse_dtype,
     resolve_source,
     state_dict_bytes,
+)
+from .compensation import (
+    DEFAULT_ALPHA,
+    DEFAULT_METHOD,
+    Compensation,
+    LayerGrams,
+    refit_stored,
 )
 from .errors import OutputError, UsageError
 from .loader import prune_model_per_layer, set_per_layer_sizes
@@ -77,6 +85,7 @@ class ExportResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     budget: str = DEFAULT_BUDGET
+    compensation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -138,6 +147,8 @@ def export(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     streaming: bool | None = None,
+    compensate: str = DEFAULT_METHOD,
+    alpha: float = DEFAULT_ALPHA,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export ``model`` pruned to the experts that ``prompts`` select.
@@ -159,6 +170,14 @@ def export(
         streaming: hold one decoder block at a time (:mod:`griffin_export.streaming`);
             ``None`` streams whenever the source is a safetensors directory. The output is
             bit-identical either way.
+        compensate: how the pruned layers are repaired
+            (:data:`griffin_export.compensation.METHODS`): ``refit`` (default) refits the kept
+            neurons' down-projection columns on the prompt in closed form (ridge ``alpha``)
+            so the pruned layer reproduces the full one there; same shapes, stock-loadable;
+            ``refit-bias`` also fits a down bias (families whose down projection has one);
+            ``none`` writes the plain slices (the exports of griffin before compensation,
+            bit for bit).
+        alpha: ridge strength of the refit, relative to the kept neurons' mean energy.
         progress: optional ``(stage, done, total)`` callback.
 
     Returns:
@@ -170,6 +189,7 @@ def export(
     check_ratio(ratio)
     check_multiple_of(multiple_of)
     check_budget(budget)
+    how = Compensation(compensate, alpha)
     shard_bytes = parse_size(max_shard_size)
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise UsageError(
@@ -200,6 +220,7 @@ def export(
     report("load", 1, 1)
     ids, warnings = tokenize_prompts(loaded, texts, max_prompt_tokens)
     d_ff = loaded.spec.d_ff(loaded.model.config)
+    how.check_model(_has_down_bias(loaded), loaded.model_type)
     ks = layer_sizes(budget, len(loaded.spec.blocks(loaded.model)), d_ff, ratio, multiple_of)
 
     def describe(selection: Selection, fingerprint: str) -> Manifest:
@@ -221,6 +242,7 @@ def export(
             k_per_layer=selection.k_per_layer,
             prompt=PromptInfo(prompt_sha256(texts), selection.tokens, len(texts)),
             dtype=dtype_name(loaded.model.dtype),
+            compensation=how.record() if how.active else None,
         )
 
     write_weights: Callable[[Path], tuple[Selection, Manifest]]
@@ -242,6 +264,7 @@ def export(
                 shard_bytes,
                 on_prompt=lambda i: report("score", i + 1, len(ids)),
                 on_layer=lambda layer: report("write", layer + 1, write_total),
+                compensation=how,
             )
             manifest = describe(done.selection, done.fingerprint)
             manifest.files = dict(done.sha256)
@@ -254,10 +277,14 @@ def export(
             ids,
             on_prompt=lambda i: report("score", i + 1, len(ids)),
             k_per_layer=ks,
+            gram=how.active,
         )
         report("slice", 0, 1)
         params_before, bytes_before = state_dict_bytes(loaded.model)
         fingerprint = model_fingerprint(loaded.spec, loaded.model)
+        if selection.grams is not None:
+            refit_in_place(loaded.spec, loaded.model, selection.keep, selection.grams, how)
+            selection.grams = None
         if len(set(ks)) == 1:
             prune_model(loaded.spec, loaded.model, selection.keep)
         else:
@@ -291,7 +318,33 @@ def export(
         seconds=time.perf_counter() - started,
         warnings=warnings,
         budget=budget,
+        compensation=manifest.compensation,
     )
+
+
+def refit_in_place(
+    spec: ArchSpec, model: nn.Module, keep: Sequence[Tensor], grams: LayerGrams, how: Compensation
+) -> None:
+    """Write every layer's refitted down columns (:func:`~griffin_export.compensation.
+    refit_stored`) over the kept columns of the full-width down weight (and add the refit's
+    bias to the down bias), one layer at a time; slicing then keeps exactly those values."""
+    for layer, block in enumerate(spec.blocks(model)):
+        down = spec.down_module(block)
+        weight = down.weight
+        assert isinstance(weight, Tensor)
+        refit = refit_stored(weight.data, keep[layer], grams.take(layer), how, spec.transposed)
+        index = keep[layer].to(weight.device)
+        weight.data.index_copy_(spec.neuron_axis("down"), index, refit.weight)
+        bias = getattr(down, "bias", None)
+        if refit.bias is not None and isinstance(bias, Tensor):
+            bias.data.copy_(bias.data + refit.bias)
+
+
+def _has_down_bias(loaded: LoadedModel) -> bool:
+    spec, model = loaded.spec, loaded.model
+    if loaded.streamed is not None:
+        return spec.param_name(0, "down", "bias") in loaded.streamed.plan
+    return isinstance(getattr(spec.down_module(spec.blocks(model)[0]), "bias", None), Tensor)
 
 
 def write_export(

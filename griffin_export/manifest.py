@@ -56,13 +56,16 @@ class Manifest:
     prompt: PromptInfo
     dtype: str
     budget: str = "uniform"
+    #: ``{"method", "alpha", "bias"}`` of a compensated export (None: plain slices)
+    compensation: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object written to ``griffin.json`` (a uniform budget is not recorded, so
-        uniform manifests stay as they were before per-layer budgets existed)."""
+        """The JSON object written to ``griffin.json`` (a uniform budget and the absence of
+        compensation are not recorded, so such manifests stay as they were before per-layer
+        budgets and compensation existed)."""
         data: dict[str, Any] = {
             "format": self.format,
             "format_version": self.format_version,
@@ -86,6 +89,7 @@ class Manifest:
                 "count": self.prompt.count,
             },
             "dtype": self.dtype,
+            **({} if self.compensation is None else {"compensation": dict(self.compensation)}),
             "files": dict(self.files),
         }
         return data
@@ -120,6 +124,7 @@ class Manifest:
             ),
             dtype=data["dtype"],
             budget=str(data.get("budget", "uniform")),
+            compensation=data.get("compensation"),
             files=dict(data["files"]),
             format=data["format"],
             format_version=data["format_version"],
@@ -160,6 +165,13 @@ def manifest_problems(data: Any) -> list[str]:
         bad.append("files")
     if data.get("dtype") not in DTYPE_NAMES:
         bad.append("dtype")
+    compensation = data.get("compensation")
+    if compensation is not None and not (
+        isinstance(compensation, dict)
+        and isinstance(compensation.get("method"), str)
+        and isinstance(compensation.get("bias"), bool)
+    ):
+        bad.append("compensation")
     return [f"missing or malformed {', '.join(bad)}; re-export"] if bad else []
 
 

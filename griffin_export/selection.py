@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .activations import collect_statistics
 from .architectures import ArchSpec
 from .budgets import layer_sizes
+from .compensation import LayerGrams
 from .errors import UsageError
 from .scoring import check_sizes, griffin_statistic, top_k_indices
 
@@ -28,12 +29,14 @@ class Selection:
         scores: per layer, the ``[d_ff]`` float32 GRIFFIN statistic.
         d_ff: full FF width.
         tokens: prompt tokens the statistic pooled.
+        grams: per layer, the prompt's Gram matrix (``gram=True``; compensation's input).
     """
 
     keep: list[Tensor]
     scores: list[Tensor]
     d_ff: int
     tokens: int
+    grams: LayerGrams | None = None
 
     @property
     def k_per_layer(self) -> list[int]:
@@ -48,12 +51,14 @@ def select_experts(
     multiple_of: int = 1,
     on_prompt: Callable[[int], None] | None = None,
     k_per_layer: Sequence[int] | None = None,
+    gram: bool = False,
 ) -> Selection:
     """Run ``prompts`` (token-id tensors) through the full ``model`` and keep, in layer
     ``l``, the ``k_per_layer[l]`` neurons with the largest statistic pooled over all prompt
     tokens. Without ``k_per_layer``, ``ratio`` (and ``multiple_of``) give the uniform
     per-layer widths (:func:`griffin_export.budgets.layer_sizes`, the one place where a
-    ratio becomes widths).
+    ratio becomes widths). With ``gram`` also accumulate every layer's Gram matrix of
+    down-projection inputs (``d_ff^2`` floats per layer), compensation's input.
     """
     d_ff = spec.d_ff(model.config)
     n_layers = len(spec.blocks(model))
@@ -64,12 +69,14 @@ def select_experts(
     ks = check_sizes(k_per_layer, n_layers, d_ff)
     if not prompts or all(p.numel() == 0 for p in prompts):
         raise UsageError("the prompt has no tokens; pass a non-empty --prompt or --prompt-text")
-    stats = collect_statistics(spec, model, [p for p in prompts if p.numel()], on_prompt)
+    grams = LayerGrams(n_layers, d_ff) if gram else None
+    also = None if grams is None else grams.add
+    stats = collect_statistics(spec, model, [p for p in prompts if p.numel()], on_prompt, also)
     scores = [griffin_statistic(s, accumulated=True) for s in stats.sums]
     for layer, layer_scores in enumerate(scores):
         check_finite_scores(layer_scores, layer, next(model.parameters()).dtype)
     keep = [top_k_indices(s, k) for s, k in zip(scores, ks, strict=True)]
-    return Selection(keep=keep, scores=scores, d_ff=d_ff, tokens=stats.tokens)
+    return Selection(keep=keep, scores=scores, d_ff=d_ff, tokens=stats.tokens, grams=grams)
 
 
 def check_finite_scores(scores: Tensor, layer: int, dtype: torch.dtype) -> None:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .activations import _StopForward, capture_down_inputs
 from .architectures import ArchSpec
 from .checkpoint import LoadedModel, SourceRef, fingerprint_samples, samples_fingerprint
+from .compensation import Compensation, GramStats, LayerGrams, Refit, refit_stored
 from .errors import ModelLoadError, UsageError
 from .safetensors_io import Chunks, ShardWriter, SourceTensors
 from .scoring import check_sizes, griffin_statistic, normalized_square_sum, top_k_indices
@@ -392,12 +393,15 @@ def select_and_write(
     max_shard_size: int,
     on_prompt: Callable[[int], None] | None = None,
     on_layer: Callable[[int], None] | None = None,
+    compensation: Compensation | None = None,
 ) -> StreamResult:
     """Run ``prompts`` through the streamed model, keep layer ``l``'s ``k_per_layer[l]``
     neurons by the same statistic as :func:`~griffin_export.selection.select_experts`, and
     write the pruned weights into ``directory`` (sets the config's FF width to the largest
     layer's). ``on_prompt(i)`` is called after prompt ``i``; ``on_layer(l)`` when layer ``l``'s
-    experts are chosen and its tensors handed to the writer (on the last prompt)."""
+    experts are chosen and its tensors handed to the writer (on the last prompt). With an
+    active ``compensation`` every layer's Gram matrix is accumulated too and its down
+    projection refitted (in the writer's thread) as the in-memory path refits it."""
     spec, model = streamed.spec, streamed.model
     d_ff = spec.d_ff(model.config)
     prompts = [p for p in prompts if p.numel()]
@@ -421,6 +425,8 @@ def select_and_write(
     samples: dict[str, tuple[tuple[int, ...], Tensor]] = {}
     tokens = 0
     last = False
+    how = compensation if compensation is not None and compensation.active else None
+    grams = LayerGrams(n_layers, d_ff) if how is not None else None
     writer = ShardWriter(directory, entries, max_shard_size, params)
     try:
         # Non-block tensors: already in memory; the writer holds them until their turn.
@@ -440,13 +446,26 @@ def select_and_write(
                 part = normalized_square_sum(z)
                 current = sums[layer]
                 sums[layer] = part if current.numel() == 0 else current + part
+                if grams is not None:
+                    grams.add(layer, z)
                 if last:
                     scores[layer] = griffin_statistic(sums[layer], accumulated=True)
                     check_finite_scores(scores[layer], layer, model.dtype)
                     keep[layer] = top_k_indices(scores[layer], ks[layer])
+                    refit = None
+                    if grams is not None and how is not None:
+                        down = next(
+                            v
+                            for k, v in live[layer]
+                            if streamed.ff.get(k) == (layer, "down", "weight")
+                        )
+                        refit = _LazyRefit(down, keep[layer], grams.take(layer), how, spec)
                     for key, value in live[layer]:
                         writer.put_lazy(
-                            key, partial(_pruned, streamed, key, value, keep[layer], d_ff, samples)
+                            key,
+                            partial(
+                                _pruned, streamed, key, value, keep[layer], d_ff, samples, refit
+                            ),
                         )
                     if on_layer is not None:
                         on_layer(layer)
@@ -492,16 +511,47 @@ def _pruned(
     keep: Tensor,
     d_ff: int,
     samples: dict[str, tuple[tuple[int, ...], Tensor]],
+    refit: _LazyRefit | None = None,
 ) -> Tensor:
     """The output tensor of block tensor ``key``: FF tensors sliced to ``keep`` (their
-    full-width fingerprint samples recorded on the way), others unchanged."""
+    full-width fingerprint samples recorded on the way), the down projection refitted with
+    ``refit``, others unchanged."""
     if key not in streamed.ff:
         return value
     samples[key] = (tuple(value.shape), fingerprint_samples(value))
     _, role, kind = streamed.ff[key]
+    if refit is not None and role == "down":
+        done = refit()
+        if kind == "weight":
+            return done.weight
+        return value if done.bias is None else value + done.bias
     if kind == "weight":
         return slice_weight(streamed.spec, role, value, keep, d_ff)
     return slice_bias(role, value, keep, d_ff)
+
+
+class _LazyRefit:
+    """One layer's refit, computed once when the writer first asks for it (its Gram matrix
+    is released then)."""
+
+    def __init__(
+        self, weight: Tensor, keep: Tensor, stats: GramStats, how: Compensation, spec: ArchSpec
+    ) -> None:
+        self._args: tuple[Tensor, Tensor, GramStats, Compensation, bool] | None = (
+            weight,
+            keep,
+            stats,
+            how,
+            spec.transposed,
+        )
+        self._done: Refit | None = None
+
+    def __call__(self) -> Refit:
+        if self._done is None:
+            assert self._args is not None
+            self._done = refit_stored(*self._args)
+            self._args = None
+        return self._done
 
 
 def plan_sizes(

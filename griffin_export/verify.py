@@ -458,10 +458,13 @@ def _check_against_original(
         return
     dtype = _torch_dtype(manifest["dtype"])
     d_ff = int(source["d_ff"])
+    compensation = manifest.get("compensation") or {}
+    ff_keys: set[str] = set()
     for layer, index in enumerate(keep):
         for role in spec.roles():
             for kind in ("weight", "bias"):
                 key = spec.param_name(layer, role, kind)
+                ff_keys.add(key)
                 if key not in tensors:
                     if key in exported:
                         problems.append(f"{key}: in the export but not in the original")
@@ -470,11 +473,46 @@ def _check_against_original(
                     continue  # a missing weight is already reported
                 want = _sliced_original(spec, tensors, key, role, kind, index, d_ff).to(dtype)
                 got = exported.get(key)
+                if role == "down" and (kind == "weight" or compensation.get("bias")):
+                    # Refitted on the prompt (griffin_export.compensation): its values are
+                    # not the original's; shape, dtype and finiteness still are checkable.
+                    if got.shape != want.shape or got.dtype != want.dtype:
+                        problems.append(
+                            f"{key}: shape {tuple(got.shape)} {got.dtype} where the refit "
+                            f"writes {tuple(want.shape)} {want.dtype}; re-export"
+                        )
+                    elif not bool(torch.isfinite(got).all()):
+                        problems.append(f"{key}: refitted values are not finite; re-export")
+                    continue
                 if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
                     problems.append(
                         f"{key}: differs from the original sliced at the recorded indices "
                         "(modified after export?); re-export"
                     )
+    if compensation:
+        _check_untouched(exported, tensors, ff_keys, dtype, problems)
+
+
+def _check_untouched(
+    exported: LazyTensors,
+    tensors: LazyTensors,
+    ff_keys: set[str],
+    dtype: torch.dtype,
+    problems: list[str],
+) -> None:
+    """Every non-FF tensor of a compensated export equals the original's (cast to the
+    export's dtype): compensation changes the down projections only."""
+    for key in exported.keys():  # noqa: SIM118
+        if key in ff_keys or key not in tensors:
+            continue
+        got, want = exported.get(key), tensors.get(key)
+        if got.is_floating_point() and want.is_floating_point():
+            want = want.to(dtype)
+        if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
+            problems.append(
+                f"{key}: differs from the original (compensation changes only the down "
+                "projections); re-export"
+            )
 
 
 # -- helpers ------------------------------------------------------------------------------------

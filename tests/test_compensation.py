@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from griffin_export.compensation import GramStats, check_alpha, check_method, refit_down
 from griffin_export.errors import UsageError
+from griffin_export.manifest import EXPERTS_FILE
 
 D_FF, D_OUT = 23, 11
 
@@ -230,3 +234,196 @@ def test_ppl_refit_equals_a_refitted_sliced_model_continuing_the_full_cache(
     )
     assert report.rows[0].nll == pytest.approx(float(nll), rel=1e-4)
     assert abs(report.rows[0].nll - plain.rows[0].nll) > 1e-3  # the refit changed something
+
+
+# -- export -------------------------------------------------------------------------------------
+
+PROMPTS = ["Flocking neurons carry the activation.", "A second prompt, pooled with the first."]
+
+
+def _reference_refit_model(model_type: str, prompts: list[str], ratio: float, method: str):
+    """The tiny model pruned to the prompts' experts with its down projections refitted by
+    :func:`refit_down` from Gram matrices built here from captured activations (float64), in
+    memory: the independent side of the export tests."""
+    import copy
+
+    from griffin_export import prune_model, select_experts, spec_for
+    from griffin_export.activations import capture_down_inputs
+
+    from tiny import char_tokenizer, tiny_model
+
+    model, spec = tiny_model(model_type), spec_for(model_type)
+    tok = char_tokenizer()
+    ids = [torch.tensor(tok(p)["input_ids"]) for p in prompts]
+    zs: dict[int, list[torch.Tensor]] = {}
+    with (
+        torch.no_grad(),
+        capture_down_inputs(spec, model, lambda i, z: zs.setdefault(i, []).append(z[0].double())),
+    ):
+        for one in ids:
+            model(input_ids=one[None])
+    keep = select_experts(spec, model, ids, ratio=ratio).keep
+    pruned = copy.deepcopy(model)
+    prune_model(spec, pruned, keep)
+    for layer, block in enumerate(spec.blocks(pruned)):
+        z = torch.cat(zs[layer])
+        weight = spec.down_module(spec.blocks(model)[layer]).weight.detach()
+        refit = refit_down(
+            z.T @ z,
+            weight.T.double() if spec.transposed else weight.double(),
+            keep[layer],
+            1.0,
+            sums=z.sum(0),
+            tokens=z.shape[0],
+            bias=method == "refit-bias",
+        )
+        down = spec.down_module(block)
+        new = refit.weight.float()
+        down.weight.data = new.T.contiguous() if spec.transposed else new
+        if refit.bias is not None:
+            down.bias.data = down.bias.data + refit.bias.float()
+    return model, pruned, keep
+
+
+@pytest.mark.parametrize(
+    ("model_type", "method"),
+    [("llama", "refit"), ("gpt2", "refit"), ("phi3", "refit"), ("gpt2", "refit-bias")],
+)
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_refitted_export_loads_stock_and_equals_the_in_memory_refit(
+    model_type: str, method: str, streaming: bool, tmp_path: Path
+) -> None:
+    """The export (streaming and in-memory) loads with stock ``from_pretrained`` and its
+    logits equal the pruned model refitted here in float64. Catches an export that writes the
+    plain slice, refits from the wrong Gram (one prompt only, the wrong layer), or puts a
+    Conv1D weight or the fused layout the wrong way round."""
+    from transformers import AutoModelForCausalLM
+
+    from griffin_export import export
+    from griffin_export.manifest import read_manifest
+
+    from tiny import random_ids, save_tiny
+
+    src = save_tiny(model_type, tmp_path / "src")
+    out = tmp_path / "out"
+    result = export(
+        str(src), PROMPTS, 0.5, out=out, compensate=method, alpha=1.0, streaming=streaming
+    )
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    _, reference, keep = _reference_refit_model(model_type, PROMPTS, 0.5, method)
+    with safe_open(str(out / EXPERTS_FILE), "pt") as handle:
+        recorded = [handle.get_tensor(f"layer.{i}").long() for i in range(len(keep))]
+    assert all(torch.equal(a, b) for a, b in zip(recorded, keep, strict=True))
+    ids = random_ids(23, seed=5)
+    with torch.no_grad():
+        got = exported(input_ids=ids[None]).logits
+        want = reference(input_ids=ids[None]).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert read_manifest(out).compensation == {
+        "method": method,
+        "alpha": 1.0,
+        "bias": method == "refit-bias",
+    }
+    assert result.compensation == read_manifest(out).compensation
+
+
+@pytest.mark.parametrize(
+    ("model_type", "method"), [("gpt2", "refit-bias"), ("opt", "refit-bias"), ("gemma", "refit")]
+)
+def test_streaming_refit_equals_in_memory_bit_for_bit(
+    model_type: str, method: str, tmp_path: Path
+) -> None:
+    """Catches a streaming refit that differs from the in-memory one in any bit (Gram
+    accumulated in another order or dtype, the bias added in another precision, the refit
+    computed from the already sliced weight)."""
+    from test_streaming import PROMPTS as TWO_PROMPTS
+    from test_streaming import assert_same_export
+
+    from tiny import tiny_model
+
+    assert_same_export(tmp_path, tiny_model(model_type), True, TWO_PROMPTS, compensate=method)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_compensate_none_writes_the_plain_slices_byte_for_byte(
+    model_type: str, tmp_path: Path
+) -> None:
+    """``--compensate none`` is the export as it was before compensation: the in-memory
+    weights file is byte-identical to the original pruned and saved by ``save_pretrained``,
+    the streamed one holds bit-identical tensors, and the manifest has no compensation
+    entry. Catches a refit (or any value change) leaking into ``none``, and a manifest that
+    records ``none``."""
+    import copy
+    import json
+
+    from griffin_export import export, prune_model, select_experts, spec_for
+    from griffin_export.manifest import MANIFEST
+
+    from tiny import char_tokenizer, save_tiny, tiny_model
+
+    src = save_tiny(model_type, tmp_path / "src")
+    export(str(src), PROMPTS, 0.5, out=tmp_path / "none", compensate="none", streaming=False)
+    export(str(src), PROMPTS, 0.5, out=tmp_path / "lean", compensate="none", streaming=True)
+    model, spec = tiny_model(model_type), spec_for(model_type)
+    tok = char_tokenizer()
+    ids = [torch.tensor(tok(p)["input_ids"]) for p in PROMPTS]
+    pruned = copy.deepcopy(model)
+    prune_model(spec, pruned, select_experts(spec, model, ids, ratio=0.5).keep)
+    pruned.save_pretrained(tmp_path / "plain")
+    got = (tmp_path / "none" / "model.safetensors").read_bytes()
+    assert got == (tmp_path / "plain" / "model.safetensors").read_bytes()
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    lean = load_file(tmp_path / "lean" / "model.safetensors")  # same tensors, own key order
+    assert plain.keys() == lean.keys()
+    assert all(plain[k].dtype == lean[k].dtype and torch.equal(plain[k], lean[k]) for k in plain)
+    assert "compensation" not in json.loads((tmp_path / "none" / MANIFEST).read_text())
+    refit = tmp_path / "refit"
+    export(str(src), PROMPTS, 0.5, out=refit, streaming=True)  # the default refits
+    assert (refit / "model.safetensors").read_bytes() != got
+
+
+def test_refit_at_ratio_one_is_the_original_and_bias_needs_a_stock_bias(tmp_path: Path) -> None:
+    """Keeping every neuron leaves nothing to refit: the export's logits equal the
+    original's exactly. ``refit-bias`` on Llama (no down bias in its stock config) is refused
+    with the fix. Catches a refit that perturbs weights when nothing is dropped, and a silent
+    config change."""
+    from transformers import AutoModelForCausalLM
+
+    from griffin_export import export
+
+    from tiny import random_ids, save_tiny
+
+    src = save_tiny("llama", tmp_path / "src")
+    export(str(src), PROMPTS, 1.0, out=tmp_path / "all")
+    ids = random_ids(17, seed=2)
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "all")(input_ids=ids[None]).logits
+        want = AutoModelForCausalLM.from_pretrained(src)(input_ids=ids[None]).logits
+    assert torch.equal(got, want)
+    with pytest.raises(UsageError, match="--compensate refit-bias needs a down-projection bias"):
+        export(str(src), PROMPTS, 0.5, out=tmp_path / "b", compensate="refit-bias")
+
+
+def test_verify_a_refitted_export_against_its_original(tmp_path: Path) -> None:
+    """A refitted export verifies clean against its original (the refitted down weights are
+    exempt from the slice comparison, nothing else is); a changed gate row or embedding is
+    still caught. Catches a verify that rejects every refitted export, or one that stops
+    checking the tensors compensation does not touch."""
+    from safetensors.torch import save_file
+
+    from griffin_export import export
+    from griffin_export.verify import verify_export
+
+    from tiny import save_tiny
+
+    src = save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    export(str(src), PROMPTS, 0.5, out=out)
+    assert verify_export(out, str(src)).problems == []
+    weights = out / "model.safetensors"
+    for key in ("model.layers.1.mlp.gate_proj.weight", "model.embed_tokens.weight"):
+        tensors = load_file(weights)
+        tensors[key][0, 0] += 1.0
+        save_file(tensors, weights, {"format": "pt"})
+        problems = verify_export(out, str(src), hash_files=False).problems
+        assert any(p.startswith(key) for p in problems), problems

@@ -104,7 +104,7 @@ def test_modified_tensor_is_named(made: dict[str, Path], tmp_path: Path) -> None
     out = copy_export(made, "llama-out", tmp_path)
     weights = out / "model.safetensors"
     tensors = load_file(str(weights))
-    key = "model.layers.1.mlp.down_proj.weight"
+    key = "model.layers.1.mlp.up_proj.weight"  # (down is refitted by default: not a slice)
     tensors[key][0, 0] += 1.0
     save_file(tensors, str(weights), metadata={"format": "pt"})
     code, problems, _ = cli(str(out))
