@@ -123,6 +123,14 @@ def main() -> None:
     ap.add_argument("-P", "--prompt-len", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--refresh",
+        type=int,
+        default=None,
+        help="run the settings through evaluate.evaluate (griffin ppl's own code path, one "
+        "masked forward per window) with this refresh period (0 = none); griffin selection only",
+    )
+    ap.add_argument("--window", type=int, default=None, help="with --refresh: look-back window")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,6 +153,9 @@ def main() -> None:
     full_b = [None if getattr(d, "bias", None) is None else d.bias.detach().clone() for d in downs]
     col_norms = [torch.linalg.vector_norm(w.float(), dim=0) for w in out_in]
     settings = [parse_setting(s) for s in args.settings.split(",") if s]
+    if args.refresh is not None:
+        run_evaluate(args, model, spec, windows, settings, n_layers, d_ff, started)
+        return
     nll: dict[str, float] = {}
     count: dict[str, int] = {}
     for param in model.parameters():
@@ -273,6 +284,65 @@ def main() -> None:
         "ppl": {key: math.exp(nll[key] / count[key]) for key in nll},
         "command": " ".join(sys.argv),
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+def run_evaluate(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    spec: object,
+    windows: list,
+    settings: list[Parsed],
+    n_layers: int,
+    d_ff: int,
+    started: float,
+) -> None:
+    """The settings through ``evaluate.evaluate`` (``griffin ppl --protocol griffin``'s code):
+    refit from each segment's look-back positions, refresh every ``--refresh`` positions."""
+    from griffin_export.evaluate import Setting, evaluate
+
+    runs = [(model, spec, Setting("full", "full"))]
+    for ratio in args.ratio:
+        for st in settings:
+            if st.select != "griffin" or st.method == "mean" or st.last is not None:
+                raise SystemExit(f"{st.name}: --refresh supports griffin/<budget>/<none|refit>")
+            name = f"r={ratio:g} {st.name} refresh={args.refresh} window={args.window}"
+            runs.append(
+                (
+                    model,
+                    spec,
+                    Setting(
+                        name,
+                        "griffin",
+                        k=layer_sizes(st.budget, n_layers, d_ff, ratio),
+                        refresh=args.refresh,
+                        window=args.window,
+                        compensate=st.method,
+                        alpha=st.alpha,
+                    ),
+                )
+            )
+    report = evaluate(
+        runs,  # type: ignore[arg-type]
+        windows,
+        dataset=args.dataset,
+        protocol="griffin",
+        prompt_len=args.prompt_len,
+        on_window=lambda done: print(f"window {done} {time.perf_counter() - started:.0f}s"),
+    )
+    result = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "seq_len": args.seq_len,
+        "prompt_len": args.prompt_len,
+        "windows": report.windows,
+        "tokens_scored": report.tokens_scored,
+        "seconds": round(time.perf_counter() - started, 1),
+        "ppl": {row.name: row.ppl for row in report.rows},
+        "command": " ".join(sys.argv),
+    }
+    print(json.dumps(result["ppl"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
 
