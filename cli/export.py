@@ -10,6 +10,7 @@ from rich.table import Table
 
 from griffin_cli.main import (
     Budget,
+    Compensate,
     Dtype,
     app,
     err_console,
@@ -19,6 +20,7 @@ from griffin_cli.main import (
 )
 from griffin_export.budgets import DEFAULT_BUDGET
 from griffin_export.checkpoint import DEFAULT_MODEL
+from griffin_export.compensation import DEFAULT_ALPHA, DEFAULT_METHOD
 from griffin_export.export import ExportResult, export
 from griffin_export.prompts import gather_prompts
 
@@ -54,6 +56,18 @@ def export_command(
         help="uniform (same k in every layer; stock from_pretrained loads it) or protect "
         "(first and last layers dense, the rest share the same total; load with "
         "griffin_export.load_pretrained).",
+    ),
+    compensate: Compensate = typer.Option(
+        DEFAULT_METHOD,
+        "--compensate",
+        help="Repair the pruned layers: refit (the kept neurons' down-projection columns refitted "
+        "on the prompt in closed form; same shapes, stock-loadable), refit-bias (also a down "
+        "bias; families whose down projection has one), none (plain slices).",
+    ),
+    alpha: float = typer.Option(
+        DEFAULT_ALPHA,
+        "--alpha",
+        help="Ridge strength of the refit, relative to the kept neurons' mean energy.",
     ),
     out: Path | None = typer.Option(
         None,
@@ -107,6 +121,8 @@ def export_command(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             streaming=False if in_memory else None,
+            compensate=compensate,
+            alpha=alpha,
             progress=on_progress,
         )
     for warning in result.warnings:
@@ -129,6 +145,13 @@ def summary_table(result: ExportResult) -> Table:
     table.add_row("model", result.source, f"{result.model_type}, {result.dtype}", "")
     table.add_row("layers", str(result.n_layers), str(result.n_layers), "")
     table.add_row("budget", "", result.budget, "")
+    how = result.compensation
+    table.add_row(
+        "compensation",
+        "",
+        "none" if how is None else f"{how['method']}, alpha {how['alpha']:g}",
+        "",
+    )
     kept = sum(result.k_per_layer) / (result.n_layers * result.d_ff)
     table.add_row("d_ff -> k", str(result.d_ff), k_text, f"{kept:.3f}")
     table.add_row(

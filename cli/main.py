@@ -29,6 +29,7 @@ out_console = Console()
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 Budget = Literal["uniform", "protect"]
 Protocol = Literal["static", "griffin"]
+Compensate = Literal["none", "refit", "refit-bias"]
 BASELINES = ("magnitude", "random")
 
 _DEBUG = "griffin_debug"  # key in click's Context.meta, which every nested context shares

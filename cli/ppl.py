@@ -9,6 +9,7 @@ from rich.table import Table
 
 from griffin_cli.main import (
     BASELINES,
+    Compensate,
     Dtype,
     Protocol,
     app,
@@ -20,6 +21,7 @@ from griffin_cli.main import (
 )
 from griffin_export.budgets import BUDGETS
 from griffin_export.checkpoint import DEFAULT_MODEL
+from griffin_export.compensation import DEFAULT_ALPHA, DEFAULT_METHOD
 from griffin_export.evaluate import PplReport, perplexity
 
 
@@ -89,6 +91,18 @@ def ppl_command(
         "total); repeatable, or comma-separated.",
         show_default="uniform",
     ),
+    compensate: Compensate = typer.Option(
+        DEFAULT_METHOD,
+        "--compensate",
+        help="griffin: repair the pruned layers: refit (the kept neurons' down-projection "
+        "columns refitted on each window's prompt part, as griffin export does), refit-bias "
+        "(also a down bias), none (the dropped neurons zeroed).",
+    ),
+    alpha: float = typer.Option(
+        DEFAULT_ALPHA,
+        "--alpha",
+        help="griffin: ridge strength of the refit, relative to the kept neurons' mean energy.",
+    ),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Windows per forward."),
     dtype: Dtype = typer.Option(
         "auto",
@@ -122,6 +136,8 @@ def ppl_command(
             baselines=baselines or [],
             seed=seed,
             budgets=budget or None,
+            compensate=compensate,
+            alpha=alpha,
             batch_size=batch_size,
             dtype=dtype,
             device=device,

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .architectures import INPUT_ROLES, ArchSpec
+from .compensation import Compensation, GramStats, refit_stored
 from .errors import ModelLoadError, UsageError
 from .exports import OpenedExport, open_export, original_source
 from .manifest import EXPERTS_FILE
@@ -213,6 +214,19 @@ class GriffinRuntime:
             self._full.append(tensors)
         self._acts = [getattr(self.spec.mlp_module(b), self.spec.act) for b in blocks]
         self._rings: list[_Ring] = []
+        # A compensated export (griffin_export.compensation): its refitted down projections
+        # are kept to reset to, and every refresh refits them on the ring window.
+        recorded = export.manifest.get("compensation")
+        self.compensation = (
+            Compensation(str(recorded["method"]), float(recorded["alpha"])) if recorded else None
+        )
+        self._export_down: list[tuple[Tensor, Tensor | None]] = []
+        if self.compensation is not None:
+            for block in blocks:
+                weight, bias = _down_tensors(self.spec, block)
+                self._export_down.append(
+                    (weight.detach().clone(), None if bias is None else bias.detach().clone())
+                )
         if next(self.model.parameters()).device.type == "cpu":
             self._store_input_projections_column_major()
 
@@ -269,6 +283,13 @@ class GriffinRuntime:
                 self._write(layer, block, positions, want[positions])
                 slots[positions] = want[positions]
                 rewritten += int(positions.numel())
+            if self._export_down:  # the export's refitted down projection, whole
+                saved, saved_bias = self._export_down[layer]
+                live, live_bias = _down_tensors(self.spec, block)
+                with torch.no_grad():
+                    live.copy_(saved)
+                    if saved_bias is not None and live_bias is not None:
+                        live_bias.copy_(saved_bias)
         return rewritten
 
     def refresh(self, token_index: int = 0, *, record_kept: bool = False) -> RefreshEvent:
@@ -284,6 +305,8 @@ class GriffinRuntime:
             current = self.slots[layer].clone()
             new = top_k_indices(scores, current.numel())
             changed.append(self._swap_in(layer, block, new))
+            if self.compensation is not None:
+                self._refit(layer, block)
             overlap.append(jaccard(current, new))
             if record_kept:
                 kept.append(self.slots[layer].tolist())
@@ -295,6 +318,24 @@ class GriffinRuntime:
         full = self._full[layer]
         x = x.to(next(iter(full.values())).device)
         return normalized_squares(full_activations(self.spec, self._acts[layer], full, x))
+
+    def _refit(self, layer: int, block: nn.Module) -> None:
+        """Refit the live down projection's kept columns (slot order) on the ring window's
+        full-width activations, as ``griffin export`` refits on the prompt."""
+        assert self.compensation is not None
+        full = self._full[layer]
+        x = self._rings[layer].contents().to(full["down"].device)
+        z = full_activations(self.spec, self._acts[layer], full, x)
+        stats = GramStats.zeros(self.d_ff, z.device)
+        stats.add(z)
+        refit = refit_stored(
+            full["down"], self.slots[layer], stats, self.compensation, self.spec.transposed
+        )
+        live, live_bias = _down_tensors(self.spec, block)
+        with torch.no_grad():
+            live.copy_(refit.weight)
+            if refit.bias is not None and live_bias is not None:
+                live_bias.copy_(full["down.bias"] + refit.bias)
 
     def _swap_in(self, layer: int, block: nn.Module, new: Tensor) -> int:
         """Make the live block serve neurons ``new``: dropped neurons' slots take the added ones.
@@ -420,6 +461,14 @@ class GriffinRuntime:
             elif value is not None:
                 found.update(int(v) for v in value)
         return found
+
+
+def _down_tensors(spec: ArchSpec, block: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The live down projection's weight and bias (``None`` without one)."""
+    down = spec.down_module(block)
+    weight, bias = down.weight, getattr(down, "bias", None)
+    assert isinstance(weight, Tensor)
+    return weight, bias if isinstance(bias, Tensor) else None
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:

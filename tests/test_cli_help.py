@@ -13,9 +13,10 @@ from typer.testing import CliRunner, Result
 
 from griffin_cli import ppl as ppl_module
 from griffin_cli.eval import EvalMode
-from griffin_cli.main import BASELINES, Budget, Dtype, Protocol, app
+from griffin_cli.main import BASELINES, Budget, Compensate, Dtype, Protocol, app
 from griffin_export.budgets import BUDGETS, check_budget
 from griffin_export.checkpoint import DTYPES, parse_dtype
+from griffin_export.compensation import METHODS
 from griffin_export.errors import UsageError
 
 runner = CliRunner()
@@ -84,6 +85,8 @@ CHOICES = [
     ("eval", "--mode", get_args(EvalMode)),
     ("eval", "--budget", get_args(Budget)),
     ("eval", "--dtype", get_args(Dtype)),
+    ("export", "--compensate", get_args(Compensate)),
+    ("ppl", "--compensate", get_args(Compensate)),
 ]
 
 
@@ -150,6 +153,7 @@ def test_cli_choices_are_the_library_tables() -> None:
     assert get_args(Budget) == tuple(BUDGETS)
     for name in get_args(Budget):
         check_budget(name)
+    assert get_args(Compensate) == METHODS
 
 
 # -- the same names in every command ---------------------------------------------------------

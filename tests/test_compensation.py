@@ -427,3 +427,56 @@ def test_verify_a_refitted_export_against_its_original(tmp_path: Path) -> None:
         save_file(tensors, weights, {"format": "pt"})
         problems = verify_export(out, str(src), hash_files=False).problems
         assert any(p.startswith(key) for p in problems), problems
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_runtime_refits_a_compensated_export_at_each_refresh_and_resets_to_it(
+    model_type: str, tmp_path: Path
+) -> None:
+    """On a refitted export, a refresh refits the live down projection on the ring window,
+    like the export refits on the prompt: the live weights equal :func:`refit_down` computed
+    in float64 from the window's activations, which the *original* model's own MLP computes
+    here. ``reset`` puts the export's refitted weights back bit for bit. Catches a refresh
+    that copies plain columns next to refitted ones (the pre-compensation runtime), a refit
+    on the wrong rows or in the wrong slot order, and a reset that restores plain columns."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from griffin_export import export, spec_for
+    from griffin_export.runtime import GriffinRuntime
+
+    from tiny import save_tiny
+
+    src = save_tiny(model_type, tmp_path / "src")
+    out = tmp_path / "out"
+    export(str(src), PROMPTS, 0.5, out=out, alpha=0.5)
+    runtime = GriffinRuntime.from_export(out)
+    runtime.generate("Rain and rivers", max_new_tokens=12, refresh_every=5, window=9)
+    with torch.inference_mode():  # as generate runs it
+        runtime.refresh(99)  # the rings still hold the last 9 MLP inputs
+    spec = spec_for(model_type)
+    original = AutoModelForCausalLM.from_pretrained(src).eval()
+    for layer, (live, full) in enumerate(
+        zip(spec.blocks(runtime.model), spec.blocks(original), strict=True)
+    ):
+        x = runtime._rings[layer].contents()
+        captured: list[torch.Tensor] = []
+        down = spec.down_module(full)
+        handle = down.register_forward_pre_hook(
+            lambda _m, a, captured=captured: captured.append(a[0])
+        )
+        with torch.no_grad():
+            spec.mlp_module(full)(x[None])
+        handle.remove()
+        z = captured[0][0].double()
+        weight = down.weight.detach().double()
+        want = refit_down(
+            z.T @ z, weight.T if spec.transposed else weight, runtime.slots[layer], 0.5
+        ).weight
+        got = spec.down_module(live).weight.detach().double()
+        torch.testing.assert_close(got.T if spec.transposed else got, want, rtol=1e-4, atol=1e-5)
+    runtime.reset()
+    stored = load_file(out / "model.safetensors")
+    for layer, block in enumerate(spec.blocks(runtime.model)):
+        key = spec.param_name(layer, "down")
+        assert torch.equal(spec.down_module(block).weight.detach(), stored[key])

@@ -38,7 +38,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
     made = {}
     for mt in ARCHS:
         src = save_tiny(mt, root / f"{mt}-src")
-        export(str(src), [PROMPT], ratio=0.5, out=root / f"{mt}-exp")
+        export(str(src), [PROMPT], ratio=0.5, out=root / f"{mt}-exp", compensate="none")
         made[mt] = (src, root / f"{mt}-exp")
     return made
 
