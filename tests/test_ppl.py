@@ -26,7 +26,7 @@ from griffin_export.evaluate import (
 )
 from griffin_export.scoring import keep_count
 
-from tiny import random_ids, save_tiny, tiny_model
+from tiny import char_tokenizer, random_ids, save_tiny, tiny_model
 
 L, P = 48, 20
 
@@ -131,6 +131,40 @@ def test_masked_forward_equals_a_sliced_model_continuing_the_full_models_cache()
     with torch.no_grad():
         prefix = model(input_ids=ids[None, :P], use_cache=True)
         rest = pruned(input_ids=ids[None, P:], cache=prefix.past_key_values, use_cache=True)
+    logits = torch.cat([prefix.logits[:, -1:], rest.logits[:, :-1]], dim=1)[0]
+    nll = torch.nn.functional.cross_entropy(logits, ids[P:], reduction="sum")
+    assert report.rows[0].nll == pytest.approx(float(nll), rel=1e-4)
+
+
+@pytest.mark.parametrize(("model_type", "method"), [("llama", "refit"), ("gpt2", "refit-bias")])
+def test_per_window_refit_equals_the_export_of_the_windows_prompt(
+    model_type: str, method: str, tmp_path: Path
+) -> None:
+    """With compensation the oracle is ``griffin export`` itself: export from the window's
+    prompt part (refitted there), then the full model's KV cache of the prompt continued by
+    the export (stock ``from_pretrained``) on the rest. Catches a ppl refit fitted on other
+    positions than the export's, or one that differs from the export's weights."""
+    from transformers import AutoModelForCausalLM
+
+    src = save_tiny(model_type, tmp_path / "src")
+    text = ("Rivers run to the sea; the sea comes back as rain over the hills. " * 2)[:L]
+    ids = torch.tensor(char_tokenizer()(text)["input_ids"])
+    assert ids.numel() == L  # one token per character
+    model, spec = tiny_model(model_type), spec_for(model_type)
+    setting = Setting("g", "griffin", k=[keep_count(37, 0.5)] * 3, compensate=method, alpha=0.7)
+    report = evaluate(
+        [(model, spec, setting)],
+        make_windows(ids, L, min_score_from=P),
+        dataset="t",
+        protocol="griffin",
+        prompt_len=P,
+    )
+    out = tmp_path / "out"
+    export(str(src), [text[:P]], 0.5, out=out, compensate=method, alpha=0.7)
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        prefix = model(input_ids=ids[None, :P], use_cache=True)
+        rest = exported(input_ids=ids[None, P:], cache=prefix.past_key_values, use_cache=True)
     logits = torch.cat([prefix.logits[:, -1:], rest.logits[:, :-1]], dim=1)[0]
     nll = torch.nn.functional.cross_entropy(logits, ids[P:], reduction="sum")
     assert report.rows[0].nll == pytest.approx(float(nll), rel=1e-4)
