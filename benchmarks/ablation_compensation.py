@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from griffin_export.budgets import layer_sizes  # noqa: E402
 from griffin_export.checkpoint import load_model, resolve_source  # noqa: E402
-from griffin_export.compensation import GramStats, refit_down  # noqa: E402
+from griffin_export.compensation import GramStats, apply_regression  # noqa: E402
 from griffin_export.corpora import corpus_tokens, load_corpus  # noqa: E402
 from griffin_export.evaluate import make_windows  # noqa: E402
 from griffin_export.scoring import griffin_statistic, top_k_indices  # noqa: E402
@@ -211,7 +211,7 @@ def main() -> None:
                     elif st.select == "wnorm":
                         keep = top_k_indices(s * col_norms[layer], k)
                     else:
-                        keep = obs_keep(stats.gram, out_in[layer], k, st.obs_alpha)
+                        keep = obs_keep(stats.matrix().double(), out_in[layer], k, st.obs_alpha)
                     w = out_in[layer]
                     new_w = torch.zeros_like(w)
                     extra: Tensor | None = None
@@ -225,15 +225,8 @@ def main() -> None:
                             w.dtype
                         )
                     else:
-                        refit = refit_down(
-                            stats.gram,
-                            w,
-                            keep,
-                            st.alpha,
-                            sums=stats.sums,
-                            tokens=stats.tokens,
-                            bias=st.method == "refit-bias",
-                        )
+                        reg = stats.regression(keep, st.alpha, st.method == "refit-bias")
+                        refit = apply_regression(reg, w)
                         new_w[:, keep] = refit.weight
                         extra = refit.bias
                     down.weight.data = new_w.T.contiguous() if spec.transposed else new_w

@@ -33,7 +33,7 @@ GPT-2's ``Conv1D`` stores the down weight as ``[in, out]``; :func:`refit_down` t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -103,29 +103,70 @@ def check_alpha(alpha: float) -> float:
 
 @dataclass
 class GramStats:
-    """Running ``G = sum_t z_t z_t^T`` (``[d_ff, d_ff]``), ``m = sum_t z_t`` and ``T`` of one
-    layer's down-projection inputs. Each chunk's product is computed and summed in ``gram``'s
-    dtype (float32 by default: ``d_ff^2`` floats per layer; float64 for exact checks)."""
+    """What the refit needs from one layer's prompt tokens: ``m = sum_t z_t`` (float64), ``T``
+    and either the tokens' rows themselves (while ``T <= rows_limit``, default ``d_ff / 2``:
+    ``T x d_ff`` floats, and the refit solves a ``T x T`` system) or the Gram matrix ``G =
+    sum_t z_t z_t^T`` (``d_ff^2`` floats; the refit solves ``k x k``). Products and sums run in
+    ``dtype`` (float32 by default; float64 for exact checks)."""
 
-    gram: Tensor
+    d_ff: int
+    rows_limit: int
+    dtype: torch.dtype
+    device: torch.device
     sums: Tensor
+    rows: list[Tensor] = field(default_factory=list)
+    gram: Tensor | None = None
     tokens: int = 0
 
     @classmethod
     def zeros(
-        cls, d_ff: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        d_ff: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        rows_limit: int | None = None,
     ) -> GramStats:
         return cls(
-            gram=torch.zeros(d_ff, d_ff, dtype=dtype, device=device),
+            d_ff=d_ff,
+            rows_limit=d_ff // 2 if rows_limit is None else rows_limit,
+            dtype=dtype,
+            device=torch.device(device),
             sums=torch.zeros(d_ff, dtype=torch.float64, device=device),
         )
 
     def add(self, z: Tensor) -> None:
         """Accumulate tokens ``z`` (``[..., d_ff]``; all leading axes are tokens)."""
-        flat = z.detach().reshape(-1, z.shape[-1]).to(self.gram.device, self.gram.dtype)
-        self.gram.addmm_(flat.T, flat)
+        flat = z.detach().reshape(-1, z.shape[-1]).to(self.device, self.dtype)
         self.sums += flat.sum(dim=0, dtype=torch.float64)
         self.tokens += int(flat.shape[0])
+        if self.gram is None and self.tokens <= self.rows_limit:
+            self.rows.append(flat.clone())
+            return
+        if self.gram is None:
+            self.gram = torch.zeros(self.d_ff, self.d_ff, dtype=self.dtype, device=self.device)
+            for chunk in self.rows:
+                self.gram.addmm_(chunk.T, chunk)
+            self.rows = []
+        self.gram.addmm_(flat.T, flat)
+
+    def matrix(self) -> Tensor:
+        """``G`` (computed from the rows while they are kept)."""
+        if self.gram is not None:
+            return self.gram
+        rows = self._stacked()
+        return rows.T @ rows
+
+    def regression(self, keep: Tensor, alpha: float, bias: bool) -> Regression:
+        """:func:`regression` from these statistics: from the rows (a ``T x T`` solve, by
+        the push-through identity) while they are kept, else from the Gram matrix."""
+        if self.gram is not None:
+            return regression(self.gram, keep, alpha, sums=self.sums, tokens=self.tokens, bias=bias)
+        return _regression_from_rows(self._stacked(), self.sums, keep, alpha, bias)
+
+    def _stacked(self) -> Tensor:
+        if not self.rows:
+            return torch.zeros(0, self.d_ff, dtype=self.dtype, device=self.device)
+        return torch.cat(self.rows)
 
 
 class LayerGrams:
@@ -229,6 +270,36 @@ def regression(
     return Regression(keep=keep, dropped=drop, coef=coef, offset=offset)
 
 
+def _regression_from_rows(
+    rows: Tensor, sums: Tensor, keep: Tensor, alpha: float, bias: bool
+) -> Regression:
+    """:func:`regression` from the tokens' rows ``Z`` (``T x d_ff``): ``coef = (Z_S^T Z_S + lam
+    I)^-1 Z_S^T Z_D = Z_S^T (Z_S Z_S^T + lam I)^-1 Z_D`` (centred rows with a bias), one
+    ``T x T`` solve."""
+    alpha = check_alpha(alpha)
+    d_ff = rows.shape[1]
+    device, dtype = rows.device, _math_dtype(rows)
+    tokens = rows.shape[0]
+    if tokens < 1:
+        raise ValueError("the refit needs at least one prompt token")
+    keep = keep.to(device=device, dtype=torch.int64)
+    dropped_mask = torch.ones(d_ff, dtype=torch.bool, device=device)
+    dropped_mask[keep] = False
+    drop = dropped_mask.nonzero().flatten()
+    z = rows.to(dtype)
+    m = sums.to(device, dtype)
+    lam = float(alpha) * float(z[:, keep].double().square().sum()) / max(keep.numel(), 1)
+    centred = z - m / tokens if bias else z
+    kept, dropped = centred[:, keep], centred[:, drop]
+    if drop.numel() == 0 or (lam == 0.0 and alpha > 0):
+        coef = torch.zeros(keep.numel(), drop.numel(), dtype=dtype, device=device)
+    else:
+        system = kept @ kept.T + lam * torch.eye(tokens, dtype=dtype, device=device)
+        coef = kept.T @ _spd_solve(system, dropped)
+    offset = (m[drop] - coef.T @ m[keep]) / tokens if bias else None
+    return Regression(keep=keep, dropped=drop, coef=coef, offset=offset)
+
+
 def refit_down(
     gram: Tensor,
     weight: Tensor,
@@ -260,7 +331,13 @@ def refit_down(
             f"Gram {tuple(gram.shape)} does not match the weight's {weight.shape[1]} inputs"
         )
     reg = regression(gram.to(weight.device), keep, alpha, sums=sums, tokens=tokens, bias=bias)
-    w = weight.detach().to(reg.coef.dtype)
+    return apply_regression(reg, weight)
+
+
+def apply_regression(reg: Regression, weight: Tensor) -> Refit:
+    """The refitted down projection from a :class:`Regression` and the full down weight
+    (``[out, in]``): ``W' = W_S + W_D coef^T``, ``b = W_D offset``."""
+    w = weight.detach().to(reg.coef.device, reg.coef.dtype)
     dropped = w[:, reg.dropped]
     new = w[:, reg.keep] + dropped @ reg.coef.T
     offset = None if reg.offset is None else (dropped @ reg.offset).to(weight.dtype)
@@ -290,14 +367,7 @@ def refit_stored(
     ``Conv1D``, ``[in, out]``); the refitted weight comes back in the same layout, its
     columns (rows) in ``keep``'s order, contiguous."""
     out_in = weight.T if transposed else weight
-    refit = refit_down(
-        stats.gram,
-        out_in,
-        keep,
-        how.alpha,
-        sums=stats.sums,
-        tokens=stats.tokens,
-        bias=how.bias,
-    )
+    reg = stats.regression(keep.to(stats.device), how.alpha, how.bias)
+    refit = apply_regression(reg, out_in)
     stored = refit.weight.T if transposed else refit.weight
     return Refit(weight=stored.contiguous(), bias=refit.bias)

@@ -38,7 +38,6 @@ from .compensation import (
     Compensation,
     GramStats,
     default_alpha,
-    regression,
 )
 from .errors import UsageError
 from .scoring import griffin_statistic, normalized_square_sum, top_k_indices
@@ -175,14 +174,7 @@ def griffin_refit_input(
             look = z[b, look_from:look_to]
             stats = GramStats.zeros(z.shape[-1], z.device)
             stats.add(look)
-            reg = regression(
-                stats.gram,
-                _segment_experts(look, k),
-                alpha,
-                sums=stats.sums,
-                tokens=stats.tokens,
-                bias=method == "refit-bias",
-            )
+            reg = stats.regression(_segment_experts(look, k), alpha, method == "refit-bias")
             seg = z[b, seg_from:seg_to]
             out[b, seg_from:seg_to, reg.dropped] = reg.predict(seg[:, reg.keep])
     return out

@@ -10,7 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from griffin_export.compensation import GramStats, check_alpha, check_method, refit_down
+from griffin_export.compensation import (
+    GramStats,
+    apply_regression,
+    check_alpha,
+    check_method,
+    refit_down,
+)
 from griffin_export.errors import UsageError
 from griffin_export.manifest import EXPERTS_FILE
 
@@ -26,8 +32,9 @@ def problem(tokens: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return z, w, keep
 
 
-def stats_of(z: torch.Tensor) -> GramStats:
-    stats = GramStats.zeros(z.shape[1], dtype=torch.float64)
+def stats_of(z: torch.Tensor, rows_limit: int = 0) -> GramStats:
+    """Float64 statistics (``rows_limit=0``: the Gram matrix from the first token on)."""
+    stats = GramStats.zeros(z.shape[1], dtype=torch.float64, rows_limit=rows_limit)
     for chunk in z.split(7):  # accumulated in chunks, as a prompt pass does
         stats.add(chunk)
     return stats
@@ -52,18 +59,25 @@ def lstsq_oracle(
 @pytest.mark.parametrize("tokens", [5, 15, 60])  # T < k and T > k (k = 12)
 @pytest.mark.parametrize("bias", [False, True])
 def test_closed_form_equals_lstsq_on_the_stacked_system(tokens: int, bias: bool) -> None:
-    """Catches a wrong normal equation (e.g. G[S, S] W_S instead of G[S, :] W, a penalty on the
-    bias, the uncentred Gram with a bias, lam from the whole diagonal instead of the kept)."""
+    """Both solves (``k x k`` from the Gram matrix, ``T x T`` from the rows). Catches a wrong
+    normal equation (e.g. G[S, S] W_S instead of G[S, :] W, a penalty on the bias, the
+    uncentred Gram with a bias, lam from the whole diagonal instead of the kept) and a wrong
+    push-through (rows not centred, lam scaled by T instead of k)."""
     z, w, keep = problem(tokens, k=12, seed=tokens)
     stats = stats_of(z)
+    assert stats.gram is not None
     got = refit_down(stats.gram, w, keep, 0.3, sums=stats.sums, tokens=stats.tokens, bias=bias)
+    rows = stats_of(z, rows_limit=10**6)  # kept as rows: the T x T (push-through) solve
+    assert rows.gram is None
+    from_rows = apply_regression(rows.regression(keep, 0.3, bias), w)
     want_w, want_b = lstsq_oracle(z, w, keep, 0.3, bias)
-    torch.testing.assert_close(got.weight, want_w, rtol=1e-8, atol=1e-9)
-    if bias:
-        assert got.bias is not None and want_b is not None
-        torch.testing.assert_close(got.bias, want_b, rtol=1e-8, atol=1e-9)
-    else:
-        assert got.bias is None
+    for refit in (got, from_rows):
+        torch.testing.assert_close(refit.weight, want_w, rtol=1e-8, atol=1e-9)
+        if bias:
+            assert refit.bias is not None and want_b is not None
+            torch.testing.assert_close(refit.bias, want_b, rtol=1e-8, atol=1e-9)
+        else:
+            assert refit.bias is None
 
 
 def test_refit_reduces_the_prompt_error_below_the_plain_slice() -> None:
@@ -136,18 +150,22 @@ def test_float32_inputs_and_a_zero_prompt() -> None:
     stats = stats_of(z)
     got = refit_down(stats.gram.float(), w.float(), keep, 1.0)
     assert got.weight.dtype == torch.float32
-    silent = GramStats.zeros(D_FF, dtype=torch.float64)
+    silent = GramStats.zeros(D_FF, dtype=torch.float64, rows_limit=0)
     silent.add(torch.zeros(4, D_FF))
-    same = refit_down(silent.gram, w, keep, 1.0, sums=silent.sums, tokens=4, bias=True)
+    same = refit_down(silent.matrix(), w, keep, 1.0, sums=silent.sums, tokens=4, bias=True)
     assert torch.equal(same.weight, w[:, keep])
     assert same.bias is not None and torch.equal(same.bias, torch.zeros(D_OUT, dtype=w.dtype))
 
 
 def test_gram_stats_accumulate_like_one_product() -> None:
-    """Catches an accumulator that overwrites instead of adding chunk by chunk."""
+    """Catches an accumulator that overwrites instead of adding chunk by chunk, and rows lost
+    when the statistics switch from rows to the Gram matrix past ``rows_limit``."""
     z, _, _ = problem(33, k=5)
     stats = stats_of(z)
-    torch.testing.assert_close(stats.gram, z.T @ z)
+    torch.testing.assert_close(stats.matrix(), z.T @ z)
+    switched = stats_of(z, rows_limit=10)  # rows for the first chunks, then the Gram matrix
+    assert switched.gram is not None and not switched.rows
+    torch.testing.assert_close(switched.matrix(), z.T @ z)
     torch.testing.assert_close(stats.sums, z.sum(0))
     assert stats.tokens == 33
 
@@ -208,7 +226,7 @@ def test_ppl_refit_equals_a_refitted_sliced_model_continuing_the_full_cache(
         weight = full_down.weight.detach()
         stats = grams[layer]
         refit = refit_down(
-            stats.gram,
+            stats.matrix(),
             weight.T if spec.transposed else weight,
             keep[layer],
             0.3,
