@@ -20,7 +20,7 @@ from griffin_cli.main import (
 )
 from griffin_export.budgets import DEFAULT_BUDGET
 from griffin_export.checkpoint import DEFAULT_MODEL
-from griffin_export.compensation import DEFAULT_ALPHA, DEFAULT_METHOD
+from griffin_export.compensation import DEFAULT_METHOD
 from griffin_export.export import ExportResult, export
 from griffin_export.prompts import gather_prompts
 
@@ -64,9 +64,10 @@ def export_command(
         "on the prompt in closed form; same shapes, stock-loadable), refit-bias (also a down "
         "bias; families whose down projection has one), none (plain slices).",
     ),
-    alpha: float = typer.Option(
-        DEFAULT_ALPHA,
+    alpha: float | None = typer.Option(
+        None,
         "--alpha",
+        show_default="1; 10 from keep 0.8 up",
         help="Ridge strength of the refit, relative to the kept neurons' mean energy.",
     ),
     out: Path | None = typer.Option(

@@ -21,7 +21,7 @@ from griffin_cli.main import (
 )
 from griffin_export.budgets import BUDGETS
 from griffin_export.checkpoint import DEFAULT_MODEL
-from griffin_export.compensation import DEFAULT_ALPHA, DEFAULT_METHOD
+from griffin_export.compensation import DEFAULT_METHOD
 from griffin_export.evaluate import PplReport, perplexity
 
 
@@ -98,9 +98,10 @@ def ppl_command(
         "columns refitted on each window's prompt part, as griffin export does), refit-bias "
         "(also a down bias), none (the dropped neurons zeroed).",
     ),
-    alpha: float = typer.Option(
-        DEFAULT_ALPHA,
+    alpha: float | None = typer.Option(
+        None,
         "--alpha",
+        show_default="1; 10 from keep 0.8 up",
         help="griffin: ridge strength of the refit, relative to the kept neurons' mean energy.",
     ),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Windows per forward."),

@@ -47,8 +47,18 @@ METHODS = ("none", "refit", "refit-bias")
 #: Default of ``griffin export`` and ``griffin ppl``: stock-loadable everywhere
 #: (benchmarks/RESULTS-compensation.md).
 DEFAULT_METHOD = "refit"
-#: Default ridge strength (``lam = alpha * mean(diag(Z_S^T Z_S))``).
+#: Ridge strength (``lam = alpha * mean(diag(Z_S^T Z_S))``) where no keep ratio is known.
 DEFAULT_ALPHA = 1.0
+#: Default ridge strength by keep ratio: ``alpha = 1`` below this ratio, :data:`HIGH_KEEP_ALPHA`
+#: from it up (measured at keep 0.25/0.5/0.75 and 0.9; benchmarks/RESULTS-compensation.md).
+HIGH_KEEP_RATIO = 0.8
+HIGH_KEEP_ALPHA = 10.0
+
+
+def default_alpha(ratio: float) -> float:
+    """The default ``--alpha`` for keep ratio ``ratio``: 1, or 10 from keep 0.8 up (where the
+    dropped neurons carry little and a weak ridge overfits the prompt)."""
+    return HIGH_KEEP_ALPHA if ratio >= HIGH_KEEP_RATIO else DEFAULT_ALPHA
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,10 @@ from .checkpoint import (
     state_dict_bytes,
 )
 from .compensation import (
-    DEFAULT_ALPHA,
     DEFAULT_METHOD,
     Compensation,
     LayerGrams,
+    default_alpha,
     refit_stored,
 )
 from .errors import OutputError, UsageError
@@ -148,7 +148,7 @@ def export(
     trust_remote_code: bool = False,
     streaming: bool | None = None,
     compensate: str = DEFAULT_METHOD,
-    alpha: float = DEFAULT_ALPHA,
+    alpha: float | None = None,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export ``model`` pruned to the experts that ``prompts`` select.
@@ -177,7 +177,9 @@ def export(
             ``refit-bias`` also fits a down bias (families whose down projection has one);
             ``none`` writes the plain slices (the exports of griffin before compensation,
             bit for bit).
-        alpha: ridge strength of the refit, relative to the kept neurons' mean energy.
+        alpha: ridge strength of the refit, relative to the kept neurons' mean energy
+            (default :func:`~griffin_export.compensation.default_alpha` of ``ratio``: 1, or 10
+            from keep 0.8 up).
         progress: optional ``(stage, done, total)`` callback.
 
     Returns:
@@ -189,7 +191,7 @@ def export(
     check_ratio(ratio)
     check_multiple_of(multiple_of)
     check_budget(budget)
-    how = Compensation(compensate, alpha)
+    how = Compensation(compensate, default_alpha(ratio) if alpha is None else alpha)
     shard_bytes = parse_size(max_shard_size)
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise UsageError(

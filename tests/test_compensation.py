@@ -15,6 +15,7 @@ from griffin_export.compensation import (
     apply_regression,
     check_alpha,
     check_method,
+    default_alpha,
     refit_down,
 )
 from griffin_export.errors import UsageError
@@ -168,6 +169,13 @@ def test_gram_stats_accumulate_like_one_product() -> None:
     torch.testing.assert_close(switched.matrix(), z.T @ z)
     torch.testing.assert_close(stats.sums, z.sum(0))
     assert stats.tokens == 33
+
+
+def test_default_alpha_by_keep_ratio() -> None:
+    """The measured recipe: alpha 1 up to keep 0.75, 10 from 0.8 up. Catches the two swapped
+    or the threshold moved past the ratios it was measured at."""
+    assert [default_alpha(r) for r in (0.25, 0.5, 0.75, 0.79)] == [1.0] * 4
+    assert [default_alpha(r) for r in (0.8, 0.9, 1.0)] == [10.0] * 3
 
 
 def test_bad_options_are_usage_errors() -> None:
@@ -408,11 +416,17 @@ def test_refit_at_ratio_one_is_the_original_and_bias_needs_a_stock_bias(tmp_path
     from transformers import AutoModelForCausalLM
 
     from griffin_export import export
+    from griffin_export.manifest import read_manifest
 
     from tiny import random_ids, save_tiny
 
     src = save_tiny("llama", tmp_path / "src")
     export(str(src), PROMPTS, 1.0, out=tmp_path / "all")
+    assert read_manifest(tmp_path / "all").compensation == {
+        "method": "refit",
+        "alpha": 10.0,  # the default from keep 0.8 up
+        "bias": False,
+    }
     ids = random_ids(17, seed=2)
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "all")(input_ids=ids[None]).logits
