@@ -10,7 +10,7 @@ The model is loaded once. Per window the prefix runs once (KV cache kept, every 
 down-projection inputs captured and their Gram matrices accumulated with
 :class:`griffin_export.compensation.GramStats`); per setting only the L-P suffix runs, with
 every down projection's weight replaced by what the export would write: the kept columns
-(plain or refitted with :func:`griffin_export.compensation.refit_down`) at their places and
+(plain or refitted with :func:`griffin_export.compensation.apply_regression`) at their places and
 zeros at the dropped ones -- a zero column is exactly a sliced-away neuron -- plus the refit's
 bias where the setting has one.
 
