@@ -451,12 +451,23 @@ from transformers import AutoTokenizer
 model = griffin_export.load_pretrained("path/to/this/dir")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 ```"""
+    how = manifest.compensation
+    refit = (
+        ""
+        if not how
+        else (
+            " The kept neurons' down-projection columns were then refitted on\n"
+            f"the same prompt (ridge, alpha {how['alpha']:g}"
+            + (", with a down bias" if how.get("bias") else "")
+            + ") so the pruned layers reproduce the full ones there."
+        )
+    )
     return f"""# GRIFFIN export of `{source.model}`
 
 This checkpoint was written by griffin
 {manifest.griffin_version}. {kept}, the ones with the largest GRIFFIN statistic
 ({manifest.statistic}) over a prompt of {manifest.prompt.tokens} tokens
-(sha256 `{manifest.prompt.sha256[:16]}...`). Everything else is the original's, in
+(sha256 `{manifest.prompt.sha256[:16]}...`).{refit} Everything else is the original's, in
 {manifest.dtype}.
 
 The experts were chosen for text like that prompt; quality on unrelated text is lower.
