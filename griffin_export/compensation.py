@@ -270,13 +270,17 @@ def regression(
     centred = g - torch.outer(m, m) / tokens if m is not None else g
     lam = ridge_lambda(g[keep, keep], alpha)  # paired indices: the diagonal of G_SS
     kept_block = centred[keep][:, keep]
-    if drop.numel() == 0 or (lam == 0.0 and alpha > 0):
-        # Nothing dropped, or every kept neuron is zero on the prompt (nothing to regress on).
+    if drop.numel() == 0 or (lam == 0.0 and alpha > 0) or not _finite(centred):
+        # Nothing dropped, every kept neuron zero on the prompt (nothing to regress on), or
+        # activations that overflowed the model's dtype (selection refuses those; nothing to
+        # fit either way): the plain slice.
         coef = torch.zeros(keep.numel(), drop.numel(), dtype=dtype, device=device)
     else:
         system = kept_block + lam * torch.eye(keep.numel(), dtype=dtype, device=device)
         coef = _spd_solve(system, centred[keep][:, drop])
     offset = (m[drop] - coef.T @ m[keep]) / tokens if m is not None else None
+    if offset is not None and not _finite(offset):
+        offset = torch.zeros_like(offset)
     return Regression(keep=keep, dropped=drop, coef=coef, offset=offset)
 
 
@@ -301,12 +305,14 @@ def _regression_from_rows(
     lam = float(alpha) * float(z[:, keep].double().square().sum()) / max(keep.numel(), 1)
     centred = z - m / tokens if bias else z
     kept, dropped = centred[:, keep], centred[:, drop]
-    if drop.numel() == 0 or (lam == 0.0 and alpha > 0):
+    if drop.numel() == 0 or (lam == 0.0 and alpha > 0) or not _finite(centred):
         coef = torch.zeros(keep.numel(), drop.numel(), dtype=dtype, device=device)
     else:
         system = kept @ kept.T + lam * torch.eye(tokens, dtype=dtype, device=device)
         coef = kept.T @ _spd_solve(system, dropped)
     offset = (m[drop] - coef.T @ m[keep]) / tokens if bias else None
+    if offset is not None and not _finite(offset):
+        offset = torch.zeros_like(offset)
     return Regression(keep=keep, dropped=drop, coef=coef, offset=offset)
 
 
@@ -352,6 +358,10 @@ def apply_regression(reg: Regression, weight: Tensor) -> Refit:
     new = w[:, reg.keep] + dropped @ reg.coef.T
     offset = None if reg.offset is None else (dropped @ reg.offset).to(weight.dtype)
     return Refit(weight=new.to(weight.dtype), bias=offset)
+
+
+def _finite(tensor: Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
 
 
 def _math_dtype(gram: Tensor) -> torch.dtype:

@@ -158,6 +158,19 @@ def test_float32_inputs_and_a_zero_prompt() -> None:
     assert same.bias is not None and torch.equal(same.bias, torch.zeros(D_OUT, dtype=w.dtype))
 
 
+def test_overflowed_activations_give_the_plain_slice() -> None:
+    """Activations that overflowed the model's dtype (inf/nan in the statistics) leave nothing
+    to fit: the plain slice and a zero bias, on both solve paths. Catches a refit that spreads
+    nan into every kept column (or crashes in the solver) instead."""
+    z, w, keep = problem(30, k=9)
+    z[3, 0] = float("inf")
+    for rows_limit in (0, 10**6):
+        stats = stats_of(z, rows_limit=rows_limit)
+        refit = apply_regression(stats.regression(keep, 1.0, True), w)
+        assert torch.equal(refit.weight, w[:, keep])
+        assert refit.bias is not None and torch.equal(refit.bias, torch.zeros(D_OUT).double())
+
+
 def test_gram_stats_accumulate_like_one_product() -> None:
     """Catches an accumulator that overwrites instead of adding chunk by chunk, and rows lost
     when the statistics switch from rows to the Gram matrix past ``rows_limit``."""

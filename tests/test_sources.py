@@ -210,7 +210,8 @@ def test_griffin_protocol_on_an_export_runs_its_recipe(tmp_path: Path) -> None:
     model, spec = tiny_model("llama"), spec_for("llama")
     stream = char_tokenizer()(TEXT)["input_ids"]
     direct = evaluate(
-        [(model, spec, Setting("g", "griffin", k=k))],
+        # the export's recipe includes its compensation (the default: refit, alpha 1)
+        [(model, spec, Setting("g", "griffin", k=k, compensate="refit", alpha=1.0))],
         make_windows(torch.tensor(stream), 32, max_windows=2, min_score_from=16),
         dataset="t",
         protocol="griffin",
