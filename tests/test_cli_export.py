@@ -95,7 +95,7 @@ def test_embedded_model_protect_budget(tmp_path: Path) -> None:
     at the recorded indices."""
     out = tmp_path / "smol-protect"
     args = ["export", "--prompt", str(EXAMPLE_PROMPT), "--ratio", "0.5", "--out", str(out)]
-    result = runner.invoke(app, [*args, "--budget", "protect", "--json"])
+    result = runner.invoke(app, [*args, "--budget", "protect", "--compensate", "none", "--json"])
     assert result.exit_code == 0, result.output
     ks = json.loads(result.stdout)["k_per_layer"]
     assert ks[0] == ks[-1] == 1536 and set(ks[1:-1]) <= {713, 714} and sum(ks) == 30 * 768

@@ -525,3 +525,35 @@ def test_runtime_refits_a_compensated_export_at_each_refresh_and_resets_to_it(
     for layer, block in enumerate(spec.blocks(runtime.model)):
         key = spec.param_name(layer, "down")
         assert torch.equal(spec.down_module(block).weight.detach(), stored[key])
+
+
+@pytest.mark.slow
+def test_embedded_model_refit_streaming_equals_in_memory_and_verifies(tmp_path: Path) -> None:
+    """The default export of the real model (refit) is bit-identical streaming and in memory,
+    loads with stock ``from_pretrained``, verifies against its original, and its down
+    projections differ from the plain slice (the refit happened) while gate/up do not.
+    Catches a refit that only works on the tiny models' sizes (rows vs Gram path: 140 prompt
+    tokens < d_ff/2 here), or one that leaks into tensors it must not touch."""
+    from transformers import AutoModelForCausalLM
+
+    from griffin_export import export
+    from griffin_export.checkpoint import resolve_source
+    from griffin_export.verify import verify_export
+
+    prompt = (Path(__file__).parents[1] / "examples" / "prompt.txt").read_text(encoding="utf-8")
+    lean = export("smollm2-135m", [prompt], 0.5, out=tmp_path / "lean", streaming=True)
+    export("smollm2-135m", [prompt], 0.5, out=tmp_path / "full", streaming=False)
+    assert lean.compensation == {"method": "refit", "alpha": 1.0, "bias": False}
+    a = load_file(tmp_path / "lean" / "model.safetensors")
+    b = load_file(tmp_path / "full" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    source = resolve_source("smollm2-135m").directory
+    assert verify_export(tmp_path / "lean", str(source)).problems == []
+    original = load_file(source / "model.safetensors")
+    with safe_open(str(tmp_path / "lean" / EXPERTS_FILE), "pt") as handle:
+        keep = handle.get_tensor("layer.3").long()
+    down, up = "model.layers.3.mlp.down_proj.weight", "model.layers.3.mlp.up_proj.weight"
+    assert torch.equal(a[up], original[up][keep])
+    assert not torch.equal(a[down], original[down][:, keep])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lean")
+    assert model.config.intermediate_size == 768
