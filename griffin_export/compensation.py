@@ -227,11 +227,15 @@ class Regression:
     dropped: Tensor
     coef: Tensor
     offset: Tensor | None
+    #: ``coef = factors[0] @ factors[1]`` (``[k, T] @ [T, d_ff - k]``) when it came from the
+    #: prompt's rows: products with it then cost ``T`` instead of ``k`` per output.
+    factors: tuple[Tensor, Tensor] | None = None
 
     def predict(self, kept: Tensor) -> Tensor:
         """The dropped neurons' activations predicted from the kept ones (``[..., k]`` ->
         ``[..., d_ff - k]``, in ``kept``'s dtype): what the refitted down projection adds."""
-        out = kept.to(self.coef.dtype) @ self.coef
+        x = kept.to(self.coef.dtype)
+        out = x @ self.coef if self.factors is None else (x @ self.factors[0]) @ self.factors[1]
         if self.offset is not None:
             out = out + self.offset
         return out.to(kept.dtype)
@@ -309,7 +313,12 @@ def _regression_from_rows(
         coef = torch.zeros(keep.numel(), drop.numel(), dtype=dtype, device=device)
     else:
         system = kept @ kept.T + lam * torch.eye(tokens, dtype=dtype, device=device)
-        coef = kept.T @ _spd_solve(system, dropped)
+        solved = _spd_solve(system, dropped)  # [T, d_ff - k]
+        offset = (m[drop] - solved.T @ (kept @ m[keep])) / tokens if bias else None
+        if offset is not None and not _finite(offset):
+            offset = torch.zeros_like(offset)
+        coef = torch.empty(keep.numel(), drop.numel(), dtype=dtype, device="meta")
+        return Regression(keep, drop, coef, offset, factors=(kept.T, solved))
     offset = (m[drop] - coef.T @ m[keep]) / tokens if bias else None
     if offset is not None and not _finite(offset):
         offset = torch.zeros_like(offset)
@@ -353,9 +362,14 @@ def refit_down(
 def apply_regression(reg: Regression, weight: Tensor) -> Refit:
     """The refitted down projection from a :class:`Regression` and the full down weight
     (``[out, in]``): ``W' = W_S + W_D coef^T``, ``b = W_D offset``."""
-    w = weight.detach().to(reg.coef.device, reg.coef.dtype)
+    dtype = reg.coef.dtype
+    w = weight.detach().to(reg.dropped.device, dtype)
     dropped = w[:, reg.dropped]
-    new = w[:, reg.keep] + dropped @ reg.coef.T
+    if reg.factors is None:
+        new = w[:, reg.keep] + dropped @ reg.coef.T
+    else:  # W_D (L R)^T = (W_D R^T) L^T: T instead of k inner products per output
+        left, right = reg.factors
+        new = w[:, reg.keep] + (dropped @ right.T) @ left.T
     offset = None if reg.offset is None else (dropped @ reg.offset).to(weight.dtype)
     return Refit(weight=new.to(weight.dtype), bias=offset)
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from .activations import _StopForward, capture_down_inputs
 from .architectures import ArchSpec
 from .checkpoint import LoadedModel, SourceRef, fingerprint_samples, samples_fingerprint
-from .compensation import Compensation, GramStats, LayerGrams, Refit, refit_stored
+from .compensation import Compensation, LayerGrams, Refit, refit_stored
 from .errors import ModelLoadError, UsageError
 from .safetensors_io import Chunks, ShardWriter, SourceTensors
 from .scoring import check_sizes, griffin_statistic, normalized_square_sum, top_k_indices
@@ -400,8 +400,8 @@ def select_and_write(
     write the pruned weights into ``directory`` (sets the config's FF width to the largest
     layer's). ``on_prompt(i)`` is called after prompt ``i``; ``on_layer(l)`` when layer ``l``'s
     experts are chosen and its tensors handed to the writer (on the last prompt). With an
-    active ``compensation`` every layer's Gram matrix is accumulated too and its down
-    projection refitted (in the writer's thread) as the in-memory path refits it."""
+    active ``compensation`` every layer's prompt statistics are accumulated too and its down
+    projection refitted (when its experts are chosen) as the in-memory path refits it."""
     spec, model = streamed.spec, streamed.model
     d_ff = spec.d_ff(model.config)
     prompts = [p for p in prompts if p.numel()]
@@ -459,7 +459,11 @@ def select_and_write(
                             for k, v in live[layer]
                             if streamed.ff.get(k) == (layer, "down", "weight")
                         )
-                        refit = _LazyRefit(down, keep[layer], grams.take(layer), how, spec)
+                        # On the forward thread: refitting in the writer's thread costs no
+                        # wall time but tens of MB of peak RSS (a second malloc arena).
+                        refit = refit_stored(
+                            down, keep[layer], grams.take(layer), how, spec.transposed
+                        )
                     for key, value in live[layer]:
                         writer.put_lazy(
                             key,
@@ -511,7 +515,7 @@ def _pruned(
     keep: Tensor,
     d_ff: int,
     samples: dict[str, tuple[tuple[int, ...], Tensor]],
-    refit: _LazyRefit | None = None,
+    refit: Refit | None = None,
 ) -> Tensor:
     """The output tensor of block tensor ``key``: FF tensors sliced to ``keep`` (their
     full-width fingerprint samples recorded on the way), the down projection refitted with
@@ -521,37 +525,12 @@ def _pruned(
     samples[key] = (tuple(value.shape), fingerprint_samples(value))
     _, role, kind = streamed.ff[key]
     if refit is not None and role == "down":
-        done = refit()
         if kind == "weight":
-            return done.weight
-        return value if done.bias is None else value + done.bias
+            return refit.weight
+        return value if refit.bias is None else value + refit.bias
     if kind == "weight":
         return slice_weight(streamed.spec, role, value, keep, d_ff)
     return slice_bias(role, value, keep, d_ff)
-
-
-class _LazyRefit:
-    """One layer's refit, computed once when the writer first asks for it (its Gram matrix
-    is released then)."""
-
-    def __init__(
-        self, weight: Tensor, keep: Tensor, stats: GramStats, how: Compensation, spec: ArchSpec
-    ) -> None:
-        self._args: tuple[Tensor, Tensor, GramStats, Compensation, bool] | None = (
-            weight,
-            keep,
-            stats,
-            how,
-            spec.transposed,
-        )
-        self._done: Refit | None = None
-
-    def __call__(self) -> Refit:
-        if self._done is None:
-            assert self._args is not None
-            self._done = refit_stored(*self._args)
-            self._args = None
-        return self._done
 
 
 def plan_sizes(
