@@ -99,7 +99,7 @@ class SourceRef:
 
     name: str
     kind: str  # "directory" | "gguf" | "embedded" | "hub"
-    directory: Path | None
+    directory: Path
     load_id: str  # what from_pretrained receives
 
 
@@ -350,15 +350,9 @@ def copy_tokenizer_files(source: SourceRef, tokenizer: Any | None, directory: Pa
     """Put the source's tokenizer into ``directory`` as the source has it: a byte copy of its
     tokenizer files; a source without such files but with a loaded ``tokenizer`` gets it
     saved by :func:`save_tokenizer`."""
-    present = (
-        []
-        if source.directory is None
-        else [
-            source.directory / name
-            for name in TOKENIZER_FILES
-            if (source.directory / name).is_file()
-        ]
-    )
+    present = [
+        source.directory / name for name in TOKENIZER_FILES if (source.directory / name).is_file()
+    ]
     for path in present:
         shutil.copyfile(path, directory / path.name)
     if not present and tokenizer is not None:

@@ -206,14 +206,9 @@ def export(
     _check_out_dir(out_dir, source.directory, force)
 
     if streaming is None:
-        streaming = source.directory is not None and bool(list_shards(source.directory).files)
+        streaming = bool(list_shards(source.directory).files)
     report("load", 0, 1)
     if streaming:
-        if source.directory is None:
-            raise UsageError(
-                f"'{source.name}' is not a local safetensors directory, so it cannot be streamed; "
-                "pass streaming=None or False (--in-memory)"
-            )
         model_type, spec = check_source(source, allow_pickle)
         tokenizer = load_tokenizer(source)
         loaded = load_streamed(source, spec, model_type, torch_dtype, device, tokenizer).loaded

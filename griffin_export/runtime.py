@@ -25,15 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .architectures import INPUT_ROLES, ArchSpec
 from .compensation import Compensation, GramStats, refit_stored
-from .errors import ModelLoadError, UsageError
+from .errors import UsageError
 from .exports import OpenedExport, open_export, original_source
 from .manifest import EXPERTS_FILE
-from .safetensors_io import MappedSafetensors
+from .safetensors_io import MappedSafetensors, load_state
 from .scoring import griffin_statistic, jaccard, normalized_squares, top_k_indices
 from .selection import non_finite_message
 from .verify import check_original
@@ -198,7 +197,7 @@ class GriffinRuntime:
         self.tokenizer = export.loaded.tokenizer
         self.spec = export.spec
         self.d_ff = int(export.manifest["source"]["d_ff"])
-        experts = load_file(str(export.directory / EXPERTS_FILE))
+        experts = load_state([export.directory / EXPERTS_FILE])
         blocks = self.spec.blocks(self.model)
         self.slots = [experts[f"layer.{i}"].long() for i in range(len(blocks))]
         self._export_slots = [slots.clone() for slots in self.slots]
@@ -262,11 +261,6 @@ class GriffinRuntime:
         """
         export = open_export(export_dir, device)
         source = original_source(export.manifest, original)
-        if source.directory is None:
-            raise ModelLoadError(
-                f"the original '{source.name}' is a hub id; the runtime memory-maps a local "
-                "copy: download it and pass its directory with --original"
-            )
         check_original(export.directory, source.directory)
         mapped = MappedSafetensors(source.directory)
         return cls(export, mapped, original_device=device if original_on_device else "cpu")

@@ -35,7 +35,6 @@ from .errors import (
     GriffinError,
     ModelLoadError,
     OriginalMismatchError,
-    UsageError,
     VerificationError,
 )
 from .manifest import EXPERTS_FILE, FORMAT_NAME, MANIFEST, SIZES_KEY, manifest_problems
@@ -536,12 +535,7 @@ def _sliced_original(
 
 
 def _original_directory(original: str) -> Path:
-    source = resolve_source(original)
-    if source.directory is None:
-        raise UsageError(
-            f"--original '{original}' is a hub id; verify needs a local copy: pass its directory"
-        )
-    return source.directory
+    return resolve_source(original).directory
 
 
 def _open_original(directory: Path, stack: contextlib.ExitStack) -> LazyTensors:
