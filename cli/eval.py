@@ -10,7 +10,15 @@ from typing import Any, Literal
 import typer
 from rich.table import Table
 
-from griffin_cli.main import Dtype, app, choice_list, err_console, out_console, stage_progress
+from griffin_cli.main import (
+    Compensate,
+    Dtype,
+    app,
+    choice_list,
+    err_console,
+    out_console,
+    stage_progress,
+)
 from griffin_export.budgets import BUDGETS
 from griffin_export.checkpoint import DEFAULT_MODEL
 from griffin_export.errors import OutputError, UsageError
@@ -103,6 +111,18 @@ def eval_command(
         help="Full model dtype; auto keeps the source's (exports keep theirs).",
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
+    compensate: Compensate = typer.Option(
+        "none",
+        "--compensate",
+        help="class: refit the kept neurons' down-projection columns on the positions that "
+        "chose them (refit, refit-bias), as griffin ppl does; none is GRIFFIN's own mode.",
+    ),
+    alpha: float | None = typer.Option(
+        None,
+        "--alpha",
+        show_default="1; 10 from keep 0.8 up",
+        help="class: ridge strength of the refit, relative to the kept neurons' mean energy.",
+    ),
     check: bool = typer.Option(
         False,
         "--check",
@@ -137,6 +157,8 @@ def eval_command(
             dtype=dtype,
             device=device,
             check=check,
+            compensate=compensate,
+            alpha=alpha,
             progress=on_progress,
         )
     data = report.to_dict()

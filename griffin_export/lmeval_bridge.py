@@ -72,8 +72,12 @@ class GriffinLM(HFLM):
                 "--mode class needs at least one token before the scored one, got a request "
                 "whose context and continuation make one token"
             )
-        k = self.setting.k
-        hooks = nullcontext() if k is None else class_mode(self.spec, self.model, k, inps.shape[1])
+        s = self.setting
+        hooks = (
+            nullcontext()
+            if s.k is None
+            else class_mode(self.spec, self.model, s.k, inps.shape[1], s.compensate, s.alpha)
+        )
         with hooks:
             return super()._model_call(inps)
 

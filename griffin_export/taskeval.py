@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ._version import __version__
 from .architectures import ArchSpec
 from .budgets import check_budget, layer_sizes
+from .compensation import DEFAULT_ALPHA, check_alpha, check_method, default_alpha
 from .errors import GriffinError, UsageError
 from .scoring import (
     STATISTIC_NAME,
@@ -97,6 +98,8 @@ class EvalSetting:
     k: tuple[int, ...] | None = None
     refresh: int = 0
     window: int | None = None
+    compensate: str = "none"
+    alpha: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -113,16 +116,39 @@ def adaptive_settings(
     refresh: int = 0,
     window: int | None = None,
     check: bool = False,
+    compensate: str = "none",
+    alpha: float | None = None,
 ) -> list[EvalSetting]:
     """``class``/``gen``: the full model, then one setting per ratio and budget (and with
-    ``check`` a ratio-1.0 setting named ``check r=1``)."""
+    ``check`` a ratio-1.0 setting named ``check r=1``). ``compensate`` (class mode only) refits
+    the kept neurons' down columns on the positions that chose them, as ``griffin ppl`` does;
+    ``alpha`` None means :func:`~griffin_export.compensation.default_alpha` of each ratio."""
+    if compensate != "none" and mode != "class":
+        raise UsageError(
+            f"--compensate {compensate} applies to --mode class only; drop it for --mode {mode}"
+        )
     settings = [EvalSetting("full", mode)]
     for ratio in ratios:
         for budget in budgets:
             k = tuple(layer_sizes(budget, n_layers, d_ff, ratio))
             name = f"{mode} r={ratio:g}" + ("" if budget == "uniform" else f" {budget}")
             name += f" refresh={refresh}" if refresh else ""
-            settings.append(EvalSetting(name, mode, "full", ratio, budget, k, refresh, window))
+            name += f" {compensate}" if compensate != "none" else ""
+            how = default_alpha(ratio) if alpha is None else alpha
+            settings.append(
+                EvalSetting(
+                    name,
+                    mode,
+                    "full",
+                    ratio,
+                    budget,
+                    k,
+                    refresh,
+                    window,
+                    compensate,
+                    how if compensate != "none" else None,
+                )
+            )
     if check:
         k = tuple(layer_sizes("uniform", n_layers, d_ff, 1.0))
         settings.append(EvalSetting("check r=1", mode, "full", 1.0, "uniform", k))
@@ -133,16 +159,24 @@ def adaptive_settings(
 
 
 def class_mode(
-    spec: ArchSpec, model: nn.Module, k: Sequence[int], length: int
+    spec: ArchSpec,
+    model: nn.Module,
+    k: Sequence[int],
+    length: int,
+    compensate: str = "none",
+    alpha: float | None = None,
 ) -> AbstractContextManager[None]:
     """Hooks making a forward of ``model`` over ``length`` >= 2 positions (batch 1) run GRIFFIN's
     classification mode: layer ``l`` keeps the top ``k[l]`` neurons of the statistic over
     positions ``0..length-2``, applied at position ``length-1`` only. This is the ``griffin``
     perplexity protocol of :mod:`griffin_export.evaluate` with a prompt of ``length-1``
-    tokens, whose hooks it installs."""
+    tokens, whose hooks it installs. With ``compensate`` the last position runs the kept
+    neurons with their down columns refitted on the earlier positions (ridge ``alpha``)."""
     from .evaluate import Setting, ff_setting
 
-    return ff_setting(spec, model, Setting("class", "griffin", k=list(k)), length - 1)
+    how = DEFAULT_ALPHA if alpha is None else alpha
+    setting = Setting("class", "griffin", k=list(k), compensate=compensate, alpha=how)
+    return ff_setting(spec, model, setting, length - 1)
 
 
 # -- gen mode: experts from the prompt, pruned decoding -------------------------------------------
@@ -401,6 +435,8 @@ def evaluate_tasks(
     dtype: str | None = None,
     device: str = "cpu",
     check: bool = False,
+    compensate: str = "none",
+    alpha: float | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> TaskEvalReport:
     """Evaluate ``tasks`` with lm-eval: the full model and every pruned setting of ``mode``
@@ -425,6 +461,16 @@ def evaluate_tasks(
         raise UsageError("no model given; pass a model or one or more export directories")
     exported = [is_export(m) for m in sources]
     mode = mode or ("static" if all(exported) else "class")
+    check_method(compensate)
+    if alpha is not None:
+        check_alpha(alpha)
+    if mode == "static" and compensate != "none":
+        raise UsageError(
+            f"--compensate {compensate} does not apply to --mode static: an export carries its "
+            "own (griffin export --compensate); drop the option"
+        )
+    if mode == "gen" and compensate != "none":
+        raise UsageError(f"--compensate {compensate} applies to --mode class only; drop it")
     if mode not in MODES:
         raise UsageError(f"--mode '{mode}' is not known; use one of {', '.join(MODES)}")
     if mode == "static":
@@ -497,6 +543,8 @@ def evaluate_tasks(
             refresh,
             window,
             check,
+            compensate,
+            alpha,
         )
     models["full"] = (full.model, full.spec, full.tokenizer)
     report("load", len(sources), len(sources))

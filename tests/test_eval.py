@@ -138,6 +138,40 @@ def _masked_last_position(model: Any, ids: torch.Tensor, k: int) -> torch.Tensor
             h.remove()
 
 
+def _refit_last_position(model: Any, ids: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
+    """Logits ``[L, V]`` where, at the last position only, every layer keeps its top-k neurons
+    (statistic over the earlier positions, as in :func:`_masked_last_position`) and their down
+    columns are ridge-refitted on the earlier positions: ``W' = W_S + W_D C^T`` with
+    ``C = (G_SS + lam I)^-1 G_SD``, ``G = Z^T Z``, ``lam = alpha * mean(diag G_SS)``. Applied as
+    the down input ``z_S`` plus the dropped neurons imputed as ``C z_S`` (then ``W z = W' z_S``).
+    Written out here in float64, independently of griffin's compensation code."""
+
+    def hook(_m: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        z = args[0].clone()
+        earlier = z[0, :-1].double()
+        unit = earlier / earlier.norm(dim=-1, keepdim=True)
+        keep = torch.topk(unit.pow(2).sum(dim=0).sqrt(), k).indices
+        drop = torch.tensor([j for j in range(z.shape[-1]) if j not in set(keep.tolist())])
+        gram = earlier.T @ earlier
+        g_ss = gram[keep][:, keep]
+        lam = alpha * float(g_ss.diagonal().mean())
+        coef = torch.linalg.solve(g_ss + lam * torch.eye(k, dtype=g_ss.dtype), gram[keep][:, drop])
+        last = z[0, -1].double()
+        new = torch.zeros_like(last)
+        new[keep] = last[keep]
+        new[drop] = coef.T @ last[keep]
+        z[0, -1] = new.to(z.dtype)
+        return (z, *args[1:])
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids[None]).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _continuation_loglik(logits: torch.Tensor, ids: list[int], n_cont: int) -> float:
     logp = torch.log_softmax(logits.double(), dim=-1)
     return sum(
@@ -166,6 +200,39 @@ def test_class_mode_equals_a_hand_computed_masked_forward(tiny_dir: Path, tasks_
         assert row["responses"]["full"][0] == pytest.approx(full, abs=1e-4)
         assert row["responses"]["class r=0.5"][0] == pytest.approx(pruned, abs=1e-4)
         assert abs(pruned - full) > 1e-4  # the reference really prunes something
+
+
+def test_class_mode_with_refit_equals_a_hand_computed_ridge_refit(
+    tiny_dir: Path, tasks_dir: Path
+) -> None:
+    """class r=0.5 --compensate refit --alpha 0.5 on one document equals hooks written here
+    (top-k at the last position, kept down columns ridge-refitted on the earlier positions),
+    and differs from plain class mode. Catches a refit fitted on positions that include the
+    scored one, a ridge scaled differently, the option silently ignored, or the refit applied
+    at every position."""
+    report = _run(
+        str(tiny_dir), tasks_dir, mode="class", ratios=[0.5], limit=1, compensate="refit", alpha=0.5
+    )
+    assert [s.name for s in report.settings] == ["full", "class r=0.5 refit"]
+    model, tok = _load(tiny_dir), char_tokenizer()
+    for row in report.sample_rows():
+        context, continuation = row["arguments"]
+        ids = tok.encode(context + continuation)
+        n_cont = len(tok.encode(continuation))
+        inp = torch.tensor(ids[:-1])
+        refit = _continuation_loglik(_refit_last_position(model, inp, K_HALF, 0.5), ids, n_cont)
+        plain = _continuation_loglik(_masked_last_position(model, inp, K_HALF), ids, n_cont)
+        assert row["responses"]["class r=0.5 refit"][0] == pytest.approx(refit, abs=1e-4)
+        assert abs(refit - plain) > 1e-4  # the refit really changes the pruned position
+
+
+def test_compensate_is_refused_outside_class_mode(tiny_dir: Path, tasks_dir: Path) -> None:
+    """--compensate applies to class mode only: gen and static refuse it in one line rather
+    than silently evaluating without it. Catches the option dropped on the floor."""
+    with pytest.raises(UsageError, match="--compensate refit applies to --mode class only"):
+        _run(str(tiny_dir), tasks_dir, mode="gen", compensate="refit")
+    with pytest.raises(UsageError, match="--compensate 'nope' is not known"):
+        _run(str(tiny_dir), tasks_dir, mode="class", compensate="nope")
 
 
 def test_class_ratio_one_reproduces_the_full_model_exactly(tiny_dir: Path, tasks_dir: Path) -> None:
