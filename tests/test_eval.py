@@ -113,6 +113,17 @@ def _load(directory: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(directory).eval()
 
 
+def _forward_with_down_hook(model: Any, ids: torch.Tensor, hook: Any) -> torch.Tensor:
+    """Logits ``[L, V]`` of one forward with ``hook`` as every down projection's pre-hook."""
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids[None]).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _masked_last_position(model: Any, ids: torch.Tensor, k: int) -> torch.Tensor:
     """Logits ``[L, V]`` of a plain forward where every layer's down projection keeps, at the
     last position only, its top-k neurons by sqrt(sum_t (z_t/|z_t|)^2) over the positions
@@ -129,13 +140,7 @@ def _masked_last_position(model: Any, ids: torch.Tensor, k: int) -> torch.Tensor
         z[0, -1] = last
         return (z, *args[1:])
 
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook) for layer in model.model.layers]
-    try:
-        with torch.no_grad():
-            return model(input_ids=ids[None]).logits[0]
-    finally:
-        for h in handles:
-            h.remove()
+    return _forward_with_down_hook(model, ids, hook)
 
 
 def _refit_last_position(model: Any, ids: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
@@ -163,13 +168,7 @@ def _refit_last_position(model: Any, ids: torch.Tensor, k: int, alpha: float) ->
         z[0, -1] = new.to(z.dtype)
         return (z, *args[1:])
 
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook) for layer in model.model.layers]
-    try:
-        with torch.no_grad():
-            return model(input_ids=ids[None]).logits[0]
-    finally:
-        for h in handles:
-            h.remove()
+    return _forward_with_down_hook(model, ids, hook)
 
 
 def _continuation_loglik(logits: torch.Tensor, ids: list[int], n_cont: int) -> float:
