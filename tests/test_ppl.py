@@ -6,6 +6,7 @@ import copy
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -112,12 +113,8 @@ def test_first_segment_experts_equal_the_export_selection() -> None:
         assert torch.equal(kept, chosen.keep[layer])
 
 
-def test_masked_forward_equals_a_sliced_model_continuing_the_full_models_cache() -> None:
-    """The single masked forward is exact: full model on the prompt (its KV cache), then the
-    model sliced to the prompt's experts on the rest."""
-    model, spec = tiny_model("llama"), spec_for("llama")
-    ids = random_ids(L, seed=9)
-    setting = Setting("g", "griffin", k=[keep_count(37, 0.5)] * 3)
+def griffin_nll(model: Any, spec: Any, setting: Setting, ids: torch.Tensor) -> float:
+    """Summed NLL of one window of ``ids`` under ppl's ``griffin`` protocol (prompt P)."""
     report = evaluate(
         [(model, spec, setting)],
         make_windows(ids, L, min_score_from=P),
@@ -125,15 +122,31 @@ def test_masked_forward_equals_a_sliced_model_continuing_the_full_models_cache()
         protocol="griffin",
         prompt_len=P,
     )
+    return report.rows[0].nll
+
+
+def continued_nll(full: Any, continuing: Any, ids: torch.Tensor) -> float:
+    """The oracle: ``full`` on the first P tokens (its KV cache), ``continuing`` on the rest;
+    summed NLL of positions P.. (the first from the prefix's last logits)."""
+    with torch.no_grad():
+        prefix = full(input_ids=ids[None, :P], use_cache=True)
+        rest = continuing(input_ids=ids[None, P:], cache=prefix.past_key_values, use_cache=True)
+    logits = torch.cat([prefix.logits[:, -1:], rest.logits[:, :-1]], dim=1)[0]
+    return float(torch.nn.functional.cross_entropy(logits, ids[P:], reduction="sum"))
+
+
+def test_masked_forward_equals_a_sliced_model_continuing_the_full_models_cache() -> None:
+    """The single masked forward is exact: full model on the prompt (its KV cache), then the
+    model sliced to the prompt's experts on the rest."""
+    model, spec = tiny_model("llama"), spec_for("llama")
+    ids = random_ids(L, seed=9)
+    setting = Setting("g", "griffin", k=[keep_count(37, 0.5)] * 3)
 
     pruned = copy.deepcopy(model)
     prune_model(spec, pruned, select_experts(spec, model, [ids[:P]], ratio=0.5).keep)
-    with torch.no_grad():
-        prefix = model(input_ids=ids[None, :P], use_cache=True)
-        rest = pruned(input_ids=ids[None, P:], cache=prefix.past_key_values, use_cache=True)
-    logits = torch.cat([prefix.logits[:, -1:], rest.logits[:, :-1]], dim=1)[0]
-    nll = torch.nn.functional.cross_entropy(logits, ids[P:], reduction="sum")
-    assert report.rows[0].nll == pytest.approx(float(nll), rel=1e-4)
+    assert griffin_nll(model, spec, setting, ids) == pytest.approx(
+        continued_nll(model, pruned, ids), rel=1e-4
+    )
 
 
 @pytest.mark.parametrize(("model_type", "method"), [("llama", "refit"), ("gpt2", "refit-bias")])
@@ -152,22 +165,12 @@ def test_per_window_refit_equals_the_export_of_the_windows_prompt(
     assert ids.numel() == L  # one token per character
     model, spec = tiny_model(model_type), spec_for(model_type)
     setting = Setting("g", "griffin", k=[keep_count(37, 0.5)] * 3, compensate=method, alpha=0.7)
-    report = evaluate(
-        [(model, spec, setting)],
-        make_windows(ids, L, min_score_from=P),
-        dataset="t",
-        protocol="griffin",
-        prompt_len=P,
-    )
     out = tmp_path / "out"
     export(str(src), [text[:P]], 0.5, out=out, compensate=method, alpha=0.7)
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
-    with torch.no_grad():
-        prefix = model(input_ids=ids[None, :P], use_cache=True)
-        rest = exported(input_ids=ids[None, P:], cache=prefix.past_key_values, use_cache=True)
-    logits = torch.cat([prefix.logits[:, -1:], rest.logits[:, :-1]], dim=1)[0]
-    nll = torch.nn.functional.cross_entropy(logits, ids[P:], reduction="sum")
-    assert report.rows[0].nll == pytest.approx(float(nll), rel=1e-4)
+    assert griffin_nll(model, spec, setting, ids) == pytest.approx(
+        continued_nll(model, exported, ids), rel=1e-4
+    )
 
 
 def test_baselines_are_static_and_seeded() -> None:
