@@ -13,13 +13,13 @@ from rich.table import Table
 from griffin_cli.main import (
     Compensate,
     Dtype,
+    alpha_option,
     app,
-    choice_list,
+    budgets_option,
     err_console,
     out_console,
     stage_progress,
 )
-from griffin_export.budgets import BUDGETS
 from griffin_export.checkpoint import DEFAULT_MODEL
 from griffin_export.errors import OutputError, UsageError
 from griffin_export.taskeval import TaskEvalReport, evaluate_tasks
@@ -60,15 +60,7 @@ def eval_command(
         help="class/gen: fraction of FF neurons kept; repeatable.",
         show_default="0.5",
     ),
-    budget: list[str] | None = typer.Option(
-        None,
-        "--budget",
-        callback=choice_list(BUDGETS),
-        metavar="<uniform|protect>,...",
-        help="class/gen: per-layer budget, uniform or protect (first and last layers dense, "
-        "same total); repeatable, or comma-separated.",
-        show_default="uniform",
-    ),
+    budget: list[str] | None = budgets_option("class/gen"),
     refresh: int = typer.Option(
         0, "--refresh", help="gen: re-choose the experts every N generated tokens (0 = never)."
     ),
@@ -117,12 +109,7 @@ def eval_command(
         help="class: refit the kept neurons' down-projection columns on the positions that "
         "chose them (refit, refit-bias), as griffin ppl does; none is GRIFFIN's own mode.",
     ),
-    alpha: float | None = typer.Option(
-        None,
-        "--alpha",
-        show_default="1; 10 from keep 0.8 up",
-        help="class: ridge strength of the refit, relative to the kept neurons' mean energy.",
-    ),
+    alpha: float | None = alpha_option("class"),
     check: bool = typer.Option(
         False,
         "--check",

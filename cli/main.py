@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from typer.core import TyperGroup
 
 from griffin_export import __version__
+from griffin_export.budgets import BUDGETS
 from griffin_export.errors import GriffinError, UsageError
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -137,6 +138,30 @@ def model_option(help: str, default: str | None = None) -> Any:
     """``--model``/``-m``, the one name every command gives what it reads: a full model or an
     export directory."""
     return typer.Option(default, "--model", "-m", help=help)
+
+
+def budgets_option(scope: str) -> Any:
+    """``--budget``, repeatable or comma-separated, for commands that compare several budgets
+    (``ppl``, ``eval``); ``scope`` names the protocol or mode it applies to."""
+    return typer.Option(
+        None,
+        "--budget",
+        callback=choice_list(BUDGETS),
+        metavar="<uniform|protect>,...",
+        help=f"{scope}: per-layer budget, uniform or protect (first and last layers dense, same "
+        "total); repeatable, or comma-separated.",
+        show_default="uniform",
+    )
+
+
+def alpha_option(scope: str) -> Any:
+    """``--alpha``, the refit's ridge strength (``None``: the library's default by ratio)."""
+    return typer.Option(
+        None,
+        "--alpha",
+        show_default="1; 10 from keep 0.8 up",
+        help=f"{scope}: ridge strength of the refit, relative to the kept neurons' mean energy.",
+    )
 
 
 def pick_model(model: str | None, positional: Path | None, command: str, usage: str) -> str:

@@ -12,14 +12,15 @@ from griffin_cli.main import (
     Compensate,
     Dtype,
     Protocol,
+    alpha_option,
     app,
+    budgets_option,
     choice_list,
     model_option,
     out_console,
     plural,
     stage_progress,
 )
-from griffin_export.budgets import BUDGETS
 from griffin_export.checkpoint import DEFAULT_MODEL
 from griffin_export.compensation import DEFAULT_METHOD
 from griffin_export.evaluate import PplReport, perplexity
@@ -82,15 +83,7 @@ def ppl_command(
         "or comma-separated.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random baseline."),
-    budget: list[str] | None = typer.Option(
-        None,
-        "--budget",
-        callback=choice_list(BUDGETS),
-        metavar="<uniform|protect>,...",
-        help="griffin: per-layer budget, uniform or protect (first and last layers dense, same "
-        "total); repeatable, or comma-separated.",
-        show_default="uniform",
-    ),
+    budget: list[str] | None = budgets_option("griffin"),
     compensate: Compensate = typer.Option(
         DEFAULT_METHOD,
         "--compensate",
@@ -98,12 +91,7 @@ def ppl_command(
         "columns refitted on each window's prompt part, as griffin export does), refit-bias "
         "(also a down bias), none (the dropped neurons zeroed).",
     ),
-    alpha: float | None = typer.Option(
-        None,
-        "--alpha",
-        show_default="1; 10 from keep 0.8 up",
-        help="griffin: ridge strength of the refit, relative to the kept neurons' mean energy.",
-    ),
+    alpha: float | None = alpha_option("griffin"),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Windows per forward."),
     dtype: Dtype = typer.Option(
         "auto",
