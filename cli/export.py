@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.table import Table
@@ -22,7 +23,11 @@ from griffin_export.budgets import DEFAULT_BUDGET
 from griffin_export.checkpoint import DEFAULT_MODEL
 from griffin_export.compensation import DEFAULT_METHOD
 from griffin_export.export import ExportResult, export
+from griffin_export.manifest import DEFAULT_CHECKPOINT_FORMAT
 from griffin_export.prompts import gather_prompts
+
+#: ``--format`` choices (griffin_export.manifest.CHECKPOINT_FORMATS)
+CheckpointFormat = Literal["hf", "decilm"]
 
 _STAGES = {
     "convert": "Converting GGUF (once; cached)",
@@ -69,6 +74,13 @@ def export_command(
         "--alpha",
         show_default="1; 10 from keep 0.8 up",
         help="Ridge strength of the refit, relative to the kept neurons' mean energy.",
+    ),
+    checkpoint_format: CheckpointFormat = typer.Option(
+        DEFAULT_CHECKPOINT_FORMAT,
+        "--format",
+        help="Checkpoint layout: hf (the model family's own config) or decilm (DeciLM / "
+        "Nemotron-NAS block_configs, which vLLM and llama.cpp's converter read; Llama-graph "
+        "families, every layer's width a multiple of 256, e.g. --multiple-of 256).",
     ),
     out: Path | None = typer.Option(
         None,
@@ -124,6 +136,7 @@ def export_command(
             streaming=False if in_memory else None,
             compensate=compensate,
             alpha=alpha,
+            checkpoint_format=checkpoint_format,
             progress=on_progress,
         )
     for warning in result.warnings:
@@ -146,6 +159,8 @@ def summary_table(result: ExportResult) -> Table:
     table.add_row("model", result.source, f"{result.model_type}, {result.dtype}", "")
     table.add_row("layers", str(result.n_layers), str(result.n_layers), "")
     table.add_row("budget", "", result.budget, "")
+    if result.checkpoint_format != DEFAULT_CHECKPOINT_FORMAT:
+        table.add_row("format", "", result.checkpoint_format, "")
     how = result.compensation
     table.add_row(
         "compensation",

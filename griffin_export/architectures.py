@@ -15,6 +15,7 @@ the *neurons* are the ``d_ff`` rows of gate/up (columns of down). Deviations are
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -470,3 +471,56 @@ def spec_for(model_type: str) -> ArchSpec:
         f"model_type '{model_type}' is not supported ({reason}); supported: {supported}. "
         "Adding one is a row in griffin_export/architectures.py"
     )
+
+
+# -- Llama's graph: what DeciLM / Nemotron-NAS engines (vLLM, llama.cpp's ``deci``) can run -------
+
+#: model_types whose decoder is Llama's graph (pre-norm RMSNorm, rotary attention with grouped KV
+#: heads, SiLU-gated FF, no biases) when :func:`llama_graph_problem` finds nothing in the config:
+#: Mistral without a sliding window, Granite with all its multipliers neutral. Per-layer exports
+#: of these can be written in the DeciLM layout (``--format decilm``) and run by llama.cpp's
+#: ``deci`` architecture; other families have layers such a graph does not compute.
+LLAMA_GRAPH: frozenset[str] = frozenset({"llama", "mistral", "granite"})
+#: rotary scalings both vLLM's DeciLM and llama.cpp's ``deci`` converter apply as transformers does
+_LLAMA_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def llama_graph_problem(config: Any) -> str | None:
+    """Why ``config`` (a transformers config or any object with its attributes) is not Llama's
+    graph, in a few words naming the field; ``None`` when it is."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_GRAPH:
+        return f"model_type {model_type!r} is not one of {', '.join(sorted(LLAMA_GRAPH))}"
+    for name in ("attention_bias", "mlp_bias"):
+        if getattr(config, name, False):
+            return f"{name} is set"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act is {config.hidden_act!r}, not 'silu'"
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    natural = hidden // heads if hidden % heads == 0 else None
+    head_dim = getattr(config, "head_dim", None) or natural
+    if natural is None or head_dim != natural:
+        return f"head_dim {head_dim} is not hidden_size / num_attention_heads ({hidden}/{heads})"
+    window = getattr(config, "sliding_window", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if window is not None and not (isinstance(positions, int) and window >= positions):
+        return f"sliding_window is {window}"
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return "layer_types has sliding_attention layers"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in _LLAMA_ROPE_TYPES:
+        return f"rope type {rope_type!r} (only {', '.join(_LLAMA_ROPE_TYPES)})"
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        return f"partial_rotary_factor is {rope['partial_rotary_factor']}"
+    if model_type == "granite":
+        neutral = {
+            "embedding_multiplier": 1.0,
+            "residual_multiplier": 1.0,
+            "logits_scaling": 1.0,
+            "attention_multiplier": head_dim**-0.5,  # Llama's attention scale
+        }
+        for name, value in neutral.items():
+            if not math.isclose(getattr(config, name, value), value, rel_tol=1e-6):
+                return f"Granite's {name} is {getattr(config, name)}, not {value:g}"
+    return None

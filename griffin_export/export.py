@@ -6,6 +6,7 @@ load -> tokenize -> score (full model, hooks) -> slice in place -> write atomica
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from ._version import __version__
-from .architectures import ArchSpec
+from .architectures import ArchSpec, spec_for
 from .budgets import DEFAULT_BUDGET, check_budget, layer_sizes
 from .checkpoint import (
     LoadedModel,
@@ -30,6 +31,7 @@ from .checkpoint import (
     load_tokenizer,
     model_fingerprint,
     parse_dtype,
+    read_model_type,
     resolve_source,
     state_dict_bytes,
 )
@@ -41,8 +43,15 @@ from .compensation import (
     refit_stored,
 )
 from .errors import OutputError, UsageError
-from .loader import prune_model_per_layer, set_per_layer_sizes
+from .loader import (
+    check_decilm_export,
+    decilm_config,
+    prune_model_per_layer,
+    set_per_layer_sizes,
+)
 from .manifest import (
+    CHECKPOINT_FORMATS,
+    DEFAULT_CHECKPOINT_FORMAT,
     EXPERTS_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -86,6 +95,7 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
     budget: str = DEFAULT_BUDGET
     compensation: dict[str, Any] | None = None
+    checkpoint_format: str = DEFAULT_CHECKPOINT_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -149,6 +159,7 @@ def export(
     streaming: bool | None = None,
     compensate: str = DEFAULT_METHOD,
     alpha: float | None = None,
+    checkpoint_format: str = DEFAULT_CHECKPOINT_FORMAT,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export ``model`` pruned to the experts that ``prompts`` select.
@@ -180,6 +191,11 @@ def export(
         alpha: ridge strength of the refit, relative to the kept neurons' mean energy
             (default :func:`~griffin_export.compensation.default_alpha` of ``ratio``: 1, or 10
             from keep 0.8 up).
+        checkpoint_format: the layout of ``config.json`` (:data:`~griffin_export.manifest.
+            CHECKPOINT_FORMATS`): ``hf`` (the source family's own; per-layer widths under
+            ``griffin.intermediate_sizes``) or ``decilm`` (DeciLM / Nemotron-NAS
+            ``block_configs``, which vLLM and llama.cpp's converter read; Llama-graph families
+            only, every width a multiple of 256; :mod:`griffin_export.loader`).
         progress: optional ``(stage, done, total)`` callback.
 
     Returns:
@@ -204,6 +220,7 @@ def export(
     source = resolve_source(model, report)
     out_dir = Path(out) if out is not None else default_out_dir(source.name, ratio, budget)
     _check_out_dir(out_dir, source.directory, force)
+    _check_format(checkpoint_format, source, budget, ratio, multiple_of)
 
     if streaming is None:
         streaming = bool(list_shards(source.directory).files)
@@ -240,6 +257,7 @@ def export(
             prompt=PromptInfo(prompt_sha256(texts), selection.tokens, len(texts)),
             dtype=dtype_name(loaded.model.dtype),
             compensation=how.record() if how.active else None,
+            checkpoint_format=checkpoint_format,
         )
 
     write_weights: Callable[[Path], tuple[Selection, Manifest]]
@@ -316,7 +334,27 @@ def export(
         warnings=warnings,
         budget=budget,
         compensation=manifest.compensation,
+        checkpoint_format=checkpoint_format,
     )
+
+
+def _check_format(
+    checkpoint_format: str, source: Any, budget: str, ratio: float, multiple_of: int
+) -> None:
+    """Refuse an unknown ``checkpoint_format``, and a ``decilm`` export the layout cannot
+    state (:func:`~griffin_export.loader.check_decilm_export`), from the source's config alone
+    (before any weights load)."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise UsageError(
+            f"--format '{checkpoint_format}' is not known; use one of "
+            f"{', '.join(CHECKPOINT_FORMATS)}"
+        )
+    if checkpoint_format == "decilm":
+        from transformers import AutoConfig
+
+        spec = spec_for(read_model_type(source))
+        config = AutoConfig.from_pretrained(source.load_id, trust_remote_code=False)
+        check_decilm_export(config, spec, budget, ratio, multiple_of)
 
 
 def refit_in_place(
@@ -352,8 +390,9 @@ def write_export(
 ) -> tuple[int, Selection, Manifest]:
     """Write an export atomically: the pruned weights first (``write_weights(directory)``,
     which returns the selection and the manifest; it also sets the config's FF width), then
-    config (per-layer sizes under ``griffin.intermediate_sizes`` when they differ), generation
-    config, tokenizer, experts map, card and manifest.
+    config (per-layer sizes under ``griffin.intermediate_sizes`` when they differ, or the
+    DeciLM layout when the manifest's ``checkpoint_format`` says so), generation config,
+    tokenizer, experts map, card and manifest.
 
     Returns the bytes of the weight files written, the selection and the manifest.
     """
@@ -363,7 +402,12 @@ def write_export(
             selection, manifest = write_weights(tmp)
             model.config.griffin = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
             set_per_layer_sizes(loaded.spec, model.config, selection.k_per_layer)
-            model.config.save_pretrained(tmp)
+            if manifest.checkpoint_format == "decilm":
+                config = decilm_config(model.config.to_diff_dict(), selection.k_per_layer)
+                text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+                (tmp / "config.json").write_text(text, encoding="utf-8")
+            else:
+                model.config.save_pretrained(tmp)
             if model.can_generate():
                 model.generation_config.save_pretrained(tmp)
             copy_tokenizer_files(loaded.source, loaded.tokenizer, tmp)
@@ -438,6 +482,20 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
         load = """Each layer has its own feed-forward width (`griffin.intermediate_sizes` in
 `config.json`), which stock `from_pretrained` refuses. Load it with griffin, which returns a
 standard `transformers` model:
+
+```python
+import griffin_export
+from transformers import AutoTokenizer
+
+model = griffin_export.load_pretrained("path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+```"""
+    if manifest.checkpoint_format == "decilm":
+        load = """`config.json` is in the DeciLM / Nemotron-NAS layout (`block_configs`, one
+`ffn_mult` per layer), which vLLM's `DeciLMForCausalLM` and llama.cpp's `convert_hf_to_gguf.py`
+read.
+`transformers` has no DeciLM class of its own; griffin loads it as a standard `transformers`
+model:
 
 ```python
 import griffin_export

@@ -18,11 +18,10 @@ from .checkpoint import (
     load_model,
     load_tokenizer,
     parse_dtype,
-    read_model_type,
     resolve_source,
 )
 from .errors import ExportFormatError, ModelLoadError, UsageError
-from .loader import load_pretrained
+from .loader import export_config, load_pretrained
 from .manifest import is_export as is_export  # re-exported: callers open exports from here
 from .slicing import _sync_shape_attributes
 from .verify import check_export_files, check_original_model
@@ -59,10 +58,10 @@ def open_export(export_dir: str | Path, device: str = "cpu") -> OpenedExport:
     manifest = check_export_files(directory)
     source = SourceRef(str(directory), "directory", directory, str(directory))
     dtype = parse_dtype(manifest.get("dtype"))
-    if len(set(manifest["k_per_layer"])) == 1:
+    if len(set(manifest["k_per_layer"])) == 1 and manifest.get("checkpoint_format") != "decilm":
         loaded = load_model(source, dtype, device)
     else:
-        model_type = read_model_type(source)
+        model_type = manifest["source"]["model_type"]
         model = load_pretrained(directory, dtype=dtype, device=device)
         loaded = LoadedModel(
             model, load_tokenizer(source), spec_for(model_type), model_type, source
@@ -112,8 +111,6 @@ def open_export_with_original(
     recorded fingerprint first, as :func:`open_export` and :func:`load_original` do; a
     non-FF tensor of the export that differs from the original's is read from the export.
     """
-    from transformers import AutoConfig
-
     from .safetensors_io import SourceTensors
 
     directory = require_export_dir(export_dir)
@@ -135,7 +132,7 @@ def open_export_with_original(
     memo: dict[int, Any] = {id(t): t for t in _all_tensors(full.model) if id(t) not in own}
     memo.update(own)
     model = copy.deepcopy(full.model, memo)
-    model.config = AutoConfig.from_pretrained(directory)
+    model.config = export_config(directory)
     for prefix, module in model.named_modules():
         for attr, current in [
             *module.named_parameters(recurse=False),

@@ -22,6 +22,11 @@ EXPERTS_FILE = "griffin_experts.safetensors"
 SIZES_KEY = "intermediate_sizes"
 #: dtype names a manifest may record
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+#: checkpoint layouts of ``griffin export --format``: ``hf`` (the source family's own config,
+#: per-layer widths under ``griffin.intermediate_sizes``) or ``decilm`` (DeciLM / Nemotron-NAS
+#: ``block_configs``, :mod:`griffin_export.loader`)
+CHECKPOINT_FORMATS = ("hf", "decilm")
+DEFAULT_CHECKPOINT_FORMAT = "hf"
 
 
 @dataclass
@@ -61,11 +66,13 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    #: the checkpoint layout (:data:`CHECKPOINT_FORMATS`)
+    checkpoint_format: str = DEFAULT_CHECKPOINT_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object written to ``griffin.json`` (a uniform budget and the absence of
-        compensation are not recorded, so such manifests stay as they were before per-layer
-        budgets and compensation existed)."""
+        """The JSON object written to ``griffin.json`` (a uniform budget, the ``hf`` layout
+        and the absence of compensation are not recorded, so such manifests stay as they were
+        before per-layer budgets, layouts and compensation existed)."""
         data: dict[str, Any] = {
             "format": self.format,
             "format_version": self.format_version,
@@ -90,6 +97,11 @@ class Manifest:
             },
             "dtype": self.dtype,
             **({} if self.compensation is None else {"compensation": dict(self.compensation)}),
+            **(
+                {}
+                if self.checkpoint_format == DEFAULT_CHECKPOINT_FORMAT
+                else {"checkpoint_format": self.checkpoint_format}
+            ),
             "files": dict(self.files),
         }
         return data
@@ -126,6 +138,7 @@ class Manifest:
             budget=str(data.get("budget", "uniform")),
             compensation=data.get("compensation"),
             files=dict(data["files"]),
+            checkpoint_format=str(data.get("checkpoint_format", DEFAULT_CHECKPOINT_FORMAT)),
             format=data["format"],
             format_version=data["format_version"],
         )
@@ -172,6 +185,8 @@ def manifest_problems(data: Any) -> list[str]:
         and isinstance(compensation.get("bias"), bool)
     ):
         bad.append("compensation")
+    if data.get("checkpoint_format", DEFAULT_CHECKPOINT_FORMAT) not in CHECKPOINT_FORMATS:
+        bad.append("checkpoint_format")
     return [f"missing or malformed {', '.join(bad)}; re-export"] if bad else []
 
 

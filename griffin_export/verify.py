@@ -32,11 +32,13 @@ from .checkpoint import (
     samples_fingerprint,
 )
 from .errors import (
+    ExportFormatError,
     GriffinError,
     ModelLoadError,
     OriginalMismatchError,
     VerificationError,
 )
+from .loader import export_config, source_config
 from .manifest import EXPERTS_FILE, FORMAT_NAME, MANIFEST, SIZES_KEY, manifest_problems
 from .safetensors_io import INDEX_NAME, LazyTensors, list_shards
 from .slicing import fused_indices
@@ -257,8 +259,8 @@ def _check_config(
 ) -> tuple[ArchSpec, int | None] | None:
     path = export_dir / "config.json"
     try:
-        raw = _read_json(path)
-    except ValueError as exc:
+        raw = source_config(_read_json(path))  # a DeciLM layout as its family's config
+    except (ValueError, ExportFormatError) as exc:
         problems.append(f"config.json: {exc}; re-export")
         return None
     model_type = raw.get("model_type")
@@ -314,10 +316,8 @@ def _check_config(
 
 def _config_sizes(directory: Path) -> tuple[int | None, int | None]:
     """(number of layers, hidden size) through transformers' attribute maps (no weights)."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        config = export_config(directory)
     except Exception:  # the raw checks above already name what is wrong
         return None, None
     layers = getattr(config, "num_hidden_layers", None)
