@@ -314,7 +314,6 @@ def decilm_config(config: dict[str, Any], sizes: Sequence[int]) -> dict[str, Any
         # Read by llama.cpp's converter and by Nemotron-NAS' own config class (transformers 4
         # names); transformers 5 keeps them in rope_parameters.
         rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-        rope_scaling=scaling if scaling.get("rope_type", "default") != "default" else None,
         block_configs=[
             {
                 "attention": {
@@ -331,6 +330,8 @@ def decilm_config(config: dict[str, Any], sizes: Sequence[int]) -> dict[str, Any
             for k in sizes
         ],
     )
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        out["rope_scaling"] = scaling
     return out
 
 
@@ -445,15 +446,10 @@ def check_decilm_export(
     widths = layer_sizes(budget, n_layers, d_ff, ratio, multiple_of)
     bad = sorted({k for k in widths if k % DECILM_MULTIPLE})
     m = DECILM_MULTIPLE
-    if d_ff >= m and fits(budget, m):
+    if multiple_of % m and d_ff >= m and fits(budget, m):
         fix = f"use --multiple-of {m}"
-    elif d_ff >= m and fits("uniform", m):
-        fix = (
-            f"d_ff {d_ff} is not a multiple of {m}, so its dense layers cannot be stored; use "
-            f"--budget uniform --multiple-of {m}, or --format hf"
-        )
     else:
-        fix = f"use --format hf (d_ff {d_ff} leaves no width in multiples of {m} that fits)"
+        fix = f"use --format hf (no --multiple-of gives d_ff {d_ff} at ratio {ratio} such widths)"
     raise UsageError(
         f"--format decilm stores each layer's width as an ffn_mult that vLLM and llama.cpp round "
         f"up to a multiple of {m} neurons, so widths {bad} would load with other shapes; {fix}"
