@@ -493,9 +493,9 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
     if manifest.checkpoint_format == "decilm":
         load = """`config.json` is in the DeciLM / Nemotron-NAS layout (`block_configs`, one
 `ffn_mult` per layer), which vLLM's `DeciLMForCausalLM` and llama.cpp's `convert_hf_to_gguf.py`
-read.
-`transformers` has no DeciLM class of its own; griffin loads it as a standard `transformers`
-model:
+read (vLLM reads the config through `transformers`, which needs a DeciLM config class: the
+remote code NVIDIA's Nemotron-NAS checkpoints ship, not included here). `transformers` has no
+DeciLM model class of its own; griffin loads it as a standard `transformers` model:
 
 ```python
 import griffin_export
