@@ -435,18 +435,16 @@ def check_decilm_export(
         raise UsageError(
             f"--format decilm needs Llama's graph, but {problem}; use --format hf (the default)"
         )
-    n_layers, d_ff = config.num_hidden_layers, spec.d_ff(config)
+    n_layers, d_ff, m = config.num_hidden_layers, spec.d_ff(config), DECILM_MULTIPLE
 
-    def fits(budget: str, multiple_of: int) -> bool:
+    def misfits(multiple_of: int) -> list[int]:
         sizes = layer_sizes(budget, n_layers, d_ff, ratio, multiple_of)
-        return all(k % DECILM_MULTIPLE == 0 for k in sizes)
+        return sorted({k for k in sizes if k % m})
 
-    if fits(budget, multiple_of):
+    bad = misfits(multiple_of)
+    if not bad:
         return
-    widths = layer_sizes(budget, n_layers, d_ff, ratio, multiple_of)
-    bad = sorted({k for k in widths if k % DECILM_MULTIPLE})
-    m = DECILM_MULTIPLE
-    if multiple_of % m and d_ff >= m and fits(budget, m):
+    if multiple_of % m and d_ff >= m and not misfits(m):
         fix = f"use --multiple-of {m}"
     else:
         fix = f"use --format hf (no --multiple-of gives d_ff {d_ff} at ratio {ratio} such widths)"
