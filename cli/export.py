@@ -13,6 +13,7 @@ from griffin_cli.main import (
     Budget,
     Compensate,
     Dtype,
+    Outtype,
     app,
     err_console,
     model_option,
@@ -35,6 +36,7 @@ _STAGES = {
     "score": "Scoring prompt",
     "slice": "Slicing FF layers",
     "write": "Writing export",
+    "gguf": "GGUF via llama.cpp's converter (%)",
 }
 
 
@@ -114,6 +116,12 @@ def export_command(
         "--in-memory",
         help="Load the whole model instead of streaming it block by block (same output).",
     ),
+    gguf: Outtype | None = typer.Option(
+        None,
+        "--gguf",
+        help="Also write model-<type>.gguf inside the export for llama.cpp: f32, f16, bf16 or "
+        "q8_0 (same as griffin gguf).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Prune every FF layer to the neurons the prompt uses and write a smaller checkpoint."""
@@ -137,6 +145,7 @@ def export_command(
             compensate=compensate,
             alpha=alpha,
             checkpoint_format=checkpoint_format,
+            gguf=gguf,
             progress=on_progress,
         )
     for warning in result.warnings:
@@ -183,6 +192,14 @@ def summary_table(result: ExportResult) -> Table:
         f"{result.file_bytes / result.bytes_before:.3f}",
     )
     table.add_row("prompt tokens", str(result.prompt_tokens), "", "")
+    if result.gguf is not None:
+        gguf = result.gguf
+        table.add_row(
+            "gguf",
+            "",
+            f"{gguf['architecture']}, {gguf['outtype']}",
+            human_bytes(gguf["file_bytes"]),
+        )
     table.caption = f"{result.seconds:.1f} s"
     return table
 

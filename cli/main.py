@@ -31,6 +31,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"
 Budget = Literal["uniform", "protect"]
 Protocol = Literal["static", "griffin"]
 Compensate = Literal["none", "refit", "refit-bias"]
+Outtype = Literal["f32", "f16", "bf16", "q8_0"]
 BASELINES = ("magnitude", "random")
 
 _DEBUG = "griffin_debug"  # key in click's Context.meta, which every nested context shares
@@ -207,6 +208,7 @@ def run() -> None:
 from griffin_cli import eval as _eval  # noqa: E402,F401
 from griffin_cli import export as _export  # noqa: E402,F401
 from griffin_cli import generate as _generate  # noqa: E402,F401
+from griffin_cli import gguf as _gguf  # noqa: E402,F401
 from griffin_cli import inspect as _inspect  # noqa: E402,F401
 from griffin_cli import ppl as _ppl  # noqa: E402,F401
 from griffin_cli import verify as _verify  # noqa: E402,F401

@@ -43,6 +43,7 @@ from .compensation import (
     refit_stored,
 )
 from .errors import OutputError, UsageError
+from .llamacpp import GgufResult, check_outtype, check_per_layer_gguf, converter_dir, write_gguf
 from .loader import (
     check_decilm_export,
     decilm_config,
@@ -96,6 +97,8 @@ class ExportResult:
     budget: str = DEFAULT_BUDGET
     compensation: dict[str, Any] | None = None
     checkpoint_format: str = DEFAULT_CHECKPOINT_FORMAT
+    #: the GGUF written inside the export (``gguf=``): :meth:`GgufResult.to_dict`.
+    gguf: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -160,6 +163,7 @@ def export(
     compensate: str = DEFAULT_METHOD,
     alpha: float | None = None,
     checkpoint_format: str = DEFAULT_CHECKPOINT_FORMAT,
+    gguf: str | None = None,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export ``model`` pruned to the experts that ``prompts`` select.
@@ -196,6 +200,11 @@ def export(
             ``griffin.intermediate_sizes``) or ``decilm`` (DeciLM / Nemotron-NAS
             ``block_configs``, which vLLM and llama.cpp's converter read; Llama-graph families
             only, every width a multiple of 256; :mod:`griffin_export.loader`).
+        gguf: also write the export as ``model-<gguf>.gguf`` inside it, through llama.cpp's
+            converter (:func:`griffin_export.llamacpp.write_gguf`); one of
+            :data:`~griffin_export.llamacpp.OUTTYPES`. Refused before the model loads when the
+            converter is missing, and before scoring when the budget's per-layer widths have
+            no llama.cpp graph.
         progress: optional ``(stage, done, total)`` callback.
 
     Returns:
@@ -213,6 +222,9 @@ def export(
         raise UsageError(
             f"--max-prompt-tokens must be at least 1, got {max_prompt_tokens}; omit it for no limit"
         )
+    if gguf is not None:
+        check_outtype(gguf)
+        converter_dir()  # missing converter: refused before anything loads
     texts = [p for p in prompts if p.strip()]
     if not texts:
         raise UsageError("the prompt is empty; pass --prompt FILE or --prompt-text TEXT with text")
@@ -236,6 +248,8 @@ def export(
     d_ff = loaded.spec.d_ff(loaded.model.config)
     how.check_model(_has_down_bias(loaded), loaded.model_type)
     ks = layer_sizes(budget, len(loaded.spec.blocks(loaded.model)), d_ff, ratio, multiple_of)
+    if gguf is not None and len(set(ks)) > 1:
+        check_per_layer_gguf(loaded.model.config, budget)
 
     def describe(selection: Selection, fingerprint: str) -> Manifest:
         return Manifest(
@@ -313,7 +327,9 @@ def export(
             return selection, describe(selection, fingerprint)
 
     report("write", 0, write_total)
-    file_bytes, selection, manifest = write_export(out_dir, loaded, force, write_weights)
+    file_bytes, selection, manifest, written = write_export(
+        out_dir, loaded, force, write_weights, gguf=gguf, progress=report
+    )
     report("write", write_total, write_total)
     return ExportResult(
         out_dir=out_dir,
@@ -335,6 +351,9 @@ def export(
         budget=budget,
         compensation=manifest.compensation,
         checkpoint_format=checkpoint_format,
+        gguf=None
+        if written is None
+        else written.to_dict() | {"path": str(out_dir / written.path.name)},
     )
 
 
@@ -387,15 +406,22 @@ def write_export(
     loaded: LoadedModel,
     force: bool,
     write_weights: Callable[[Path], tuple[Selection, Manifest]],
-) -> tuple[int, Selection, Manifest]:
+    *,
+    gguf: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[int, Selection, Manifest, GgufResult | None]:
     """Write an export atomically: the pruned weights first (``write_weights(directory)``,
     which returns the selection and the manifest; it also sets the config's FF width), then
     config (per-layer sizes under ``griffin.intermediate_sizes`` when they differ, or the
     DeciLM layout when the manifest's ``checkpoint_format`` says so), generation config,
     tokenizer, experts map, card and manifest.
+    config (per-layer sizes under ``griffin.intermediate_sizes`` when they differ), generation
+    config, tokenizer, experts map, card, the GGUF of ``gguf`` type if asked, and manifest.
 
-    Returns the bytes of the weight files written, the selection and the manifest.
+    Returns the bytes of the weight files written, the selection, the manifest and the GGUF
+    written (``None`` without ``gguf``).
     """
+    written = None
     model = loaded.model
     with atomic_directory(out_dir, force=force) as tmp:
         try:
@@ -416,6 +442,8 @@ def write_export(
                 experts, tmp / EXPERTS_FILE, {"format": FORMAT_NAME, "d_ff": str(selection.d_ff)}
             )
             (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
+            if gguf is not None:
+                written = write_gguf(tmp, tmp / f"model-{gguf}.gguf", gguf, progress=progress)
             files = sorted(p for p in tmp.iterdir() if p.is_file())
             known = manifest.files  # hashed while written (streaming shards)
             manifest.files = {p.name: known.get(p.name) or file_sha256(p) for p in files}
@@ -427,7 +455,7 @@ def write_export(
                 "free disk space or choose another --out (nothing was left behind)"
             ) from exc
         weight_bytes = sum(p.stat().st_size for p in list_shards(tmp).files)
-    return weight_bytes, selection, manifest
+    return weight_bytes, selection, manifest, written
 
 
 def _check_out_dir(out_dir: Path, source_dir: Path | None, force: bool) -> None:

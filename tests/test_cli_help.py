@@ -13,15 +13,16 @@ from typer.testing import CliRunner, Result
 
 from griffin_cli import ppl as ppl_module
 from griffin_cli.eval import EvalMode
-from griffin_cli.main import BASELINES, Budget, Compensate, Dtype, Protocol, app
+from griffin_cli.main import BASELINES, Budget, Compensate, Dtype, Outtype, Protocol, app
 from griffin_export.budgets import BUDGETS, check_budget
 from griffin_export.checkpoint import DTYPES, parse_dtype
 from griffin_export.compensation import METHODS
 from griffin_export.errors import UsageError
+from griffin_export.llamacpp import OUTTYPES
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "GRIFFIN_DEBUG": None}
-COMMANDS = ("export", "ppl", "generate", "verify", "inspect", "eval")
+COMMANDS = ("export", "ppl", "generate", "verify", "inspect", "eval", "gguf")
 
 
 def griffin(*args: str) -> Result:
@@ -87,6 +88,8 @@ CHOICES = [
     ("eval", "--dtype", get_args(Dtype)),
     ("export", "--compensate", get_args(Compensate)),
     ("ppl", "--compensate", get_args(Compensate)),
+    ("export", "--gguf", get_args(Outtype)),
+    ("gguf", "--outtype", get_args(Outtype)),
 ]
 
 
@@ -154,6 +157,7 @@ def test_cli_choices_are_the_library_tables() -> None:
     for name in get_args(Budget):
         check_budget(name)
     assert get_args(Compensate) == METHODS
+    assert get_args(Outtype) == OUTTYPES
 
 
 # -- the same names in every command ---------------------------------------------------------

@@ -1,0 +1,272 @@
+"""GGUFs of griffin exports run in llama.cpp: every check runs the file in llama.cpp itself
+(``llama-cpp-python``) and compares its logits with transformers on the same export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import llama_cpp  # a test dependency: make test installs it (Makefile)
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
+from griffin_cli.main import app
+from griffin_export import export, load_pretrained
+from griffin_export.checkpoint import ensure_embedded
+from griffin_export.corpora import load_corpus
+from griffin_export.errors import ExportFormatError, UsageError
+from griffin_export.llamacpp import CONVERTER_ENV, read_gguf_widths, write_gguf
+from griffin_export.manifest import read_manifest
+from griffin_export.verify import verify_export
+
+from tiny import save_tiny
+
+#: a SmolLM2-sized vocabulary: llama.cpp's converter only takes tokenizers it recognises, so the
+#: tiny models borrow the embedded SmolLM2's (a GPT-2-style BPE it knows as "smollm").
+VOCAB = 49152
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
+#: Families whose uniform exports llama.cpp runs, each checked below against transformers.
+UNIFORM_FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen3",
+    "granite",
+    "starcoder2",
+    "stablelm",
+    "olmo",
+    "olmo2",
+    "cohere",
+    "exaone4",
+    "internlm3",
+    "smollm3",
+    "seed_oss",
+    "apertus",
+    "arcee",
+]
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer() -> Path:
+    """The embedded SmolLM2's tokenizer files (its cached transformers conversion)."""
+    return ensure_embedded("smollm2-135m")
+
+
+def _tiny_source(tmp_path: Path, model_type: str, tokenizer_dir: Path, **overrides) -> Path:
+    source = save_tiny(model_type, tmp_path / f"src-{model_type}", vocab_size=VOCAB, **overrides)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, source / name)
+    for stale in ("special_tokens_map.json",):
+        (source / stale).unlink(missing_ok=True)
+    return source
+
+
+def _ids(n: int = 24, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 1000, (n,), generator=g).tolist()
+
+
+def llama_cpp_logits(gguf: Path, ids: list[int]) -> np.ndarray:
+    """Logits of every position, from llama.cpp (f32 KV cache, one sequence, no BOS added)."""
+    f32 = 0  # GGML_TYPE_F32
+    model = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=max(64, len(ids)),
+        n_batch=max(64, len(ids)),
+        n_threads=2,
+        logits_all=True,
+        verbose=False,
+        type_k=f32,
+        type_v=f32,
+    )
+    try:
+        model.eval(ids)
+        return np.array(model.scores[: len(ids)], dtype=np.float64)
+    finally:
+        model.close()
+
+
+def transformers_logits(export_dir: Path, ids: list[int]) -> np.ndarray:
+    model = load_pretrained(export_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    return logits.double().numpy()
+
+
+def _export(source: Path, out: Path, **kwargs) -> Path:
+    export(str(source), [PROMPT], kwargs.pop("ratio", 0.5), out=out, **kwargs)
+    return out
+
+
+@pytest.mark.parametrize("model_type", UNIFORM_FAMILIES)
+def test_uniform_export_runs_in_llama_cpp_like_transformers(
+    model_type: str, smol_tokenizer: Path, tmp_path: Path
+) -> None:
+    """A uniform keep-0.5 export of each family, f32 GGUF: llama.cpp's logits equal
+    transformers' on the same export. Catches a GGUF converted from the wrong directory (the
+    full model), tensors at the wrong width, a mangled tokenizer/config hand-off."""
+    source = _tiny_source(tmp_path, model_type, smol_tokenizer)
+    out = _export(source, tmp_path / "export")
+    result = write_gguf(out, tmp_path / "m.gguf", "f32")
+    k = read_manifest(out).k_per_layer
+    assert result.ff_widths == k
+    ids = _ids()
+    got, want = llama_cpp_logits(result.path, ids), transformers_logits(out, ids)
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_per_layer_llama_export_is_deci_with_each_layer_width(
+    smol_tokenizer: Path, tmp_path: Path
+) -> None:
+    """A per-layer (protect) Llama export becomes llama.cpp's 'deci' with every layer's own
+    width, and llama.cpp's logits equal transformers'. Catches writing one width for all layers
+    (llama.cpp then refuses the tensors or computes another model), the converter's 256-rounding
+    of DeciLM widths, heads mis-stated per layer."""
+    source = _tiny_source(tmp_path, "llama", smol_tokenizer, num_hidden_layers=5)
+    out = _export(source, tmp_path / "export", budget="protect", ratio=0.6)
+    k = read_manifest(out).k_per_layer
+    assert len(set(k)) > 1, k
+    result = write_gguf(out, tmp_path / "m.gguf", "f32")
+    assert result.architecture == "deci"
+    assert read_gguf_widths(result.path) == ("deci", k)
+    ids = _ids()
+    got, want = llama_cpp_logits(result.path, ids), transformers_logits(out, ids)
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_q8_0_agrees_on_the_top_token(smol_tokenizer: Path, tmp_path: Path) -> None:
+    """q8_0 (llama.cpp's 8-bit blocks) of a per-layer export: the top-1 token agrees with
+    transformers at >= 90% of positions and logits stay within 5% of their range. Catches a
+    q8_0 file that is really another model or mis-scaled blocks (any gross error)."""
+    source = _tiny_source(
+        tmp_path, "llama", smol_tokenizer, hidden_size=64, head_dim=16, num_hidden_layers=4
+    )
+    out = _export(source, tmp_path / "export", budget="protect", ratio=0.6)
+    result = write_gguf(out, None, "q8_0")
+    assert result.path == tmp_path / "export-q8_0.gguf"
+    ids = _ids(48)
+    got, want = llama_cpp_logits(result.path, ids), transformers_logits(out, ids)
+    agree = float((got.argmax(-1) == want.argmax(-1)).mean())
+    assert agree >= 0.9, agree
+    assert np.abs(got - want).max() <= 0.05 * (want.max() - want.min())
+
+
+def test_per_layer_export_of_another_family_is_refused(
+    smol_tokenizer: Path, tmp_path: Path
+) -> None:
+    """Per-layer widths of a family without Llama's graph (Qwen2: q/k/v biases) are refused
+    naming --budget uniform, by griffin gguf and by export --gguf before anything is written.
+    Catches writing a 'deci' file for a graph llama.cpp would run differently."""
+    source = _tiny_source(tmp_path, "qwen2", smol_tokenizer)
+    out = _export(source, tmp_path / "export", budget="protect", ratio=0.8)
+    with pytest.raises(UsageError, match="--budget uniform"):
+        write_gguf(out, tmp_path / "m.gguf", "f16")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".m.gguf*"))
+    with pytest.raises(UsageError, match="--budget uniform"):
+        export(str(source), [PROMPT], 0.8, out=tmp_path / "e2", budget="protect", gguf="f16")
+    assert not (tmp_path / "e2").exists()
+
+
+def test_export_writes_the_gguf_inside_and_verifies(smol_tokenizer: Path, tmp_path: Path) -> None:
+    """``export(gguf=...)`` puts model-<type>.gguf in the export, hashed in the manifest (verify
+    passes, and fails once the GGUF is altered), and it runs like the export's safetensors.
+    Catches a GGUF written outside the atomic directory or left out of the manifest."""
+    source = _tiny_source(tmp_path, "llama", smol_tokenizer)
+    out = tmp_path / "export"
+    result = export(str(source), [PROMPT], 0.5, out=out, gguf="f32")
+    gguf = out / "model-f32.gguf"
+    assert result.gguf is not None and result.gguf["path"] == str(gguf)
+    assert "model-f32.gguf" in read_manifest(out).files
+    assert verify_export(out).ok
+    ids = _ids()
+    np.testing.assert_allclose(
+        llama_cpp_logits(gguf, ids),
+        transformers_logits(out, ids),
+        atol=2e-4 * np.abs(transformers_logits(out, ids)).max(),
+        rtol=0,
+    )
+    with gguf.open("r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\x00" * 8)
+    assert not verify_export(out).ok
+
+
+def test_missing_converter_refused_before_anything_loads(
+    smol_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without llama.cpp's converter both entry points refuse in one line with the install
+    command, and export writes nothing. Catches a traceback deep in a subprocess, or an export
+    that is written and then fails."""
+    monkeypatch.setenv(CONVERTER_ENV, str(tmp_path / "nowhere"))
+    source = _tiny_source(tmp_path, "llama", smol_tokenizer)
+    with pytest.raises(UsageError, match="pip install --no-deps --target") as caught:
+        export(str(source), [PROMPT], 0.5, out=tmp_path / "e", gguf="q8_0")
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "e").exists()
+
+
+def test_converter_failure_is_one_line_and_leaves_nothing(
+    smol_tokenizer: Path, tmp_path: Path
+) -> None:
+    """A checkpoint llama.cpp's converter cannot take (an architecture it does not know)
+    raises one line carrying the converter's reason, and no file or temporary is left. Catches
+    swallowing the child's exit code or leaving a partial .gguf."""
+    source = _tiny_source(tmp_path, "llama", smol_tokenizer)
+    out = _export(source, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportFormatError, match="NoSuchModelForCausalLM") as caught:
+        write_gguf(out, tmp_path / "m.gguf", "f16")
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "src-llama"]
+
+
+def test_cli_gguf_json_and_refusals(smol_tokenizer: Path, tmp_path: Path) -> None:
+    """``griffin gguf DIR --outtype f16 --json`` reports what it wrote; an existing --out is
+    refused without --force; an unknown --outtype is refused at parse time. Catches a CLI that
+    overwrites silently or accepts types the converter would reject late."""
+    source = _tiny_source(tmp_path, "llama", smol_tokenizer)
+    out = _export(source, tmp_path / "export")
+    runner = CliRunner()
+    target = tmp_path / "x.gguf"
+    done = runner.invoke(app, ["gguf", str(out), "--out", str(target), "--json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert report["outtype"] == "f16" and report["architecture"] == "llama"
+    assert report["file_bytes"] == target.stat().st_size
+    again = runner.invoke(app, ["gguf", str(out), "--out", str(target)])
+    assert again.exit_code != 0 and "--force" in again.output
+    bad = runner.invoke(app, ["gguf", str(out), "--outtype", "q4_0"])
+    assert bad.exit_code == 2 and "q4_0" in bad.output
+
+
+# -- the embedded SmolLM2 ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", ["uniform", "protect"])
+def test_embedded_model_ggufs_match_transformers(budget: str, tmp_path: Path) -> None:
+    """SmolLM2 at keep 0.5 (uniform: 'llama'; protect: 'deci') on 128 tokens of real text:
+    f32 logits through llama.cpp equal transformers' to 1e-5 of their range (measured ~1e-6);
+    q8_0 agrees on the top token at >= 90% of positions (measured 94%) and stays within 5% of
+    the range (measured 3.0-3.4%). Catches anything the tiny models miss at real size (tied
+    embeddings, GQA heads, rope base, the real tokenizer hand-off)."""
+    out = tmp_path / "export"
+    export("smollm2-135m", [PROMPT], 0.5, out=out, budget=budget, gguf="f32")
+    gguf = out / "model-f32.gguf"
+    arch, widths = read_gguf_widths(gguf)
+    assert arch == ("llama" if budget == "uniform" else "deci")
+    assert widths == read_manifest(out).k_per_layer
+    text = load_corpus("wiki-summaries").text[:2000]
+    ids = AutoTokenizer.from_pretrained(out)(text)["input_ids"][:128]
+    want = transformers_logits(out, ids)
+    span = want.max() - want.min()
+    assert np.abs(llama_cpp_logits(gguf, ids) - want).max() <= 1e-5 * span
+    q8 = write_gguf(out, tmp_path / "q8.gguf", "q8_0")
+    got8 = llama_cpp_logits(q8.path, ids)
+    assert float((got8.argmax(-1) == want.argmax(-1)).mean()) >= 0.9
+    assert np.abs(got8 - want).max() <= 0.05 * span
