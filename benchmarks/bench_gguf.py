@@ -1,8 +1,9 @@
 """GGUF exports in llama.cpp, measured side by side in one run.
 
 Embedded SmolLM2-135M: the full model (its float32 transformers conversion) and two exports at
-keep 0.5 from examples/prompt.txt -- uniform (llama.cpp 'llama') and protect (per-layer widths,
-llama.cpp 'deci') -- each converted with `griffin gguf` at f16 and q8_0. For every file:
+keep 0.5 from examples/prompt.txt with --multiple-of 32 -- uniform (llama.cpp 'llama') and
+protect (per-layer widths, llama.cpp 'deci') -- each converted with `griffin gguf` at f16 and
+q8_0. For every file:
 
 * size on disk;
 * decode speed in llama.cpp (llama-cpp-python): batch 1, --threads threads, --tokens greedy
@@ -100,7 +101,9 @@ def main() -> None:
     dirs = {"full": full_dir}
     for budget in ("uniform", "protect"):
         out = work / f"{budget}-0.5"
-        export("smollm2-135m", [PROMPT], 0.5, out=out, budget=budget, force=True)
+        # --multiple-of 32: q8_0 blocks are 32 wide, so every FF tensor quantizes (protect's
+        # 713/714-neuron layers would keep their down projections in f16).
+        export("smollm2-135m", [PROMPT], 0.5, out=out, budget=budget, multiple_of=32, force=True)
         dirs[budget] = out
     files: dict[tuple[str, str], Path] = {}
     arch: dict[str, str] = {}

@@ -9,7 +9,15 @@ import typer
 from rich.markup import escape
 
 from griffin_cli.export import human_bytes
-from griffin_cli.main import Outtype, app, model_option, out_console, pick_model, stage_progress
+from griffin_cli.main import (
+    Outtype,
+    app,
+    err_console,
+    model_option,
+    out_console,
+    pick_model,
+    stage_progress,
+)
 from griffin_export.llamacpp import write_gguf
 
 _STAGES = {"gguf": "Converting with llama.cpp's converter (%)"}
@@ -34,6 +42,8 @@ def gguf_command(
     directory = pick_model(model, export_dir, "gguf", "griffin gguf EXPORT_DIR")
     with stage_progress(_STAGES, transient=as_json) as on_progress:
         result = write_gguf(directory, out, outtype, force=force, progress=on_progress)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -331,6 +331,8 @@ def export(
         out_dir, loaded, force, write_weights, gguf=gguf, progress=report
     )
     report("write", write_total, write_total)
+    if written is not None:
+        warnings += written.warnings
     return ExportResult(
         out_dir=out_dir,
         source=source.name,

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,11 @@ class GgufResult:
     ff_widths: list[int]
     file_bytes: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "warnings": self.warnings,
             "path": str(self.path),
             "outtype": self.outtype,
             "architecture": self.architecture,
@@ -196,6 +198,7 @@ def write_gguf(
     del log
     report("gguf", 100, 100)
     return GgufResult(
+        warnings=_block_warnings(outtype, ff_widths),
         path=target,
         outtype=outtype,
         architecture=architecture,
@@ -203,6 +206,23 @@ def write_gguf(
         file_bytes=target.stat().st_size,
         seconds=time.perf_counter() - started,
     )
+
+
+#: llama.cpp quantises rows in blocks of this many values (q8_0's block size).
+Q8_BLOCK = 32
+
+
+def _block_warnings(outtype: str, widths: list[int]) -> list[str]:
+    """A quantised GGUF whose FF widths are not whole blocks keeps those rows unquantised."""
+    odd = [i for i, k in enumerate(widths) if k % Q8_BLOCK]
+    if outtype != "q8_0" or not odd:
+        return []
+    shown = ", ".join(map(str, odd[:6])) + (", ..." if len(odd) > 6 else "")
+    return [
+        f"{len(odd)} layer(s) ({shown}) have FF widths that are not multiples of {Q8_BLOCK}, "
+        f"so llama.cpp's converter keeps their down projections in f16 (a larger, slower "
+        f"file); export with --multiple-of {Q8_BLOCK} to quantise every FF tensor"
+    ]
 
 
 def read_gguf_widths(path: Path) -> tuple[str, list[int]]:
