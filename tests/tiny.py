@@ -208,3 +208,43 @@ def capture_down_inputs(spec: Any, model: torch.nn.Module, ids: torch.Tensor) ->
     if len(captured) != len(blocks):
         raise RuntimeError(f"captured {len(captured)} down inputs for {len(blocks)} blocks")
     return captured
+
+
+# -- a SentencePiece tokenizer (for converters that read tokenizer.model) -----------------------
+
+
+def save_sentencepiece_tokenizer(directory: Path, text: str, vocab_size: int = 512) -> Path:
+    """Train a tiny SentencePiece BPE model on ``text`` (byte fallback on, so every string
+    tokenizes; ``<unk>``/``<s>``/``</s>`` = 0/1/2, no padding piece) and write it to
+    ``directory`` as ``tokenizer.model`` beside a ``tokenizer_config.json`` that transformers
+    reads as a ``LlamaTokenizer``. Exactly ``vocab_size`` pieces (byte fallback takes 256)."""
+    import io
+    import json
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(line for line in text.splitlines() if line.strip()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
