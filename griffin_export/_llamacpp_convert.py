@@ -83,7 +83,7 @@ def _stock_model(export_dir: Path, ftype: Any, out_file: Path) -> Any:
 
 
 def _stated_ff_width(model_class: Any, width: int) -> Any:
-    class StatedFFWidth(model_class):  # type: ignore[misc, valid-type]
+    class StatedFFWidth(model_class):
         """The converter's class for the family, stating the config's FF width."""
 
         model_arch = model_class.model_arch
