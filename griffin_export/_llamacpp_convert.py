@@ -11,11 +11,13 @@ Without ``WIDTHS_JSON`` the converter's own class for the family runs as its com
 would run it (every tokenizer, metadata, Q/K permutation and quantisation step is its own),
 given two data tables: :data:`V4_CONFIG_NAMES`, the transformers-4 config names it still reads
 that transformers 5 no longer writes, and :data:`FF_WIDTH_NAMES`, the families for which it
-states 4 * hidden as the FF width instead of the config's (a pruned export's). With it -- a JSON list of the
-per-layer FF widths of a Llama-graph export -- the same converter writes llama.cpp's ``deci``
-architecture (DeciLM / Nemotron-NAS), whose graph is Llama's with per-layer head counts and FF
-widths: the one thing griffin adds is to state each layer's exact width, where the converter's
-DeciLM reader would derive widths from ``ffn_mult`` rounded up to a multiple of 256.
+states 4 * hidden as the FF width instead of the config's (a pruned export's).
+
+With ``WIDTHS_JSON`` -- a JSON list of the per-layer FF widths of a Llama-graph export -- the
+same converter writes llama.cpp's ``deci`` architecture (DeciLM / Nemotron-NAS), whose graph is
+Llama's with per-layer head counts and FF widths: the one thing griffin adds is to state each
+layer's exact width, where the converter's DeciLM reader would derive widths from ``ffn_mult``
+rounded up to a multiple of 256.
 """
 
 from __future__ import annotations
