@@ -43,7 +43,14 @@ from .compensation import (
     refit_stored,
 )
 from .errors import OutputError, UsageError
-from .llamacpp import GgufResult, check_outtype, check_per_layer_gguf, converter_dir, write_gguf
+from .llamacpp import (
+    GgufResult,
+    check_llama_cpp_family,
+    check_outtype,
+    check_per_layer_gguf,
+    converter_dir,
+    write_gguf,
+)
 from .loader import (
     check_decilm_export,
     decilm_config,
@@ -248,8 +255,10 @@ def export(
     d_ff = loaded.spec.d_ff(loaded.model.config)
     how.check_model(_has_down_bias(loaded), loaded.model_type)
     ks = layer_sizes(budget, len(loaded.spec.blocks(loaded.model)), d_ff, ratio, multiple_of)
-    if gguf is not None and len(set(ks)) > 1:
-        check_per_layer_gguf(loaded.model.config, budget)
+    if gguf is not None:
+        check_llama_cpp_family(loaded.model_type)
+        if len(set(ks)) > 1:
+            check_per_layer_gguf(loaded.model.config, budget)
 
     def describe(selection: Selection, fingerprint: str) -> Manifest:
         return Manifest(

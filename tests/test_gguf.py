@@ -223,6 +223,29 @@ def test_q8_0_agrees_on_the_top_token(spm_tokenizer: Path, tmp_path: Path) -> No
     assert np.abs(got - want).max() <= 0.05 * (want.max() - want.min())
 
 
+def test_q8_0_warns_exactly_when_ff_rows_stay_unquantised(
+    spm_tokenizer: Path, tmp_path: Path
+) -> None:
+    """q8_0 packs rows in blocks of 32: an export whose FF width is not a multiple of 32 keeps
+    its down projections unquantised (read from the GGUF's own tensor types) and griffin warns
+    naming --multiple-of 32; at a multiple of 32 every down projection is Q8_0 and nothing is
+    said. Catches a warning that is always or never given, or one that names the wrong fix."""
+    from gguf import GGUFReader
+
+    source = _tiny_source(tmp_path, "llama", spm_tokenizer, intermediate_size=96)
+    types = {}
+    for multiple in (1, 32):
+        out = _export(source, tmp_path / f"m{multiple}", ratio=0.6, multiple_of=multiple)
+        result = write_gguf(out, tmp_path / f"m{multiple}.gguf", "q8_0")
+        down = {t.tensor_type.name for t in GGUFReader(result.path).tensors if "ffn_down" in t.name}
+        types[multiple] = (down, result.warnings, read_manifest(out).k_per_layer[0])
+    (odd_types, odd_warnings, odd_k), (even_types, even_warnings, even_k) = types[1], types[32]
+    assert odd_k % 32 and even_k % 32 == 0, (odd_k, even_k)
+    assert "Q8_0" not in odd_types and len(odd_warnings) == 1
+    assert "--multiple-of 32" in odd_warnings[0]
+    assert even_types == {"Q8_0"} and even_warnings == []
+
+
 def test_per_layer_export_of_another_family_is_refused(spm_tokenizer: Path, tmp_path: Path) -> None:
     """Per-layer widths of a family without Llama's graph (Qwen2: q/k/v biases) are refused
     naming --budget uniform, by griffin gguf and by export --gguf before anything is written.
