@@ -40,6 +40,13 @@ def generate_command(
         64, "--refresh", help="Re-select experts every N generated tokens (0 = never)."
     ),
     window: int = typer.Option(128, "--window", "-W", help="Re-select from the last W tokens."),
+    refit_on_refresh: bool | None = typer.Option(
+        None,
+        "--refit-on-refresh/--no-refit-on-refresh",
+        help="On a compensated export: refit the down projections on the window at each "
+        "refresh, or use the original's plain columns for every layer whose experts changed.",
+        show_default="refit on compensated exports",
+    ),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, "--top-k", help="Sample from the k likeliest (0 = off)."),
@@ -63,7 +70,9 @@ def generate_command(
         raise UsageError("--events full lists the kept indices in the JSON result; add --json")
     text = "\n\n".join(gather_prompts(prompt, prompt_text))
     with err_console.status("Loading export and mapping the original", spinner="dots"):
-        runtime = GriffinRuntime.from_export(model, original, device=device)
+        runtime = GriffinRuntime.from_export(
+            model, original, device=device, refit_on_refresh=refit_on_refresh
+        )
     tokenizer: Any = runtime.tokenizer  # generate() refuses an export without one
     streamer = None if as_json else TextStream(tokenizer, _write)
 

@@ -22,7 +22,7 @@ from griffin_cli.main import (
     stage_progress,
 )
 from griffin_export.checkpoint import DEFAULT_MODEL
-from griffin_export.compensation import DEFAULT_METHOD
+from griffin_export.compensation import DEFAULT_METHOD, DEFAULT_REFIT_ON_REFRESH
 from griffin_export.evaluate import PplReport, perplexity
 
 
@@ -92,6 +92,13 @@ def ppl_command(
         "(also a down bias), none (the dropped neurons zeroed).",
     ),
     alpha: float | None = alpha_option("griffin"),
+    refit_on_refresh: bool = typer.Option(
+        DEFAULT_REFIT_ON_REFRESH,
+        "--refit-on-refresh/--no-refit-on-refresh",
+        help="griffin, with --refresh and a refit: refit at every refresh from the positions "
+        "that chose the experts (griffin generate's default), or only on the prompt part "
+        "(later segments whose experts changed run the plain slice).",
+    ),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Windows per forward."),
     dtype: Dtype = typer.Option(
         "auto",
@@ -127,6 +134,7 @@ def ppl_command(
             budgets=budget or None,
             compensate=compensate,
             alpha=alpha,
+            refit_on_refresh=refit_on_refresh,
             batch_size=batch_size,
             dtype=dtype,
             device=device,

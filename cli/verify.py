@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from griffin_cli.main import app, err_console, model_option, out_console, pick_model
+from griffin_export.prompts import gather_prompts
 from griffin_export.verify import verify_export
 
 
@@ -22,12 +23,29 @@ def verify_command(
         help="The model it was exported from (local directory, .gguf or 'smollm2-135m'): also "
         "check that every pruned tensor is the original sliced at the recorded indices.",
     ),
+    prompt: list[str] | None = typer.Option(
+        None,
+        "--prompt",
+        "-p",
+        help="The prompt file(s) the export was made from, in order ('-' reads stdin): also "
+        "recompute its experts and refitted down projections from them with the original.",
+    ),
+    prompt_text: list[str] | None = typer.Option(
+        None, "--prompt-text", "-t", help="Prompt text, as given to griffin export."
+    ),
+    max_prompt_tokens: int | None = typer.Option(
+        None, "--max-prompt-tokens", help="With --prompt: the truncation the export used."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Check an export: manifest, file hashes, shapes, kept-index map, and with --original its
-    tensors. Exit 0 when all hold, else one line per problem and exit 1."""
+    """Check an export: manifest, file hashes, shapes, kept-index map, with --original its
+    tensors, and with --prompt the experts and refit recomputed from the prompt. Exit 0 when
+    all hold, else one line per problem and exit 1."""
     directory = Path(pick_model(model, export_dir, "verify", "griffin verify --model DIR"))
-    report = verify_export(directory, original)
+    prompts = gather_prompts(prompt, prompt_text) if prompt or prompt_text else None
+    report = verify_export(
+        directory, original, prompts=prompts, max_prompt_tokens=max_prompt_tokens
+    )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     for problem in report.problems:

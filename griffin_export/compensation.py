@@ -53,6 +53,10 @@ DEFAULT_ALPHA = 1.0
 #: from it up (measured at keep 0.25/0.5/0.75 and 0.9; benchmarks/RESULTS-compensation.md).
 HIGH_KEEP_RATIO = 0.8
 HIGH_KEEP_ALPHA = 10.0
+#: Whether a refresh (the runtime's, ``griffin ppl --refresh``) refits a compensated export's
+#: down projections on its window when the caller does not say
+#: (benchmarks/RESULTS-compensation.md, "Refit at refresh").
+DEFAULT_REFIT_ON_REFRESH = True
 
 
 def default_alpha(ratio: float) -> float:

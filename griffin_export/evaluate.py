@@ -35,8 +35,10 @@ from .budgets import check_budget, layer_sizes
 from .compensation import (
     DEFAULT_ALPHA,
     DEFAULT_METHOD,
+    DEFAULT_REFIT_ON_REFRESH,
     Compensation,
     GramStats,
+    Regression,
     default_alpha,
 )
 from .errors import UsageError
@@ -117,6 +119,10 @@ class Setting:
     keep: Sequence[Tensor] = ()
     compensate: str = "none"
     alpha: float = DEFAULT_ALPHA
+    #: With ``compensate`` and refresh: refit every segment on its look-back positions (as
+    #: the runtime's ``refit_on_refresh``), or only the first (the prompt's, as the export);
+    #: later segments then use the plain slice unless their experts equal the previous ones.
+    refit_on_refresh: bool = DEFAULT_REFIT_ON_REFRESH
 
 
 def griffin_segments(
@@ -161,22 +167,38 @@ def griffin_refit_input(
     segments: Sequence[tuple[int, int, int, int]],
     method: str,
     alpha: float,
+    refit_on_refresh: bool = DEFAULT_REFIT_ON_REFRESH,
 ) -> Tensor:
     """``z`` with, in each segment, the dropped neurons replaced by their ridge prediction
     from the kept ones, fitted on the segment's look-back positions
     (:func:`griffin_export.compensation.regression`). The down projection of this input
     equals the refitted kept columns (and bias) applied to the kept neurons
     (``W_S z_S + W_D (coef^T z_S + offset) = W' z_S + b``): exactly what an export refitted
-    on those positions computes."""
+    on those positions computes.
+
+    Without ``refit_on_refresh`` only the first segment (the prompt's) is refitted, as the
+    runtime with its refit off does: a later segment keeps the regression it had while its
+    experts stay the same set, and once they change its dropped neurons are zeroed (the
+    plain slice), until the end of the window."""
     out = z.clone()
     for b in range(z.shape[0]):
-        for look_from, look_to, seg_from, seg_to in segments:
+        reg: Regression | None = None
+        for i, (look_from, look_to, seg_from, seg_to) in enumerate(segments):
             look = z[b, look_from:look_to]
-            stats = GramStats.zeros(z.shape[-1], z.device)
-            stats.add(look)
-            reg = stats.regression(_segment_experts(look, k), alpha, method == "refit-bias")
+            keep = _segment_experts(look, k)
+            if i == 0 or refit_on_refresh:
+                stats = GramStats.zeros(z.shape[-1], z.device)
+                stats.add(look)
+                reg = stats.regression(keep, alpha, method == "refit-bias")
+            elif reg is not None and not torch.equal(reg.keep, keep):
+                reg = None  # the experts changed: the plain slice from here on
             seg = z[b, seg_from:seg_to]
-            out[b, seg_from:seg_to, reg.dropped] = reg.predict(seg[:, reg.keep])
+            if reg is None:
+                dropped = torch.ones(z.shape[-1], dtype=torch.bool, device=z.device)
+                dropped[keep] = False
+                out[b, seg_from:seg_to, dropped] = 0
+            else:
+                out[b, seg_from:seg_to, reg.dropped] = reg.predict(seg[:, reg.keep])
     return out
 
 
@@ -198,7 +220,12 @@ def ff_setting(
                 segments = griffin_segments(prompt_len, seq_len, setting.refresh, setting.window)
                 if setting.compensate != "none":
                     refit = griffin_refit_input(
-                        z, setting.k[layer], segments, setting.compensate, setting.alpha
+                        z,
+                        setting.k[layer],
+                        segments,
+                        setting.compensate,
+                        setting.alpha,
+                        setting.refit_on_refresh,
                     )
                     return (refit, *args[1:])
                 mask = griffin_mask(z, setting.k[layer], segments)
@@ -391,6 +418,7 @@ def griffin_settings(
     budgets: Sequence[str] = ("uniform",),
     compensate: str = "none",
     alpha: float | None = None,
+    refit_on_refresh: bool = DEFAULT_REFIT_ON_REFRESH,
 ) -> list[Setting]:
     """The report rows of a ``griffin`` run: full, then per ratio GRIFFIN (per budget, per
     refresh) and the requested static baselines at the uniform k per layer. Rows of a budget
@@ -416,6 +444,7 @@ def griffin_settings(
                         window=window,
                         compensate=compensate,
                         alpha=default_alpha(ratio) if alpha is None else alpha,
+                        refit_on_refresh=refit_on_refresh,
                     )
                 )
         settings += baseline_settings(spec, model, k, f"r={ratio:g}", baselines, seed)
@@ -462,6 +491,7 @@ def perplexity(
     budgets: Sequence[str] | None = None,
     compensate: str = DEFAULT_METHOD,
     alpha: float | None = None,
+    refit_on_refresh: bool = DEFAULT_REFIT_ON_REFRESH,
     batch_size: int = 1,
     dtype: str | None = None,
     device: str = "cpu",
@@ -475,7 +505,9 @@ def perplexity(
     budget (:data:`griffin_export.budgets.BUDGETS`) and refresh period, plus the requested
     static ``baselines`` at the uniform k. GRIFFIN rows repair the cut as ``griffin export``
     does (``compensate``/``alpha``, same defaults; :mod:`griffin_export.compensation`): each
-    window (each refresh segment) refits from the positions that chose its experts.
+    window (each refresh segment) refits from the positions that chose its experts;
+    without ``refit_on_refresh`` only the prompt part refits (the runtime's
+    ``refit_on_refresh=False``: a segment whose experts changed runs the plain slice).
     """
     from .checkpoint import load_model, parse_dtype, resolve_source
     from .corpora import bos_token, corpus_tokens, load_corpus
@@ -551,6 +583,7 @@ def perplexity(
                 window=window,
                 compensate=str(made["method"]),  # type: ignore[index]
                 alpha=float(made["alpha"]),  # type: ignore[index]
+                refit_on_refresh=refit_on_refresh,
             )
             for r in _checked_refreshes(refreshes)
         ]
@@ -570,6 +603,7 @@ def perplexity(
             budgets,
             how.method,
             alpha,
+            refit_on_refresh,
         )
         runs = [(full.model, full.spec, s) for s in settings]
     report("score", 0, len(windows))
@@ -597,6 +631,7 @@ def perplexity(
                 if protocol == "griffin" and recipe is None and how.active
                 else None
             ),
+            "refit_on_refresh": refit_on_refresh if protocol == "griffin" else None,
         },
         on_window=lambda done: report("score", done, len(windows)),
     )

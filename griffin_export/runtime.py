@@ -9,6 +9,15 @@ original's gate/up weights, applies the export's statistic and top-k, and copies
 neurons that changed into the slots of the ones that left, in the live parameters' existing
 storage: no reallocation, the KV cache stays valid and attention is never re-run.
 
+On a compensated export (``griffin export --compensate refit``, the default) a refresh by
+default also refits each layer's down projection on the ring window, as the export refitted it
+on the prompt (``refit_on_refresh``; benchmarks/RESULTS-compensation.md measures both). With
+the refit off, a layer whose experts changed gets the plain slice of the original's down
+projection for its whole new set: the export's refitted columns of the neurons it kept were
+fitted jointly with the neurons that left (they carry part of their output), so they are not
+kept beside plain columns of the newcomers. A layer whose experts did not change keeps the
+down projection it has (fitted, or sliced, for exactly that set).
+
 Every :meth:`GriffinRuntime.generate` call starts from the export's experts: it first calls
 :meth:`GriffinRuntime.reset`, which copies back (slot for slot, into the same storage) only
 the rows a previous call's refreshes changed. So a call's tokens never depend on earlier calls.
@@ -28,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .architectures import INPUT_ROLES, ArchSpec
-from .compensation import Compensation, GramStats, refit_stored
+from .compensation import DEFAULT_REFIT_ON_REFRESH, Compensation, GramStats, refit_stored
 from .errors import UsageError
 from .exports import OpenedExport, open_export, original_source
 from .manifest import EXPERTS_FILE
@@ -191,6 +200,7 @@ class GriffinRuntime:
         original: MappedSafetensors,
         *,
         original_device: str | torch.device = "cpu",
+        refit_on_refresh: bool | None = None,
     ) -> None:
         self.export = export
         self.model: Any = export.loaded.model
@@ -214,11 +224,12 @@ class GriffinRuntime:
         self._acts = [getattr(self.spec.mlp_module(b), self.spec.act) for b in blocks]
         self._rings: list[_Ring] = []
         # A compensated export (griffin_export.compensation): its refitted down projections
-        # are kept to reset to, and every refresh refits them on the ring window.
+        # are kept to reset to, and (by default) every refresh refits them on the ring window.
         recorded = export.manifest.get("compensation")
         self.compensation = (
             Compensation(str(recorded["method"]), float(recorded["alpha"])) if recorded else None
         )
+        self.refit_on_refresh = _refit_choice(refit_on_refresh, self.compensation is not None)
         self._export_down: list[tuple[Tensor, Tensor | None]] = []
         if self.compensation is not None:
             for block in blocks:
@@ -251,6 +262,7 @@ class GriffinRuntime:
         *,
         device: str = "cpu",
         original_on_device: bool = False,
+        refit_on_refresh: bool | None = None,
     ) -> GriffinRuntime:
         """Load ``export_dir`` for generation, with its original memory-mapped.
 
@@ -258,12 +270,21 @@ class GriffinRuntime:
         model: the cached safetensors conversion). It is checked against the manifest's
         fingerprint, and a different model is refused. ``original_on_device`` copies the
         original's FF weights to ``device`` (faster refreshes when they fit).
+        ``refit_on_refresh``: on a compensated export, refit the down projections on the ring
+        window at each refresh (``None``: :data:`DEFAULT_REFIT_ON_REFRESH`); ``False`` slices
+        the original's plain columns for every layer whose experts changed. ``True`` on an
+        export without compensation is refused.
         """
         export = open_export(export_dir, device)
         source = original_source(export.manifest, original)
         check_original(export.directory, source.directory)
         mapped = MappedSafetensors(source.directory)
-        return cls(export, mapped, original_device=device if original_on_device else "cpu")
+        return cls(
+            export,
+            mapped,
+            original_device=device if original_on_device else "cpu",
+            refit_on_refresh=refit_on_refresh,
+        )
 
     def reset(self) -> int:
         """Put the export's experts back, slot for slot (so the live weights equal the export's
@@ -299,8 +320,10 @@ class GriffinRuntime:
             current = self.slots[layer].clone()
             new = top_k_indices(scores, current.numel())
             changed.append(self._swap_in(layer, block, new))
-            if self.compensation is not None:
+            if self.refit_on_refresh:
                 self._refit(layer, block)
+            elif self.compensation is not None and changed[-1]:
+                self._plain_down(layer, block)
             overlap.append(jaccard(current, new))
             if record_kept:
                 kept.append(self.slots[layer].tolist())
@@ -330,6 +353,17 @@ class GriffinRuntime:
             live.copy_(refit.weight)
             if refit.bias is not None and live_bias is not None:
                 live_bias.copy_(full["down.bias"] + refit.bias)
+
+    def _plain_down(self, layer: int, block: nn.Module) -> None:
+        """The live down projection as the plain slice of the original's at the current slots
+        (every slot, also those of neurons kept from before), and the original's down bias."""
+        slots = self.slots[layer]
+        live, live_bias = _down_tensors(self.spec, block)
+        positions = torch.arange(slots.numel())
+        self._copy(live, self._full[layer]["down"], self.spec.neuron_axis("down"), positions, slots)
+        if live_bias is not None and "down.bias" in self._full[layer]:
+            with torch.no_grad():
+                live_bias.copy_(self._full[layer]["down.bias"])
 
     def _swap_in(self, layer: int, block: nn.Module, new: Tensor) -> int:
         """Make the live block serve neurons ``new``: dropped neurons' slots take the added ones.
@@ -455,6 +489,18 @@ class GriffinRuntime:
             elif value is not None:
                 found.update(int(v) for v in value)
         return found
+
+
+def _refit_choice(asked: bool | None, compensated: bool) -> bool:
+    """The runtime's ``refit_on_refresh``: the default for a compensated export, never for
+    one without compensation (asking for it there is refused)."""
+    if asked and not compensated:
+        raise UsageError(
+            "--refit-on-refresh needs a compensated export (griffin export --compensate "
+            "refit, the default); this one was exported with --compensate none: drop the "
+            "option or re-export"
+        )
+    return compensated and (DEFAULT_REFIT_ON_REFRESH if asked is None else asked)
 
 
 def _down_tensors(spec: ArchSpec, block: nn.Module) -> tuple[Tensor, Tensor | None]:

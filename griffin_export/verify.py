@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -88,7 +88,12 @@ def weight_files(directory: Path) -> tuple[list[Path], list[str]]:
 
 
 def verify_export(
-    export_dir: str | Path, original: str | Path | None = None, *, hash_files: bool = True
+    export_dir: str | Path,
+    original: str | Path | None = None,
+    *,
+    hash_files: bool = True,
+    prompts: Sequence[str] | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> VerifyReport:
     """Check an export directory; every finding becomes one line of ``report.problems``.
 
@@ -98,6 +103,13 @@ def verify_export(
     model directory or anything ``--model`` accepts that resolves to one), also that the
     original is the model the export was made from (FF fingerprint) and that every pruned
     tensor equals the original's sliced at the recorded indices.
+
+    With ``prompts`` (the texts given to ``griffin export``, in order; truncated to
+    ``max_prompt_tokens`` as the export did) also recompute the export from them with the
+    original (``original``, default the manifest's source): the prompt's sha256 against the
+    manifest's, the experts the prompt selects against the kept-index map, and for a
+    compensated export every refitted down projection (and bias) against the refit
+    recomputed by export's own code, within :func:`refit_tolerance`.
 
     Raises :class:`~griffin_export.errors.GriffinError` only when ``original`` itself cannot
     be found or read; problems of the export are reported, never raised.
@@ -139,6 +151,12 @@ def verify_export(
         if original is not None and keep is not None:
             _check_against_original(spec, manifest, exported, keep, str(original), stack, problems)
             report.checked.append("pruned tensors against the original")
+        if prompts is not None and keep is not None:
+            where = None if original is None else str(original)
+            _check_prompt(
+                export_dir, manifest, exported, keep, where, prompts, max_prompt_tokens, problems
+            )
+            report.checked.append("experts and refit recomputed from the prompt")
     return report
 
 
@@ -512,6 +530,104 @@ def _check_untouched(
                 f"{key}: differs from the original (compensation changes only the down "
                 "projections); re-export"
             )
+
+
+def refit_tolerance(dtype: torch.dtype) -> float:
+    """How far (relative to the layer's largest ``|weight|``) a refitted down projection may
+    be from its recomputation, cast to the export's ``dtype``: 4 units in the last place of
+    that dtype at the layer's scale, and at least 1e-5 (the float32 solve's rounding differs
+    between BLAS builds and thread counts)."""
+    return max(4 * torch.finfo(dtype).eps, 1e-5)
+
+
+def _check_prompt(
+    export_dir: Path,
+    manifest: dict[str, Any],
+    exported: LazyTensors,
+    keep: list[Tensor],
+    original: str | None,
+    prompts: Sequence[str],
+    max_prompt_tokens: int | None,
+    problems: list[str],
+) -> None:
+    """Recompute what ``griffin export`` made from ``prompts`` (its own tokenizing,
+    selection and refit code, in memory) and compare with the export."""
+    from .compensation import Compensation
+    from .export import prompt_sha256, refit_in_place, tokenize_prompts
+    from .exports import load_original
+    from .selection import select_experts
+
+    texts = [p for p in prompts if p.strip()]
+    recorded = manifest["prompt"]
+    if prompt_sha256(texts) != recorded["sha256"]:
+        problems.append(
+            f"prompt: not the prompt the export was made from (its sha256 differs from "
+            f"{MANIFEST}'s); pass the prompt file(s) given to griffin export, in the same order"
+        )
+        return
+    try:
+        loaded = load_original(export_dir, manifest, original)
+    except OriginalMismatchError as exc:
+        problems.append(f"prompt: cannot recompute the export: {exc}")
+        return
+    ids, _ = tokenize_prompts(loaded, texts, max_prompt_tokens)
+    tokens = sum(int(one.numel()) for one in ids)
+    if tokens != recorded["tokens"]:
+        problems.append(
+            f"prompt: {tokens} tokens, but the export pooled {recorded['tokens']}; pass the "
+            "--max-prompt-tokens it was exported with"
+        )
+        return
+    recorded_how = manifest.get("compensation")
+    how = (
+        Compensation(str(recorded_how["method"]), float(recorded_how["alpha"]))
+        if recorded_how
+        else None
+    )
+    spec, model = loaded.spec, loaded.model
+    selection = select_experts(
+        spec, model, ids, k_per_layer=manifest["k_per_layer"], gram=how is not None
+    )
+    differ = [
+        layer
+        for layer, (want, got) in enumerate(zip(selection.keep, keep, strict=True))
+        if not torch.equal(want, got.long())
+    ]
+    if differ:
+        problems.append(
+            f"{EXPERTS_FILE}: layers {_layer_list(differ)} keep other neurons than the prompt "
+            "selects from the original; re-export"
+        )
+        return
+    if how is None or selection.grams is None:
+        return
+    refit_in_place(spec, model, selection.keep, selection.grams, how)
+    axis = spec.neuron_axis("down")
+    tolerance = refit_tolerance(_torch_dtype(manifest["dtype"]))
+    for layer, block in enumerate(spec.blocks(model)):
+        down = spec.down_module(block)
+        weight, bias = down.weight, getattr(down, "bias", None)
+        assert isinstance(weight, Tensor)
+        wanted = {spec.param_name(layer, "down"): weight.detach().index_select(axis, keep[layer])}
+        if how.bias and isinstance(bias, Tensor):
+            wanted[spec.param_name(layer, "down", "bias")] = bias.detach()
+        for key, want in wanted.items():
+            if key not in exported or exported.shape(key) != tuple(want.shape):
+                continue  # reported by the shape checks
+            got = exported.get(key).float()
+            scale = float(want.float().abs().max())
+            worst = float((got - want.float()).abs().max())
+            if not worst <= tolerance * scale:
+                problems.append(
+                    f"{key}: differs from the refit recomputed from the prompt by up to "
+                    f"{worst:.3g} (allowed {tolerance:.1g} x the layer's largest |weight| "
+                    f"{scale:.3g}); re-export"
+                )
+
+
+def _layer_list(layers: list[int]) -> str:
+    shown = ", ".join(str(layer) for layer in layers[:8])
+    return shown + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
 
 
 # -- helpers ------------------------------------------------------------------------------------

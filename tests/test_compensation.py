@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from griffin_export.compensation import (
+    DEFAULT_REFIT_ON_REFRESH,
     GramStats,
     apply_regression,
     check_alpha,
@@ -273,6 +274,88 @@ def test_ppl_refit_equals_a_refitted_sliced_model_continuing_the_full_cache(
     )
     assert report.rows[0].nll == pytest.approx(float(nll), rel=1e-4)
     assert abs(report.rows[0].nll - plain.rows[0].nll) > 1e-3  # the refit changed something
+
+
+def _dominated(length: int, sets: list[tuple[int, torch.Tensor]], seed: int = 0) -> torch.Tensor:
+    """``[1, length, D_FF]`` float64 noise where, from each ``(start, neurons)`` on, the
+    listed neurons are large: GRIFFIN's top-k over any stretch of those positions is them."""
+    gen = torch.Generator().manual_seed(seed)
+    z = 0.05 * torch.randn(1, length, D_FF, generator=gen, dtype=torch.float64)
+    for start, neurons in sets:
+        z[0, start:, :] = 0.05 * torch.randn(
+            length - start, D_FF, generator=gen, dtype=torch.float64
+        )
+        z[0, start:, neurons] += 3.0 + torch.rand(length - start, neurons.numel(), generator=gen)
+    return z
+
+
+def _ridge_prediction(look: torch.Tensor, seg: torch.Tensor, keep: torch.Tensor, alpha: float):
+    """The dropped neurons predicted by a ridge fit on ``look``, in float64 by
+    ``torch.linalg.solve`` on the normal equations (the definition, not the library)."""
+    dropped = torch.tensor([j for j in range(D_FF) if j not in set(keep.tolist())])
+    zs, zd = look[:, keep], look[:, dropped]
+    lam = alpha * float((zs * zs).sum(0).mean())
+    coef = torch.linalg.solve(zs.T @ zs + lam * torch.eye(keep.numel(), dtype=zs.dtype), zs.T @ zd)
+    return dropped, seg[:, keep] @ coef
+
+
+def test_ppl_refit_off_at_refresh_refits_the_prompt_only_and_slices_plain_after_a_change() -> None:
+    """``griffin ppl``'s refresh protocol with ``refit_on_refresh=False`` (the runtime's refit
+    off): the first segment runs the ridge fit on the prompt part; while the experts stay the
+    same set, later segments keep that fit; once they change, the dropped neurons are zeroed
+    (the plain slice) for the rest of the window, even when the next segment re-selects the
+    same new set. Oracle: the ridge solved on the normal equations in float64 and the known
+    dominant neurons. Catches refitting every segment anyway (the refit-on path), dropping
+    the prompt's fit when nothing changed, and mixing the old fit with the new set."""
+    from griffin_export.evaluate import griffin_refit_input, griffin_segments
+
+    first, second = torch.arange(0, 16, 2), torch.arange(1, 17, 2)  # k = 8 each
+    segments = griffin_segments(20, 44, 8, 8)  # looks [12,20) [20,28) [28,36), scored 20..43
+    alpha = 0.5
+    same = _dominated(44, [(0, first)])
+    off = griffin_refit_input(same, 8, segments, "refit", alpha, refit_on_refresh=False)
+    on = griffin_refit_input(same, 8, segments, "refit", alpha)
+    dropped, want = _ridge_prediction(same[0, 12:20], same[0, 20:44], first, alpha)
+    torch.testing.assert_close(off[0, 20:44][:, dropped], want, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(on[0, 28:44], off[0, 28:44])  # refit on refits each segment
+    moved = _dominated(44, [(0, first), (20, second)])
+    off = griffin_refit_input(moved, 8, segments, "refit", alpha, refit_on_refresh=False)
+    dropped, want = _ridge_prediction(moved[0, 12:20], moved[0, 20:28], first, alpha)
+    torch.testing.assert_close(off[0, 20:28][:, dropped], want, rtol=1e-4, atol=1e-6)
+    plain = moved.clone()
+    plain[0, :, [j for j in range(D_FF) if j not in set(second.tolist())]] = 0
+    assert torch.equal(off[0, 28:44], plain[0, 28:44])
+    assert torch.equal(off[0, :20], moved[0, :20])  # the prompt part runs full
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [
+        ([], DEFAULT_REFIT_ON_REFRESH),
+        (["--refit-on-refresh"], True),
+        (["--no-refit-on-refresh"], False),
+    ],
+)
+def test_cli_ppl_refit_on_refresh_flag(
+    flags: list[str], want: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``griffin ppl --no-refit-on-refresh`` reaches :func:`perplexity` as False, and the
+    default is the library's. Catches a flag wired to nothing or inverted."""
+    from typer.testing import CliRunner
+
+    import griffin_cli.ppl
+    from griffin_cli.main import app
+
+    seen: dict[str, object] = {}
+
+    def fake(*args: object, **kwargs: object) -> object:
+        seen.update(kwargs)
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(griffin_cli.ppl, "perplexity", fake)
+    result = CliRunner().invoke(app, ["ppl", "--refresh", "64", *flags])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen["refit_on_refresh"] is want
 
 
 # -- export -------------------------------------------------------------------------------------

@@ -539,6 +539,85 @@ def test_a_tampered_export_is_refused(
         GriffinRuntime.from_export(tampered)
 
 
+@pytest.mark.parametrize(("model_type", "method"), [("llama", "refit"), ("gpt2", "refit-bias")])
+def test_refit_off_refresh_slices_the_plain_original_where_the_experts_changed(
+    model_type: str, method: str, tmp_path: Path
+) -> None:
+    """With ``refit_on_refresh=False`` on a refitted export, a refresh that changes a layer's
+    experts leaves that layer's whole down projection (and down bias) equal to the original's
+    plain slice at the new slots, bit for bit; a layer whose experts did not change keeps the
+    export's refitted values. The rings hold exactly the prompt's MLP inputs, so layer 0
+    (whose MLP input the pruning cannot change) re-selects the export's experts. Catches
+    refitted columns of neurons kept from before left beside plain columns of the newcomers,
+    a refit run anyway, the export's refitted bias kept, and an unchanged layer needlessly
+    reset to the plain slice."""
+    src = save_tiny(model_type, tmp_path / "src")
+    out = tmp_path / "out"
+    export(str(src), [PROMPT], ratio=0.5, out=out, compensate=method, alpha=0.5)
+    runtime = GriffinRuntime.from_export(out, refit_on_refresh=False)
+    assert runtime.refit_on_refresh is False
+    tokens = len(runtime.tokenizer(PROMPT)["input_ids"])
+    runtime.generate(PROMPT, max_new_tokens=1, refresh_every=1, window=tokens)  # prefill only
+    with torch.inference_mode():  # as generate runs it
+        event = runtime.refresh(0)
+    assert event.changed[0] == 0 and any(event.changed[1:]), event.changed
+    spec = spec_for(model_type)
+    stored = load_file(out / "model.safetensors")
+    original = load_file(src / "model.safetensors")
+    axis = spec.neuron_axis("down")
+    for layer, block in enumerate(spec.blocks(runtime.model)):
+        key, bias_key = spec.param_name(layer, "down"), spec.param_name(layer, "down", "bias")
+        down = spec.down_module(block)
+        live = down.weight.detach()
+        plain = original[key].index_select(axis, runtime.slots[layer])
+        if event.changed[layer]:
+            assert torch.equal(live, plain), layer
+            if method == "refit-bias":
+                assert torch.equal(down.bias.detach(), original[bias_key])
+        else:
+            assert torch.equal(live, stored[key]) and not torch.equal(live, plain)
+            if method == "refit-bias":
+                assert torch.equal(down.bias.detach(), stored[bias_key])
+
+
+def test_refit_on_refresh_needs_a_compensated_export(
+    exports: dict[str, tuple[Path, Path]],
+) -> None:
+    """Asking for the refit on an export without compensation is refused with the fix, and
+    the default there is off. Catches a runtime that silently refits an uncompensated export
+    (changing what ``--compensate none`` means) or ignores the request."""
+    out = exports["llama"][1]
+    assert GriffinRuntime.from_export(out).refit_on_refresh is False
+    with pytest.raises(UsageError, match="--refit-on-refresh needs a compensated export"):
+        GriffinRuntime.from_export(out, refit_on_refresh=True)
+    result = CliRunner().invoke(
+        app, ["generate", "-m", str(out), "-t", PROMPT, "--refit-on-refresh"]
+    )
+    assert result.exit_code == 2 and "--compensate none" in result.output
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [([], None), (["--refit-on-refresh"], True), (["--no-refit-on-refresh"], False)],
+)
+def test_cli_refit_on_refresh_flag(
+    flags: list[str], want: bool | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``griffin generate`` passes the flag's three states to the runtime as None (the
+    library's default), True and False. Catches a flag wired to nothing, inverted, or a CLI
+    default that overrides the library's."""
+    seen: dict[str, Any] = {}
+
+    def fake(*args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(GriffinRuntime, "from_export", fake)
+    result = CliRunner().invoke(app, ["generate", "-m", "x", "-t", PROMPT, *flags])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen["refit_on_refresh"] is want
+
+
 @pytest.mark.slow
 def test_embedded_model_chat(tmp_path: Path) -> None:
     """``--chat`` on the embedded SmolLM2 (an instruct model) exported at keep 0.5: the runtime

@@ -241,3 +241,85 @@ def test_fingerprint_of_a_dtype_changed_export(tmp_path: Path) -> None:
     check_original(out, src)
     report = verify_export(out, src, hash_files=False)
     assert report.ok, report.problems
+
+
+# -- --prompt: recompute the export from its prompt ---------------------------------------------
+
+
+def _prompt_file(tmp_path: Path, text: str = PROMPT) -> str:
+    path = tmp_path / "prompt.txt"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3"])
+def test_prompt_recomputes_the_export_and_a_different_prompt_fails(
+    made: dict[str, Path], model_type: str, tmp_path: Path
+) -> None:
+    """``--prompt`` with the export's own prompt passes (experts and refit recomputed with
+    the original); another prompt fails with one line saying it is not the export's prompt.
+    Catches a recomputation that disagrees with export's own (another dtype, Conv1D or
+    fused gate_up laid out the wrong way), and a --prompt that is silently ignored."""
+    out = made["root"] / f"{model_type}-out"
+    src = str(made[model_type])
+    code, problems, output = cli(str(out), "--original", src, "--prompt", _prompt_file(tmp_path))
+    assert code == 0, output
+    assert "experts and refit recomputed from the prompt" in output
+    other = _prompt_file(tmp_path, "A different text about mountains and snow.")
+    code, problems, _ = cli(str(out), "--original", src, "--prompt", other)
+    assert code == 1
+    assert problems == [
+        "problem: prompt: not the prompt the export was made from (its sha256 differs from "
+        "griffin.json's); pass the prompt file(s) given to griffin export, in the same order"
+    ]
+
+
+def test_prompt_catches_a_refitted_tensor_that_the_original_cannot(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    """A refitted down projection changed by 0.1 % (the manifest's hash forged) passes
+    ``--original``, which can check only its shape and finiteness, but not ``--prompt``,
+    which names the tensor. Catches a prompt check that compares shapes or hashes only, or a
+    tolerance loose enough to let a real change through."""
+    out = copy_export(made, "llama-out", tmp_path)
+    weights = out / "model.safetensors"
+    tensors = load_file(str(weights))
+    key = "model.layers.2.mlp.down_proj.weight"
+    tensors[key] *= 1.001
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    rewrite_manifest_hash(out, "model.safetensors")
+    src = str(made["llama"])
+    assert cli(str(out), "--original", src)[0] == 0
+    report = verify_export(out, src, prompts=[PROMPT])
+    assert len(report.problems) == 1 and report.problems[0].startswith(
+        f"{key}: differs from the refit recomputed from the prompt"
+    ), report.problems
+
+
+def test_prompt_recomputes_with_the_manifests_alpha_and_checks_the_experts(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    """A manifest whose alpha was edited makes every refitted layer disagree with the
+    recomputation; a manifest whose prompt hash and token count were forged to another
+    prompt's gets past the hash but not the experts that prompt selects. Catches a
+    recomputation with the default alpha instead of the recorded one, and a prompt check that
+    trusts the hash alone."""
+    from griffin_export.export import prompt_sha256
+
+    from tiny import char_tokenizer
+
+    out = copy_export(made, "llama-out", tmp_path)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["compensation"]["alpha"] = 2.0
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    problems = verify_export(out, prompts=[PROMPT]).problems
+    assert [p.split(":")[0] for p in problems] == [
+        f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)
+    ], problems
+    other = "Snow falls on the mountains, melts in spring and feeds the lakes below."
+    manifest["compensation"]["alpha"] = 1.0
+    manifest["prompt"]["sha256"] = prompt_sha256([other])
+    manifest["prompt"]["tokens"] = len(char_tokenizer()(other)["input_ids"])
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    problems = verify_export(out, prompts=[other]).problems
+    assert len(problems) == 1 and problems[0].startswith(f"{EXPERTS_FILE}: layers "), problems
