@@ -323,3 +323,23 @@ def test_prompt_recomputes_with_the_manifests_alpha_and_checks_the_experts(
     (out / MANIFEST).write_text(json.dumps(manifest))
     problems = verify_export(out, prompts=[other]).problems
     assert len(problems) == 1 and problems[0].startswith(f"{EXPERTS_FILE}: layers "), problems
+
+
+def test_prompt_check_of_a_bfloat16_export(made: dict[str, Path], tmp_path: Path) -> None:
+    """A bfloat16 export (refit computed in bfloat16 activations, stored in bfloat16) passes
+    ``--prompt``; its refitted weights moved by one bfloat16 step at the layer's scale (far
+    more than two ulps for most entries) fail. Catches a recomputation in float32 compared
+    with bfloat16 storage (the dtype the manifest records ignored), and a tolerance that
+    accepts any bfloat16-sized change."""
+    out = tmp_path / "bf16"
+    export(str(made["llama"]), [PROMPT], 0.5, out=out, dtype="bfloat16")
+    assert verify_export(out, prompts=[PROMPT]).problems == []
+    weights = out / "model.safetensors"
+    tensors = load_file(str(weights))
+    key = "model.layers.0.mlp.down_proj.weight"
+    step = float(tensors[key].float().abs().max()) * torch.finfo(torch.bfloat16).eps
+    tensors[key] = (tensors[key].float() + step).to(torch.bfloat16)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    rewrite_manifest_hash(out, "model.safetensors")
+    problems = verify_export(out, prompts=[PROMPT]).problems
+    assert [p.split(":")[0] for p in problems] == [key], problems
