@@ -129,6 +129,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         dataset=corpus.name,
         protocol="griffin",
         prompt_len=args.prompt_len,
+        on_window=lambda done: print(f"window {done}/{len(windows)}", flush=True),
     )
     return report.to_dict()
 
