@@ -95,18 +95,20 @@ class GenerationResult:
 
 
 class _Ring:
-    """The last ``size`` MLP inputs of one layer, and each one's normalised squared
-    activations (its term of the statistic), computed once per row.
+    """The last ``size`` MLP inputs of one layer, and what a function computes from each one
+    (the runtime: its full-width activations, from which come its term of the statistic and,
+    on a compensated export, the refit's regressors), computed once per row.
 
-    Rows are scored lazily: :meth:`score_sums` computes the terms of the rows written since the
-    previous call only, so a refresh every N tokens with a window of W > N pays for N rows, not
-    W. The statistic is a sum over rows, so their order in the buffer does not matter.
+    Rows are computed lazily: :meth:`cached` computes the rows written since the previous call
+    only, so a refresh every N tokens with a window of W > N pays for N rows, not W. The
+    statistic is a sum over rows and the refit's Gram matrix too, so their order in the buffer
+    does not matter.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.rows: Tensor | None = None  # [size, hidden]
-        self.squares: Tensor | None = None  # [size, d_ff] float32, valid where scored
+        self.features: Tensor | None = None  # [size, F], valid where computed
         self.count = 0  # valid rows
         self.next = 0  # slot the next row goes to
         self.unscored = 0  # rows written since the last score_sums (the newest ones)
@@ -129,20 +131,24 @@ class _Ring:
             raise RuntimeError("the ring buffer is empty")
         return self.rows[: self.count] if self.count < self.size else self.rows
 
-    def score_sums(self, squares: Callable[[Tensor], Tensor]) -> Tensor:
-        """``sum`` over the buffered rows of ``squares(rows)`` ``[T, d_ff]``, calling
-        ``squares`` on the rows not scored before only."""
+    def cached(self, compute: Callable[[Tensor], Tensor]) -> Tensor:
+        """``compute(rows)`` ``[T, F]`` of the buffered rows (in buffer order), calling
+        ``compute`` on the rows not computed before only (always pass the same function)."""
         if self.rows is None:
             raise RuntimeError("the ring buffer is empty")
         if self.unscored:
             slots = (torch.arange(self.unscored) + self.next - self.unscored) % self.size
-            new = squares(self.rows.index_select(0, slots.to(self.rows.device)))  # [n, d_ff]
-            if self.squares is None:  # on the device that scores (the original's)
-                self.squares = new.new_zeros(self.size, new.shape[-1])
-            self.squares.index_copy_(0, slots.to(new.device), new)
+            new = compute(self.rows.index_select(0, slots.to(self.rows.device)))  # [n, F]
+            if self.features is None:  # on the device that computes (the original's)
+                self.features = new.new_zeros(self.size, new.shape[-1])
+            self.features.index_copy_(0, slots.to(new.device), new)
             self.unscored = 0
-        assert self.squares is not None  # rows exist, so some were scored
-        return self.squares[: self.count].sum(dim=0)
+        assert self.features is not None  # rows exist, so some were computed
+        return self.features[: self.count]
+
+    def score_sums(self, squares: Callable[[Tensor], Tensor]) -> Tensor:
+        """``sum`` over the buffered rows of ``squares(rows)`` ``[T, d_ff]`` (:meth:`cached`)."""
+        return self.cached(squares).sum(dim=0)
 
 
 def full_activations(
@@ -315,13 +321,13 @@ class GriffinRuntime:
         changed: list[int] = []
         blocks = self.spec.blocks(self.model)
         for layer, block in enumerate(blocks):
-            sums = self._rings[layer].score_sums(partial(self._squares, layer))
-            scores = griffin_statistic(sums, accumulated=True)
+            z = self._rings[layer].cached(partial(self._activations, layer))  # [W, d_ff]
+            scores = griffin_statistic(normalized_squares(z).sum(dim=0), accumulated=True)
             current = self.slots[layer].clone()
             new = top_k_indices(scores, current.numel())
             changed.append(self._swap_in(layer, block, new))
             if self.refit_on_refresh:
-                self._refit(layer, block)
+                self._refit(layer, block, z)
             elif self.compensation is not None and changed[-1]:
                 self._plain_down(layer, block)
             overlap.append(jaccard(current, new))
@@ -330,19 +336,18 @@ class GriffinRuntime:
         seconds = time.perf_counter() - started
         return RefreshEvent(token_index, overlap, changed, seconds, kept if record_kept else None)
 
-    def _squares(self, layer: int, x: Tensor) -> Tensor:
-        """Each buffered MLP input's term of the statistic, from the original's weights."""
+    def _activations(self, layer: int, x: Tensor) -> Tensor:
+        """Buffered MLP inputs' full-width down-projection inputs, from the original's
+        weights (each row's term of the statistic and the refit's regressors)."""
         full = self._full[layer]
         x = x.to(next(iter(full.values())).device)
-        return normalized_squares(full_activations(self.spec, self._acts[layer], full, x))
+        return full_activations(self.spec, self._acts[layer], full, x)
 
-    def _refit(self, layer: int, block: nn.Module) -> None:
+    def _refit(self, layer: int, block: nn.Module, z: Tensor) -> None:
         """Refit the live down projection's kept columns (slot order) on the ring window's
-        full-width activations, as ``griffin export`` refits on the prompt."""
+        full-width activations ``z``, as ``griffin export`` refits on the prompt."""
         assert self.compensation is not None
         full = self._full[layer]
-        x = self._rings[layer].contents().to(full["down"].device)
-        z = full_activations(self.spec, self._acts[layer], full, x)
         stats = GramStats.zeros(self.d_ff, z.device)
         stats.add(z)
         refit = refit_stored(

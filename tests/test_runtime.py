@@ -231,7 +231,7 @@ def test_refresh_scores_equal_scoring_the_window_through_the_full_model(
     def unused(x: torch.Tensor) -> torch.Tensor:
         raise AssertionError("the refresh scored every buffered row")
 
-    sums = [ring.score_sums(unused) for ring in runtime._rings]
+    sums = [normalized_squares(ring.cached(unused)).sum(0) for ring in runtime._rings]
     for layer, block in enumerate(spec.blocks(original)):
         mlp = spec.mlp_module(block)
         z, handles = _capture([spec.projections(block)["down"]])
