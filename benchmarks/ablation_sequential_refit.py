@@ -16,6 +16,9 @@ continuing the full model's KV cache of the prompt). Settings per ratio:
   ``lam = a * mean(diag(Z~_S^T Z~_S))``. Each layer thus also repairs what the layers below
   it lost. Same shapes (stock-loadable); one k x k solve per layer plus one extra forward of
   the prompt.
+* ``seqself:<a>``: bottom-up as ``seq``, but the target is the layer's own full output on the
+  pruned model's inputs (``Y~ = Z~ W^T``, SparseGPT's choice): the export's refit, fitted on
+  the activations the pruned model will actually see.
 
 Usage: python benchmarks/ablation_sequential_refit.py --ratio 0.5 [--ratio 0.75]
        [--dataset wiki-summaries] [--max-windows 8] [--settings none,refit:1,seq:1] --out F
@@ -49,8 +52,10 @@ def sequential_weights(
     keeps: list[Tensor],
     full_w: list[Tensor],
     alpha: float,
+    own_target: bool = False,
 ) -> list[Tensor]:
-    """Bottom-up refit on the pruned model's own prompt activations (see the module doc)."""
+    """Bottom-up refit on the pruned model's own prompt activations (see the module doc);
+    ``own_target``: the target is the layer's full output on those activations."""
     fitted: list[Tensor] = []
     handles = []
     for layer, down in enumerate(downs):
@@ -61,7 +66,8 @@ def sequential_weights(
             gram = zs.T @ zs
             lam = alpha * float(gram.diagonal().mean())
             system = gram + lam * torch.eye(keep.numel(), dtype=gram.dtype)
-            rhs = zs.T @ targets[layer] + lam * w[:, keep].double().T
+            target = a[0][0].double() @ w.double().T if own_target else targets[layer]
+            rhs = zs.T @ target + lam * w[:, keep].double().T
             new = torch.zeros_like(w)
             new[:, keep] = torch.linalg.solve(system, rhs).T.to(w.dtype)
             _m.weight.data = new  # type: ignore[union-attr]
@@ -127,9 +133,9 @@ def main() -> None:
             for setting in args.settings.split(","):
                 method, _, given = setting.partition(":")
                 alpha = float(given) if given else default_alpha(ratio)
-                if method == "seq":
+                if method in ("seq", "seqself"):
                     weights = sequential_weights(
-                        model, downs, ids[:, :p], targets, keeps, full_w, alpha
+                        model, downs, ids[:, :p], targets, keeps, full_w, alpha, method == "seqself"
                     )
                 else:
                     weights = []
