@@ -343,3 +343,24 @@ def test_prompt_check_of_a_bfloat16_export(made: dict[str, Path], tmp_path: Path
     rewrite_manifest_hash(out, "model.safetensors")
     problems = verify_export(out, prompts=[PROMPT]).problems
     assert [p.split(":")[0] for p in problems] == [key], problems
+
+
+@pytest.mark.slow
+def test_prompt_check_on_the_embedded_model(tmp_path: Path) -> None:
+    """The embedded SmolLM2's default export (refit from the 140-token example prompt: the
+    statistics' rows path, a T x T solve) passes ``--prompt`` with its prompt and names the
+    one layer whose refitted weights were nudged by 0.01 %. Catches a recomputation that only
+    agrees on the tiny models' sizes (the Gram path) and a tolerance too loose for real
+    weights."""
+    prompt = (Path(__file__).parents[1] / "examples" / "prompt.txt").read_text(encoding="utf-8")
+    out = tmp_path / "half"
+    export("smollm2-135m", [prompt], 0.5, out=out)
+    assert verify_export(out, prompts=[prompt]).problems == []
+    weights = out / "model.safetensors"
+    tensors = load_file(str(weights))
+    key = "model.layers.7.mlp.down_proj.weight"
+    tensors[key] *= 1.0001
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    rewrite_manifest_hash(out, "model.safetensors")
+    problems = verify_export(out, prompts=[prompt]).problems
+    assert [p.split(":")[0] for p in problems] == [key], problems
