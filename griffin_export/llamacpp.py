@@ -179,6 +179,11 @@ def write_gguf(
     report = progress or (lambda stage, done, total: None)
     check_outtype(outtype)
     directory = require_export_dir(export_dir)
+    if not (directory / "config.json").is_file():
+        raise UsageError(
+            f"'{export_dir}' is not an export directory (no config.json); pass the directory "
+            "griffin export --out wrote"
+        )
     check_llama_cpp_family(export_config(directory).model_type)
     widths = gguf_widths(directory)
     target = Path(out) if out is not None else default_gguf_path(directory, outtype)
@@ -199,7 +204,7 @@ def write_gguf(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tool), env.get("PYTHONPATH", "")) if p)
     report("gguf", 0, 100)
     try:
-        log = _run(command, env, lambda pct: report("gguf", pct, 100))
+        _run(command, env, lambda pct: report("gguf", pct, 100))
         if not tmp.is_file():
             raise ExportFormatError(f"llama.cpp's converter wrote no file for '{directory}'")
         architecture, ff_widths = read_gguf_widths(tmp)
@@ -207,7 +212,6 @@ def write_gguf(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    del log
     report("gguf", 100, 100)
     return GgufResult(
         warnings=_block_warnings(outtype, ff_widths),
@@ -257,7 +261,7 @@ def read_gguf_widths(path: Path) -> tuple[str, list[int]]:
     return arch, widths
 
 
-def _run(command: list[str], env: dict[str, str], on_percent: Callable[[int], None]) -> bytes:
+def _run(command: list[str], env: dict[str, str], on_percent: Callable[[int], None]) -> None:
     """Run the converter, following its "Writing: NN%" bar; one-line error on failure."""
     with subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -271,7 +275,6 @@ def _run(command: list[str], env: dict[str, str], on_percent: Callable[[int], No
         code = child.wait()
     if code != 0:
         raise ExportFormatError(f"llama.cpp's converter failed: {_last_error(bytes(log))}")
-    return bytes(log)
 
 
 def _last_error(log: bytes) -> str:

@@ -357,8 +357,9 @@ def test_every_refused_family_still_fails_in_the_converter(model_type: str, tmp_
 
 def test_cli_gguf_json_and_refusals(spm_tokenizer: Path, tmp_path: Path) -> None:
     """``griffin gguf DIR --outtype f16 --json`` reports what it wrote; an existing --out is
-    refused without --force; an unknown --outtype is refused at parse time. Catches a CLI that
-    overwrites silently or accepts types the converter would reject late."""
+    refused without --force; an unknown --outtype is refused at parse time; a path that is not an
+    export is one usage line. Catches a CLI that overwrites silently, accepts types the converter
+    would reject late, or reports a missing directory as a broken export."""
     source = _tiny_source(tmp_path, "llama", spm_tokenizer)
     out = _export(source, tmp_path / "export")
     runner = CliRunner()
@@ -372,6 +373,8 @@ def test_cli_gguf_json_and_refusals(spm_tokenizer: Path, tmp_path: Path) -> None
     assert again.exit_code != 0 and "--force" in again.output
     bad = runner.invoke(app, ["gguf", str(out), "--outtype", "q4_0"])
     assert bad.exit_code == 2 and "q4_0" in bad.output
+    missing = runner.invoke(app, ["gguf", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "not an export directory" in missing.output
 
 
 # -- the embedded SmolLM2 ------------------------------------------------------------------------
