@@ -182,7 +182,7 @@ def main() -> None:
         "rows": rows,
         "ppl_llama_cpp_f16": ppl_llama,
         "ppl_griffin_static": ppl_griffin,
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": {k: str(v) for k, v in vars(args).items() if k not in ("work", "out")},
     }
     if args.out:
         args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
