@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,18 @@ def rewrite_manifest_hash(export_dir: Path, name: str) -> None:
     manifest = json.loads((export_dir / MANIFEST).read_text())
     manifest["files"][name] = file_sha256(export_dir / name)
     (export_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+def tamper_tensor(
+    export_dir: Path, key: str, change: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """Replace tensor ``key`` of the export's model.safetensors by ``change(tensor)`` and forge
+    the manifest's hash of the file (so only a check of the values can notice)."""
+    weights = export_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors[key] = change(tensors[key])
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    rewrite_manifest_hash(export_dir, "model.safetensors")
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3"])
@@ -282,12 +295,8 @@ def test_prompt_catches_a_refitted_tensor_that_the_original_cannot(
     which names the tensor. Catches a prompt check that compares shapes or hashes only, or a
     tolerance loose enough to let a real change through."""
     out = copy_export(made, "llama-out", tmp_path)
-    weights = out / "model.safetensors"
-    tensors = load_file(str(weights))
     key = "model.layers.2.mlp.down_proj.weight"
-    tensors[key] *= 1.001
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    rewrite_manifest_hash(out, "model.safetensors")
+    tamper_tensor(out, key, lambda t: t * 1.001)
     src = str(made["llama"])
     assert cli(str(out), "--original", src)[0] == 0
     report = verify_export(out, src, prompts=[PROMPT])
@@ -334,13 +343,13 @@ def test_prompt_check_of_a_bfloat16_export(made: dict[str, Path], tmp_path: Path
     out = tmp_path / "bf16"
     export(str(made["llama"]), [PROMPT], 0.5, out=out, dtype="bfloat16")
     assert verify_export(out, prompts=[PROMPT]).problems == []
-    weights = out / "model.safetensors"
-    tensors = load_file(str(weights))
     key = "model.layers.0.mlp.down_proj.weight"
-    step = float(tensors[key].float().abs().max()) * torch.finfo(torch.bfloat16).eps
-    tensors[key] = (tensors[key].float() + step).to(torch.bfloat16)
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    rewrite_manifest_hash(out, "model.safetensors")
+
+    def one_step_up(t: torch.Tensor) -> torch.Tensor:
+        step = float(t.float().abs().max()) * torch.finfo(torch.bfloat16).eps
+        return (t.float() + step).to(torch.bfloat16)
+
+    tamper_tensor(out, key, one_step_up)
     problems = verify_export(out, prompts=[PROMPT]).problems
     assert [p.split(":")[0] for p in problems] == [key], problems
 
@@ -356,11 +365,7 @@ def test_prompt_check_on_the_embedded_model(tmp_path: Path) -> None:
     out = tmp_path / "half"
     export("smollm2-135m", [prompt], 0.5, out=out)
     assert verify_export(out, prompts=[prompt]).problems == []
-    weights = out / "model.safetensors"
-    tensors = load_file(str(weights))
     key = "model.layers.7.mlp.down_proj.weight"
-    tensors[key] *= 1.0001
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    rewrite_manifest_hash(out, "model.safetensors")
+    tamper_tensor(out, key, lambda t: t * 1.0001)
     problems = verify_export(out, prompts=[prompt]).problems
     assert [p.split(":")[0] for p in problems] == [key], problems
