@@ -40,6 +40,7 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ablation_setup import add_window_args, load_windows  # noqa: E402  (benchmarks/)
 from budget_methods import (  # noqa: E402  (benchmarks/, next to this script)
     blend,
     energy_gains,
@@ -48,9 +49,6 @@ from budget_methods import (  # noqa: E402  (benchmarks/, next to this script)
     selection_order,
 )
 
-from griffin_export.checkpoint import load_model, resolve_source  # noqa: E402
-from griffin_export.corpora import corpus_tokens, load_corpus  # noqa: E402
-from griffin_export.evaluate import make_windows  # noqa: E402
 from griffin_export.scoring import griffin_statistic, keep_count, top_k_indices  # noqa: E402
 
 
@@ -117,25 +115,16 @@ def fisher_sums(model: torch.nn.Module, spec: object, ids: Tensor) -> list[Tenso
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="wiki-summaries")
     ap.add_argument("--ratio", type=float, action="append", required=True)
     ap.add_argument("--settings", default="full,uniform,protect,energy,minimax,output")
-    ap.add_argument("-L", "--seq-len", type=int, default=1024)
-    ap.add_argument("-P", "--prompt-len", type=int, default=512)
-    ap.add_argument("--max-windows", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    add_window_args(ap)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    loaded = load_model(resolve_source(args.model), torch.float32, "cpu")
+    loaded, windows = load_windows(args.model, args)
     model, spec = loaded.model, loaded.spec
-    assert loaded.tokenizer is not None
-    corpus = load_corpus(args.dataset)
     L, P = args.seq_len, args.prompt_len
-    tokens = corpus_tokens(loaded.tokenizer, corpus.text, L * args.max_windows)
-    windows = make_windows(tokens, L, None, args.max_windows, min_score_from=P)
     blocks = spec.blocks(model)
     n_layers = len(blocks)
     d_ff = spec.d_ff(model.config)

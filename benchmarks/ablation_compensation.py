@@ -47,11 +47,10 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ablation_setup import add_window_args, load_windows  # noqa: E402  (benchmarks/)
+
 from griffin_export.budgets import layer_sizes  # noqa: E402
-from griffin_export.checkpoint import load_model, resolve_source  # noqa: E402
 from griffin_export.compensation import GramStats, apply_regression  # noqa: E402
-from griffin_export.corpora import corpus_tokens, load_corpus  # noqa: E402
-from griffin_export.evaluate import make_windows  # noqa: E402
 from griffin_export.scoring import griffin_statistic, top_k_indices  # noqa: E402
 
 
@@ -116,13 +115,9 @@ def obs_keep(gram: Tensor, w: Tensor, k: int, alpha: float, step: int = 16) -> T
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="wiki-summaries")
     ap.add_argument("--ratio", type=float, action="append", required=True)
     ap.add_argument("--settings", required=True)
-    ap.add_argument("-L", "--seq-len", type=int, default=1024)
-    ap.add_argument("-P", "--prompt-len", type=int, default=512)
-    ap.add_argument("--max-windows", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    add_window_args(ap)
     ap.add_argument(
         "--refresh",
         type=int,
@@ -133,16 +128,11 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=None, help="with --refresh: look-back window")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    loaded = load_model(resolve_source(args.model), torch.float32, "cpu")
+    loaded, windows = load_windows(args.model, args)
     model, spec = loaded.model, loaded.spec
-    assert loaded.tokenizer is not None
-    corpus = load_corpus(args.dataset)
     L, P = args.seq_len, args.prompt_len
-    tokens = corpus_tokens(loaded.tokenizer, corpus.text, L * args.max_windows)
-    windows = make_windows(tokens, L, None, args.max_windows, min_score_from=P)
     blocks = spec.blocks(model)
     n_layers = len(blocks)
     d_ff = spec.d_ff(model.config)

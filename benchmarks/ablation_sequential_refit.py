@@ -34,13 +34,11 @@ import time
 from pathlib import Path
 
 import torch
+from ablation_setup import add_window_args, load_windows  # benchmarks/, beside this script
 from torch import Tensor
 
 from griffin_export.budgets import layer_sizes
-from griffin_export.checkpoint import load_model, resolve_source
 from griffin_export.compensation import GramStats, apply_regression, default_alpha
-from griffin_export.corpora import bos_token, corpus_tokens, load_corpus
-from griffin_export.evaluate import make_windows
 from griffin_export.scoring import griffin_statistic, top_k_indices
 
 
@@ -86,25 +84,16 @@ def sequential_weights(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratio", type=float, action="append", required=True)
-    ap.add_argument("--dataset", default="wiki-summaries")
     ap.add_argument("--settings", default="none,refit,seq")
-    ap.add_argument("-L", "--seq-len", type=int, default=1024)
-    ap.add_argument("-P", "--prompt-len", type=int, default=512)
-    ap.add_argument("--max-windows", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    add_window_args(ap)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    loaded = load_model(resolve_source("smollm2-135m"), torch.float32, "cpu")
+    loaded, windows = load_windows("smollm2-135m", args, with_bos=True)
     model, spec = loaded.model, loaded.spec
     if spec.transposed:
         raise SystemExit("this probe handles [out, in] down weights only")
-    corpus = load_corpus(args.dataset)
     big_l, p = args.seq_len, args.prompt_len
-    bos = bos_token(loaded.tokenizer)
-    tokens = corpus_tokens(loaded.tokenizer, corpus.text, big_l * args.max_windows)
-    windows = make_windows(tokens, big_l, None, args.max_windows, p, bos)
     downs = [spec.down_module(b) for b in spec.blocks(model)]
     full_w = [d.weight.detach().clone() for d in downs]
     d_ff, n_layers = full_w[0].shape[1], len(downs)
