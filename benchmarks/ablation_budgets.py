@@ -49,7 +49,7 @@ from budget_methods import (  # noqa: E402  (benchmarks/, next to this script)
     selection_order,
 )
 
-from griffin_export.scoring import griffin_statistic, keep_count, top_k_indices  # noqa: E402
+from griffin_export.core.scoring import griffin_statistic, keep_count, top_k_indices  # noqa: E402
 
 
 @dataclass

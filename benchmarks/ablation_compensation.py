@@ -8,9 +8,9 @@ FF blocks and are scored (the first of them predicted from position P-1, unprune
 
 The model is loaded once. Per window the prefix runs once (KV cache kept, every layer's
 down-projection inputs captured and their Gram matrices accumulated with
-:class:`griffin_export.compensation.GramStats`); per setting only the L-P suffix runs, with
+:class:`griffin_export.core.compensation.GramStats`); per setting only the L-P suffix runs, with
 every down projection's weight replaced by what the export would write: the kept columns
-(plain or refitted with :func:`griffin_export.compensation.apply_regression`) at their places and
+(plain or refitted with :func:`~griffin_export.core.compensation.apply_regression`) at their places and
 zeros at the dropped ones -- a zero column is exactly a sliced-away neuron -- plus the refit's
 bias where the setting has one.
 
@@ -22,7 +22,7 @@ Setting names ``<selection>/<budget>/<compensation>``:
   neuron whose removal, with the others refitted, costs the least output error
   ``||W_:,j||^2 / [(G + lam I)^-1]_jj``, downdating the inverse; ``lam`` from ``@<a>``),
   ``@<n>`` after it takes only the last n prompt tokens for selection and refit;
-* budget: ``uniform`` or ``protect`` (:func:`griffin_export.budgets.layer_sizes`);
+* budget: ``uniform`` or ``protect`` (:func:`griffin_export.core.budgets.layer_sizes`);
 * compensation: ``none``, ``refit:<alpha>``, ``refit-bias:<alpha>``, or ``mean`` (the dropped
   neurons' prompt mean folded into a bias; "bias only").
 
@@ -49,9 +49,9 @@ sys.path.insert(0, str(ROOT))
 
 from ablation_setup import add_window_args, load_windows  # noqa: E402  (benchmarks/)
 
-from griffin_export.budgets import layer_sizes  # noqa: E402
-from griffin_export.compensation import GramStats, apply_regression  # noqa: E402
-from griffin_export.scoring import griffin_statistic, top_k_indices  # noqa: E402
+from griffin_export.core.budgets import layer_sizes  # noqa: E402
+from griffin_export.core.compensation import GramStats, apply_regression  # noqa: E402
+from griffin_export.core.scoring import griffin_statistic, top_k_indices  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ def run_evaluate(
 ) -> None:
     """The settings through ``evaluate.evaluate`` (``griffin ppl --protocol griffin``'s code):
     refit from each segment's look-back positions, refresh every ``--refresh`` positions."""
-    from griffin_export.evaluate import Setting, evaluate
+    from griffin_export.evaluation.evaluate import Setting, evaluate
 
     runs = [(model, spec, Setting("full", "full"))]
     for ratio in args.ratio:

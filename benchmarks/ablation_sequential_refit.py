@@ -6,7 +6,7 @@ per window of L tokens the first P run through the full model, choose every laye
 continuing the full model's KV cache of the prompt). Settings per ratio:
 
 * ``none``: the plain slice;
-* ``refit:<a>``: the export's refit (``griffin_export.compensation``): ridge on the *full*
+* ``refit:<a>``: the export's refit (``griffin_export.core.compensation``): ridge on the *full*
   model's down inputs ``Z`` of the prompt, target ``Y = Z W^T``;
 * ``seq:<a>``: the same target ``Y`` (the full model's layer output on the prompt), but the
   regressors are the kept activations ``Z~_S`` that the *pruned and already refitted* model
@@ -37,9 +37,9 @@ import torch
 from ablation_setup import add_window_args, load_windows  # benchmarks/, beside this script
 from torch import Tensor
 
-from griffin_export.budgets import layer_sizes
-from griffin_export.compensation import GramStats, apply_regression, default_alpha
-from griffin_export.scoring import griffin_statistic, top_k_indices
+from griffin_export.core.budgets import layer_sizes
+from griffin_export.core.compensation import GramStats, apply_regression, default_alpha
+from griffin_export.core.scoring import griffin_statistic, top_k_indices
 
 
 def sequential_weights(

@@ -33,15 +33,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from griffin_export import export
-from griffin_export.checkpoint import resolve_source
-from griffin_export.runtime import GriffinRuntime, decode
+from griffin_export.runtime.refresh import GriffinRuntime, decode
+from griffin_export.storage.checkpoint import resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = (ROOT / "examples" / "prompt.txt").read_text(encoding="utf-8")
 
 MEMORY_PROBE = """
 import json, sys, torch
-from griffin_export.runtime import GriffinRuntime
+from griffin_export.runtime.refresh import GriffinRuntime
 rt = GriffinRuntime.from_export(sys.argv[1])
 rt.generate(sys.argv[2], int(sys.argv[3]), refresh_every=64, window=128, stop_at_eos=False)
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)

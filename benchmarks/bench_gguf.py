@@ -31,10 +31,10 @@ import numpy as np
 from llama_cpp import Llama
 
 from griffin_export import export
-from griffin_export.checkpoint import ensure_embedded
-from griffin_export.corpora import bos_token, corpus_tokens, load_corpus
-from griffin_export.evaluate import make_windows, perplexity
-from griffin_export.llamacpp import write_gguf
+from griffin_export.engines.llamacpp import write_gguf
+from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_corpus
+from griffin_export.evaluation.evaluate import make_windows, perplexity
+from griffin_export.storage.checkpoint import ensure_embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = (ROOT / "examples" / "prompt.txt").read_text(encoding="utf-8")

@@ -32,12 +32,12 @@ from typing import Any
 import torch
 
 from griffin_export import export
-from griffin_export.budgets import layer_sizes
-from griffin_export.checkpoint import load_model, resolve_source
-from griffin_export.compensation import default_alpha
-from griffin_export.corpora import bos_token, corpus_tokens, load_corpus
-from griffin_export.evaluate import Setting, evaluate, make_windows
-from griffin_export.runtime import GriffinRuntime
+from griffin_export.core.budgets import layer_sizes
+from griffin_export.core.compensation import default_alpha
+from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_corpus
+from griffin_export.evaluation.evaluate import Setting, evaluate, make_windows
+from griffin_export.runtime.refresh import GriffinRuntime
+from griffin_export.storage.checkpoint import load_model, resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = (ROOT / "examples" / "prompt.txt").read_text(encoding="utf-8")

@@ -35,8 +35,8 @@ def build(directory: Path) -> int:
     """Write the synthetic checkpoint (tensor by tensor) unless it exists; return its bytes."""
     from transformers import AutoTokenizer, LlamaConfig
 
-    from griffin_export.checkpoint import resolve_source
-    from griffin_export.safetensors_io import ShardWriter
+    from griffin_export.storage.checkpoint import resolve_source
+    from griffin_export.storage.safetensors_io import ShardWriter
 
     done = directory / "config.json"
     if not done.is_file():
@@ -114,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     source = args.work / "synthetic-llama"
     size = build(source)
-    from griffin_export.corpora import load_corpus
+    from griffin_export.evaluation.corpora import load_corpus
 
     prompt = args.work / "prompt.txt"
     prompt.write_text(load_corpus("wiki-summaries").text[:6000], encoding="utf-8")

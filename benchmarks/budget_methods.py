@@ -2,7 +2,7 @@
 by ``--budget`` (they need every layer's statistic before the first layer is written, which the
 streaming export cannot wait for, and none beat ``protect``: ``benchmarks/RESULTS-budgets.md``).
 
-``griffin_export.budgets`` keeps what the CLI offers (``uniform``, ``protect``); this module
+``griffin_export.core.budgets`` keeps what the CLI offers (``uniform``, ``protect``); this module
 spends the same total ``K = n_layers * k`` from per-layer *gain* vectors: ``g_l[i]`` is what
 layer ``l`` gains by keeping its ``i``-th neuron in selection order (the order of the GRIFFIN
 statistic ``s_l``, largest first). Everything is training- and calibration-free: the gains come
@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from griffin_export.budgets import (
+from griffin_export.core.budgets import (
     BUDGETS,
     _bounds,  # the package's own size bounds, so both modules round alike
     check_budget,
@@ -53,7 +53,7 @@ METHODS = (*BUDGETS, "energy", "minimax", "greedy")
 
 def selection_order(scores: Tensor) -> Tensor:
     """Neuron indices in the order GRIFFIN keeps them: statistic descending, ties to the lower
-    index (the order of :func:`~griffin_export.scoring.top_k_indices` before its final sort)."""
+    index (the order of `top_k_indices` before its final sort)."""
     return torch.sort(scores.float(), descending=True, stable=True).indices
 
 

@@ -20,11 +20,11 @@ from griffin_cli.main import (
     out_console,
     stage_progress,
 )
-from griffin_export.checkpoint import DEFAULT_MODEL
 from griffin_export.errors import OutputError, UsageError
-from griffin_export.taskeval import TaskEvalReport, evaluate_tasks
+from griffin_export.evaluation.taskeval import TaskEvalReport, evaluate_tasks
+from griffin_export.storage.checkpoint import DEFAULT_MODEL
 
-#: ``--mode`` choices (the library's :data:`~griffin_export.taskeval.MODES`).
+#: ``--mode`` choices (the library's :data:`~griffin_export.evaluation.taskeval.MODES`).
 EvalMode = Literal["static", "class", "gen"]
 
 

@@ -1,4 +1,4 @@
-"""``griffin export``: thin wrapper over :func:`griffin_export.export` with Rich output."""
+"""``griffin export``: thin wrapper over :func:`griffin_export.build.export` with Rich output."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from griffin_cli.main import (
     out_console,
     stage_progress,
 )
-from griffin_export.budgets import DEFAULT_BUDGET
-from griffin_export.checkpoint import DEFAULT_MODEL
-from griffin_export.compensation import DEFAULT_METHOD
-from griffin_export.export import ExportResult, export
-from griffin_export.manifest import DEFAULT_CHECKPOINT_FORMAT
-from griffin_export.prompts import gather_prompts
+from griffin_export.build.export import ExportResult, export
+from griffin_export.build.prompts import gather_prompts
+from griffin_export.core.budgets import DEFAULT_BUDGET
+from griffin_export.core.compensation import DEFAULT_METHOD
+from griffin_export.formats.manifest import DEFAULT_CHECKPOINT_FORMAT
+from griffin_export.storage.checkpoint import DEFAULT_MODEL
 
-#: ``--format`` choices (griffin_export.manifest.CHECKPOINT_FORMATS)
+#: ``--format`` choices (griffin_export.formats.manifest.CHECKPOINT_FORMATS)
 CheckpointFormat = Literal["hf", "decilm"]
 
 _STAGES = {

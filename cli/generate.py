@@ -10,9 +10,9 @@ from typing import Any
 import typer
 
 from griffin_cli.main import app, err_console
+from griffin_export.build.prompts import gather_prompts
 from griffin_export.errors import UsageError
-from griffin_export.prompts import gather_prompts
-from griffin_export.runtime import GriffinRuntime, TextStream
+from griffin_export.runtime.refresh import GriffinRuntime, TextStream
 
 
 class Events(str, Enum):

@@ -18,7 +18,7 @@ from griffin_cli.main import (
     pick_model,
     stage_progress,
 )
-from griffin_export.llamacpp import write_gguf
+from griffin_export.engines.llamacpp import write_gguf
 
 _STAGES = {"gguf": "Converting with llama.cpp's converter (%)"}
 

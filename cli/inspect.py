@@ -13,8 +13,8 @@ from rich.table import Table
 from griffin_cli.export import human_bytes
 from griffin_cli.main import app, model_option, out_console, pick_model
 from griffin_export.errors import UsageError
-from griffin_export.exports import is_export
-from griffin_export.inspection import ExportSummary, Flocking, flocking, summarize_export
+from griffin_export.evaluation.inspection import ExportSummary, Flocking, flocking, summarize_export
+from griffin_export.formats.exports import is_export
 
 
 @app.command("inspect")
@@ -162,8 +162,8 @@ def _flocking(
     plot: Path | None,
     as_json: bool,
 ) -> None:
-    from griffin_export.checkpoint import load_model, resolve_source
-    from griffin_export.prompts import read_prompt_file
+    from griffin_export.build.prompts import read_prompt_file
+    from griffin_export.storage.checkpoint import load_model, resolve_source
 
     if plot is None and not as_json:
         raise UsageError("the flocking view is a picture: add --plot FILE.png (or --json)")

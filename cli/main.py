@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from typer.core import TyperGroup
 
 from griffin_export import __version__
-from griffin_export.budgets import BUDGETS
+from griffin_export.core.budgets import BUDGETS
 from griffin_export.errors import GriffinError, UsageError
 
 ProgressCallback = Callable[[str, int, int], None]

@@ -21,9 +21,9 @@ from griffin_cli.main import (
     plural,
     stage_progress,
 )
-from griffin_export.checkpoint import DEFAULT_MODEL
-from griffin_export.compensation import DEFAULT_METHOD, DEFAULT_REFIT_ON_REFRESH
-from griffin_export.evaluate import PplReport, perplexity
+from griffin_export.core.compensation import DEFAULT_METHOD, DEFAULT_REFIT_ON_REFRESH
+from griffin_export.evaluation.evaluate import PplReport, perplexity
+from griffin_export.storage.checkpoint import DEFAULT_MODEL
 
 
 @app.command("ppl")

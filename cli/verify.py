@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 
 from griffin_cli.main import app, err_console, model_option, out_console, pick_model
-from griffin_export.prompts import gather_prompts
-from griffin_export.verify import verify_export
+from griffin_export.build.prompts import gather_prompts
+from griffin_export.formats.verify import verify_export
 
 
 @app.command("verify")

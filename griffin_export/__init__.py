@@ -2,18 +2,18 @@
 
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .architectures import ARCHITECTURES, ArchSpec, spec_for
-from .errors import GriffinError
-from .export import ExportResult, export
-from .loader import load_pretrained
-from .manifest import Manifest, read_manifest
-from .scoring import griffin_statistic, keep_count, top_k_indices
-from .selection import Selection, select_experts
-from .slicing import prune_model
+from griffin_export._version import __version__
+from griffin_export.build.export import ExportResult, export
+from griffin_export.core.architectures import ARCHITECTURES, ArchSpec, spec_for
+from griffin_export.core.scoring import griffin_statistic, keep_count, top_k_indices
+from griffin_export.core.selection import Selection, select_experts
+from griffin_export.core.slicing import prune_model
+from griffin_export.errors import GriffinError
+from griffin_export.formats.loader import load_pretrained
+from griffin_export.formats.manifest import Manifest, read_manifest
 
 if TYPE_CHECKING:
-    from .runtime import GriffinRuntime
+    from griffin_export.runtime.refresh import GriffinRuntime
 
 __all__ = [
     "ARCHITECTURES",
@@ -39,7 +39,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """``GriffinRuntime`` is imported on first use (it pulls in verification and generation)."""
     if name == "GriffinRuntime":
-        from .runtime import GriffinRuntime
+        from griffin_export.runtime.refresh import GriffinRuntime
 
         return GriffinRuntime
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from griffin_export.architectures import ARCHITECTURES, REFUSED, spec_for
+from griffin_export.core.architectures import ARCHITECTURES, REFUSED, spec_for
+from griffin_export.core.slicing import prune_model
 from griffin_export.errors import UnsupportedArchitectureError
-from griffin_export.slicing import prune_model
 
 from tiny import CONFIGS, random_ids, tiny_model
 

@@ -21,8 +21,8 @@ from budget_methods import (  # benchmarks/, put on the path above
     selection_order,
 )
 
+from griffin_export.core.scoring import griffin_statistic
 from griffin_export.errors import UsageError
-from griffin_export.scoring import griffin_statistic
 
 
 def _scores(n_layers: int = 6, d_ff: int = 37, seed: int = 0) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Per-layer budgets griffin export and griffin ppl offer (griffin_export.budgets.layer_sizes:
+"""Per-layer budgets griffin export and griffin ppl offer (griffin_export.core.budgets.layer_sizes:
 uniform, protect): totals, bounds, and exact sizes worked out by hand. The ablation's other
 allocations are tested in test_budget_methods.py."""
 
@@ -9,9 +9,9 @@ import itertools
 import pytest
 import torch
 
-from griffin_export.budgets import BUDGETS, layer_sizes
+from griffin_export.core.budgets import BUDGETS, layer_sizes
+from griffin_export.core.scoring import keep_count
 from griffin_export.errors import UsageError
-from griffin_export.scoring import keep_count
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -62,8 +62,8 @@ def test_select_experts_with_per_layer_sizes() -> None:
     """select_experts with protect's sizes keeps, per layer, the plain top-k_l of the statistic
     recomputed with a Python loop from the down-projection inputs. Catches the uniform k used
     in place of k_per_layer, sizes applied to the wrong layers, or scores that change with k."""
-    from griffin_export.architectures import spec_for
-    from griffin_export.selection import select_experts
+    from griffin_export.core.architectures import spec_for
+    from griffin_export.core.selection import select_experts
 
     from tiny import (
         D_FF,

@@ -14,11 +14,11 @@ from typer.testing import CliRunner, Result
 from griffin_cli import ppl as ppl_module
 from griffin_cli.eval import EvalMode
 from griffin_cli.main import BASELINES, Budget, Compensate, Dtype, Outtype, Protocol, app
-from griffin_export.budgets import BUDGETS, check_budget
-from griffin_export.checkpoint import DTYPES, parse_dtype
-from griffin_export.compensation import METHODS
+from griffin_export.core.budgets import BUDGETS, check_budget
+from griffin_export.core.compensation import METHODS
+from griffin_export.engines.llamacpp import OUTTYPES
 from griffin_export.errors import UsageError
-from griffin_export.llamacpp import OUTTYPES
+from griffin_export.storage.checkpoint import DTYPES, parse_dtype
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "GRIFFIN_DEBUG": None}

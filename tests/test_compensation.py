@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from griffin_export.compensation import (
+from griffin_export.core.compensation import (
     DEFAULT_REFIT_ON_REFRESH,
     GramStats,
     apply_regression,
@@ -20,7 +20,7 @@ from griffin_export.compensation import (
     refit_down,
 )
 from griffin_export.errors import UsageError
-from griffin_export.manifest import EXPERTS_FILE
+from griffin_export.formats.manifest import EXPERTS_FILE
 
 D_FF, D_OUT = 23, 11
 
@@ -213,9 +213,9 @@ def test_ppl_refit_equals_a_refitted_sliced_model_continuing_the_full_cache(
     import copy
 
     from griffin_export import prune_model, select_experts, spec_for
-    from griffin_export.activations import capture_down_inputs
-    from griffin_export.evaluate import Setting, evaluate, make_windows
-    from griffin_export.scoring import keep_count
+    from griffin_export.core.activations import capture_down_inputs
+    from griffin_export.core.scoring import keep_count
+    from griffin_export.evaluation.evaluate import Setting, evaluate, make_windows
 
     from tiny import random_ids, tiny_model
 
@@ -307,7 +307,7 @@ def test_ppl_refit_off_at_refresh_refits_the_prompt_only_and_slices_plain_after_
     same new set. Oracle: the ridge solved on the normal equations in float64 and the known
     dominant neurons. Catches refitting every segment anyway (the refit-on path), dropping
     the prompt's fit when nothing changed, and mixing the old fit with the new set."""
-    from griffin_export.evaluate import griffin_refit_input, griffin_segments
+    from griffin_export.evaluation.evaluate import griffin_refit_input, griffin_segments
 
     first, second = torch.arange(0, 16, 2), torch.arange(1, 17, 2)  # k = 8 each
     segments = griffin_segments(20, 44, 8, 8)  # looks [12,20) [20,28) [28,36), scored 20..43
@@ -370,7 +370,7 @@ def _reference_refit_model(model_type: str, prompts: list[str], ratio: float, me
     import copy
 
     from griffin_export import prune_model, select_experts, spec_for
-    from griffin_export.activations import capture_down_inputs
+    from griffin_export.core.activations import capture_down_inputs
 
     from tiny import char_tokenizer, tiny_model
 
@@ -422,7 +422,7 @@ def test_refitted_export_loads_stock_and_equals_the_in_memory_refit(
     from transformers import AutoModelForCausalLM
 
     from griffin_export import export
-    from griffin_export.manifest import read_manifest
+    from griffin_export.formats.manifest import read_manifest
 
     from tiny import random_ids, save_tiny
 
@@ -479,7 +479,7 @@ def test_compensate_none_writes_the_plain_slices_byte_for_byte(
     import json
 
     from griffin_export import export, prune_model, select_experts, spec_for
-    from griffin_export.manifest import MANIFEST
+    from griffin_export.formats.manifest import MANIFEST
 
     from tiny import char_tokenizer, save_tiny, tiny_model
 
@@ -512,7 +512,7 @@ def test_refit_at_ratio_one_is_the_original_and_bias_needs_a_stock_bias(tmp_path
     from transformers import AutoModelForCausalLM
 
     from griffin_export import export
-    from griffin_export.manifest import read_manifest
+    from griffin_export.formats.manifest import read_manifest
 
     from tiny import random_ids, save_tiny
 
@@ -540,7 +540,7 @@ def test_verify_a_refitted_export_against_its_original(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from griffin_export import export
-    from griffin_export.verify import verify_export
+    from griffin_export.formats.verify import verify_export
 
     from tiny import save_tiny
 
@@ -571,7 +571,7 @@ def test_runtime_refits_a_compensated_export_at_each_refresh_and_resets_to_it(
     from transformers import AutoModelForCausalLM
 
     from griffin_export import export, spec_for
-    from griffin_export.runtime import GriffinRuntime
+    from griffin_export.runtime.refresh import GriffinRuntime
 
     from tiny import save_tiny
 
@@ -620,8 +620,8 @@ def test_embedded_model_refit_streaming_equals_in_memory_and_verifies(tmp_path: 
     from transformers import AutoModelForCausalLM
 
     from griffin_export import export
-    from griffin_export.checkpoint import resolve_source
-    from griffin_export.verify import verify_export
+    from griffin_export.formats.verify import verify_export
+    from griffin_export.storage.checkpoint import resolve_source
 
     prompt = (Path(__file__).parents[1] / "examples" / "prompt.txt").read_text(encoding="utf-8")
     lean = export("smollm2-135m", [prompt], 0.5, out=tmp_path / "lean", streaming=True)

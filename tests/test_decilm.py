@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 
 from griffin_cli.main import app
 from griffin_export import export, load_pretrained
-from griffin_export.architectures import LLAMA_GRAPH, llama_graph_problem
-from griffin_export.budgets import layer_sizes
+from griffin_export.core.architectures import LLAMA_GRAPH, llama_graph_problem
+from griffin_export.core.budgets import layer_sizes
 from griffin_export.errors import ExportFormatError, UsageError
-from griffin_export.exports import open_export
-from griffin_export.loader import ffn_mult_for
-from griffin_export.manifest import EXPERTS_FILE, MANIFEST
-from griffin_export.verify import verify_export
+from griffin_export.formats.exports import open_export
+from griffin_export.formats.loader import ffn_mult_for
+from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
+from griffin_export.formats.verify import verify_export
 
 from tiny import random_ids, save_tiny, tiny_config
 
@@ -201,7 +201,7 @@ def _no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_a: object, **_k: object) -> None:
         raise AssertionError("a model was loaded before the refusal")
 
-    module = importlib.import_module("griffin_export.export")
+    module = importlib.import_module("griffin_export.build.export")
     monkeypatch.setattr(module, "load_model", refuse)
     monkeypatch.setattr(module, "load_streamed", refuse)
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner, Result
 
 from griffin_cli.main import app
+from griffin_export.build.prompts import read_prompt_file
 from griffin_export.errors import UsageError
-from griffin_export.prompts import read_prompt_file
 
 from tiny import save_tiny
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from griffin_cli.main import app
 from griffin_export import export
 from griffin_export.errors import UsageError
-from griffin_export.taskeval import evaluate_tasks
+from griffin_export.evaluation.taskeval import evaluate_tasks
 
 from tiny import char_tokenizer, tiny_model
 
@@ -400,8 +400,8 @@ def test_local_tasks_are_deterministic_and_true(tmp_path: Path) -> None:
     the text that follows its context in the corpus, the three others are different texts.
     Catches a label pointing at a distractor, a non-deterministic shuffle, and distractors
     equal to the answer."""
-    from griffin_export.corpora import load_corpus
-    from griffin_export.tasks import LOCAL_TASKS, build_docs, prepare
+    from griffin_export.evaluation.corpora import load_corpus
+    from griffin_export.evaluation.tasks import LOCAL_TASKS, build_docs, prepare
 
     first = prepare(tmp_path / "a")
     second = prepare(tmp_path / "b")

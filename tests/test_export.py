@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from griffin_export import ARCHITECTURES, export, prune_model, spec_for
-from griffin_export.checkpoint import state_dict_bytes
 from griffin_export.errors import UnsupportedArchitectureError
-from griffin_export.manifest import EXPERTS_FILE, MANIFEST
-from griffin_export.safetensors_io import payload_bytes
+from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
+from griffin_export.storage.checkpoint import state_dict_bytes
+from griffin_export.storage.safetensors_io import payload_bytes
 
 from tiny import MODEL_TYPES, random_ids, save_tiny, tiny_model
 

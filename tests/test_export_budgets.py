@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 
 from griffin_cli.main import app
 from griffin_export import export, load_pretrained, read_manifest, spec_for
-from griffin_export.budgets import layer_sizes
+from griffin_export.core.budgets import layer_sizes
+from griffin_export.core.selection import select_experts
 from griffin_export.errors import UsageError
-from griffin_export.evaluate import Setting, evaluate, make_windows
-from griffin_export.exports import open_export
-from griffin_export.loader import prune_model_per_layer
-from griffin_export.manifest import MANIFEST
-from griffin_export.selection import select_experts
-from griffin_export.verify import verify_export
+from griffin_export.evaluation.evaluate import Setting, evaluate, make_windows
+from griffin_export.formats.exports import open_export
+from griffin_export.formats.loader import prune_model_per_layer
+from griffin_export.formats.manifest import MANIFEST
+from griffin_export.formats.verify import verify_export
 
 from tiny import D_FF, LAYERS, char_tokenizer, random_ids, save_tiny, tiny_model
 
@@ -147,7 +147,7 @@ def test_ppl_and_runtime_open_a_per_layer_export(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert [r["name"] for r in json.loads(result.stdout)["results"]] == ["full", "out"]
 
-    from griffin_export.runtime import GriffinRuntime
+    from griffin_export.runtime.refresh import GriffinRuntime
 
     runtime = GriffinRuntime.from_export(out)
     generated = runtime.generate("The quick", 12, refresh_every=4, window=8)

@@ -19,13 +19,18 @@ from typer.testing import CliRunner
 
 from griffin_cli.main import app
 from griffin_export import export, load_pretrained
-from griffin_export.architectures import LLAMA_CPP_REFUSED
-from griffin_export.checkpoint import ensure_embedded
-from griffin_export.corpora import load_corpus
+from griffin_export.core.architectures import LLAMA_CPP_REFUSED
+from griffin_export.engines.llamacpp import (
+    CONVERTER_ENV,
+    converter_dir,
+    read_gguf_widths,
+    write_gguf,
+)
 from griffin_export.errors import ExportFormatError, UnsupportedArchitectureError, UsageError
-from griffin_export.llamacpp import CONVERTER_ENV, converter_dir, read_gguf_widths, write_gguf
-from griffin_export.manifest import read_manifest
-from griffin_export.verify import verify_export
+from griffin_export.evaluation.corpora import load_corpus
+from griffin_export.formats.manifest import read_manifest
+from griffin_export.formats.verify import verify_export
+from griffin_export.storage.checkpoint import ensure_embedded
 
 from tiny import save_sentencepiece_tokenizer, save_tiny
 

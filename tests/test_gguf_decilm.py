@@ -16,9 +16,9 @@ from test_gguf import llama_cpp_logits, transformers_logits
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from griffin_export import export
-from griffin_export.corpora import load_corpus
-from griffin_export.llamacpp import converter_dir, read_gguf_widths, write_gguf
-from griffin_export.manifest import read_manifest
+from griffin_export.engines.llamacpp import converter_dir, read_gguf_widths, write_gguf
+from griffin_export.evaluation.corpora import load_corpus
+from griffin_export.formats.manifest import read_manifest
 
 from tiny import save_tiny
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from griffin_export.scoring import keep_count
+from griffin_export.core.scoring import keep_count
 
 from tiny import D_FF, LAYERS
 
@@ -152,7 +152,7 @@ def test_budget_plot_has_whole_layer_ticks_and_a_title_inside_the_figure() -> No
     import matplotlib.pyplot as plt
 
     from griffin_cli.inspect import budget_figure
-    from griffin_export.inspection import ExportSummary, LayerRow
+    from griffin_export.evaluation.inspection import ExportSummary, LayerRow
 
     rows = [LayerRow(i, k, 96, k * 100, (96 - k) * 100) for i, k in enumerate((96, 40, 96))]
     model = "/data/models/" + "a-rather-long-directory-name/" * 4 + "SmolLM2-135M-Instruct"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from griffin_export.verify import verify_export
+from griffin_export.formats.verify import verify_export
 
 from tiny import save_tiny
 

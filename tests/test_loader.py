@@ -1,4 +1,5 @@
-"""Non-uniform exports (griffin_export.loader): round trip, stock refusal, uniform unchanged."""
+"""Non-uniform exports (griffin_export.formats.loader): round trip, stock refusal, uniform
+unchanged."""
 
 from __future__ import annotations
 
@@ -8,16 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from griffin_export.architectures import spec_for
-from griffin_export.budgets import layer_sizes
+from griffin_export.core.architectures import spec_for
+from griffin_export.core.budgets import layer_sizes
+from griffin_export.core.selection import select_experts
 from griffin_export.errors import ExportFormatError
-from griffin_export.loader import (
+from griffin_export.formats.loader import (
     checkpoint_ff_sizes,
     load_pretrained,
     per_layer_sizes,
     prune_model_per_layer,
 )
-from griffin_export.selection import select_experts
 
 from tiny import D_FF, LAYERS, random_ids, tiny_model
 

@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from griffin_cli.main import app
 from griffin_export import export, prune_model, select_experts, spec_for
-from griffin_export.activations import capture_down_inputs
-from griffin_export.corpora import load_corpus
+from griffin_export.core.activations import capture_down_inputs
+from griffin_export.core.scoring import keep_count
 from griffin_export.errors import ModelLoadError, UsageError
-from griffin_export.evaluate import (
+from griffin_export.evaluation.corpora import load_corpus
+from griffin_export.evaluation.evaluate import (
     Setting,
     evaluate,
     griffin_mask,
@@ -25,7 +26,6 @@ from griffin_export.evaluate import (
     griffin_settings,
     make_windows,
 )
-from griffin_export.scoring import keep_count
 
 from tiny import char_tokenizer, random_ids, save_tiny, tiny_model
 

@@ -17,14 +17,14 @@ from typer.testing import CliRunner
 
 from griffin_cli.main import app
 from griffin_export import export, spec_for
+from griffin_export.core.scoring import normalized_squares
 from griffin_export.errors import (
     ModelLoadError,
     OriginalMismatchError,
     UsageError,
     VerificationError,
 )
-from griffin_export.runtime import GriffinRuntime, TextStream, _Ring, full_activations
-from griffin_export.scoring import normalized_squares
+from griffin_export.runtime.refresh import GriffinRuntime, TextStream, _Ring, full_activations
 
 from tiny import save_tiny
 

@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from griffin_export import checkpoint
 from griffin_export.errors import ModelLoadError, UsageError
-from griffin_export.safetensors_io import (
+from griffin_export.storage import checkpoint
+from griffin_export.storage.safetensors_io import (
     INDEX_NAME,
     LazyTensors,
     ShardWriter,

@@ -9,14 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from griffin_export.errors import UsageError
-from griffin_export.scoring import (
+from griffin_export.core.scoring import (
     griffin_statistic,
     jaccard,
     keep_count,
     normalized_square_sum,
     top_k_indices,
 )
+from griffin_export.errors import UsageError
 
 from tiny import capture_down_inputs, loop_statistic, plain_top_k
 
@@ -127,7 +127,7 @@ def test_embedded_model_experts_equal_the_plain_loop_statistic(tmp_path: Path) -
     """On the real embedded SmolLM2: the down-projection inputs captured by forward pre-hooks
     on the full transformers model, the statistic recomputed token by token in float64 and
     the plain sorted() top-k give, in every layer, exactly the experts that
-    ``griffin_export.export`` stores in griffin_experts.safetensors (as a set and in the
+    ``griffin_export.build.export`` stores in griffin_experts.safetensors (as a set and in the
     stored ascending order). Catches the streaming export scoring the wrong activation (the
     down projection's output, or gate/up before the product), pooling tokens wrongly,
     shifting layers, or storing indices unsorted or off by one."""
@@ -135,7 +135,7 @@ def test_embedded_model_experts_equal_the_plain_loop_statistic(tmp_path: Path) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from griffin_export import export, spec_for
-    from griffin_export.checkpoint import resolve_source
+    from griffin_export.storage.checkpoint import resolve_source
 
     prompt = (
         "The river rises in the hills and runs south through the old town, past the mill "

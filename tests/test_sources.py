@@ -16,17 +16,17 @@ from typer.testing import CliRunner
 
 from griffin_cli.main import app
 from griffin_export import export, spec_for
-from griffin_export.budgets import layer_sizes
-from griffin_export.checkpoint import (
+from griffin_export.core.budgets import layer_sizes
+from griffin_export.errors import ModelLoadError, UsageError
+from griffin_export.evaluation.corpora import bos_token
+from griffin_export.evaluation.evaluate import Setting, evaluate, make_windows, perplexity
+from griffin_export.formats.exports import open_export, open_export_with_original
+from griffin_export.storage.checkpoint import (
     TOKENIZER_FILES,
     load_model,
     resolve_source,
     save_tokenizer,
 )
-from griffin_export.corpora import bos_token
-from griffin_export.errors import ModelLoadError, UsageError
-from griffin_export.evaluate import Setting, evaluate, make_windows, perplexity
-from griffin_export.exports import open_export, open_export_with_original
 
 from tiny import D_FF, char_tokenizer, random_ids, save_tiny, tiny_model
 
@@ -253,8 +253,8 @@ def test_generate_from_an_overflowing_float16_export_fails_instead_of_printing_t
 ) -> None:
     """An export made in float16 by a griffin without the overflow check (simulated by
     disabling it). Catches decoding argmax(nan) = token 0 forever with exit 0."""
-    import griffin_export.selection as selection
-    import griffin_export.streaming as streaming
+    import griffin_export.build.streaming as streaming
+    import griffin_export.core.selection as selection
 
     src = overflowing_model(tmp_path / "src")
     monkeypatch.setattr(selection, "check_finite_scores", lambda *args: None)
@@ -295,7 +295,7 @@ def test_gguf_float_dtype_is_the_type_its_matrices_are_stored_in(
     import gguf
     import numpy as np
 
-    from griffin_export.checkpoint import gguf_float_dtype
+    from griffin_export.storage.checkpoint import gguf_float_dtype
 
     norm = np.ones(64, dtype=np.float32)
     if matrices == "q8_0":  # 2 rows of one block each: an f16 scale + 32 int8 (34 bytes)
@@ -314,7 +314,7 @@ def test_gguf_cache_key_follows_content_not_path(tmp_path: Path, size: int) -> N
     converted (and stored ~0.5 GB) once per environment. Catches keying on the path or mtime
     (the copy elsewhere must hit the same entry) and hashing only the head of a large file
     (a change in the last bytes, i.e. different tensor data, must give another key)."""
-    from griffin_export.checkpoint import gguf_cache_key
+    from griffin_export.storage.checkpoint import gguf_cache_key
 
     data = bytearray(
         torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(0))

@@ -11,10 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from griffin_export import export, streaming
+from griffin_export import export
+from griffin_export.build import streaming
 from griffin_export.errors import ModelLoadError
-from griffin_export.manifest import EXPERTS_FILE, MANIFEST
-from griffin_export.safetensors_io import ShardWriter, SourceTensors
+from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
+from griffin_export.storage.safetensors_io import ShardWriter, SourceTensors
 
 from tiny import MODEL_TYPES, char_tokenizer, save_tiny, tiny_model
 
@@ -148,8 +149,8 @@ def test_streaming_with_memory_mapped_non_block_tensors(
         seen.append(set(streamed.mapped))
         return streamed
 
-    # the pipeline module (griffin_export.export is shadowed by the function of that name)
-    monkeypatch.setattr(sys.modules["griffin_export.export"], "load_streamed", spy)
+    # the pipeline module (griffin_export.build.export is shadowed by the function of that name)
+    monkeypatch.setattr(sys.modules["griffin_export.build.export"], "load_streamed", spy)
     assert_same_export(tmp_path, tiny_model("llama", tie_word_embeddings=tied), True, PROMPTS)
     assert seen and "model.embed_tokens.weight" in seen[0]
 

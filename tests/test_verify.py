@@ -16,15 +16,15 @@ from typer.testing import CliRunner
 
 from griffin_cli.main import app
 from griffin_export import export
-from griffin_export.checkpoint import file_sha256
 from griffin_export.errors import OriginalMismatchError, VerificationError
-from griffin_export.manifest import EXPERTS_FILE, MANIFEST
-from griffin_export.verify import (
+from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
+from griffin_export.formats.verify import (
     check_export_files,
     check_original,
     check_original_model,
     verify_export,
 )
+from griffin_export.storage.checkpoint import file_sha256
 
 from tiny import save_tiny
 
@@ -225,7 +225,7 @@ def test_original_check_reads_only_samples_and_kept_rows(
     """Verifying against the original never loads a whole FF weight of the original (only
     the fingerprint's samples and the kept rows/column range), and still passes. Catches a
     verify that casts or reads whole original tensors (issue 13, item 8)."""
-    from griffin_export.safetensors_io import LazyTensors
+    from griffin_export.storage.safetensors_io import LazyTensors
 
     whole: list[str] = []
     real_get = LazyTensors.get
@@ -313,7 +313,7 @@ def test_prompt_recomputes_with_the_manifests_alpha_and_checks_the_experts(
     prompt's gets past the hash but not the experts that prompt selects. Catches a
     recomputation with the default alpha instead of the recorded one, and a prompt check that
     trusts the hash alone."""
-    from griffin_export.export import prompt_sha256
+    from griffin_export.build.export import prompt_sha256
 
     from tiny import char_tokenizer
 

@@ -1,0 +1,574 @@
+"""``griffin export``: prompt in, genuinely smaller checkpoint out.
+
+load -> tokenize -> score (full model, hooks) -> slice in place -> write atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from torch import Tensor, nn
+
+from griffin_export._version import __version__
+from griffin_export.core.architectures import ArchSpec, spec_for
+from griffin_export.core.budgets import DEFAULT_BUDGET, check_budget, layer_sizes
+from griffin_export.storage.checkpoint import (
+    LoadedModel,
+    atomic_directory,
+    check_source,
+    copy_tokenizer_files,
+    dtype_name,
+    file_sha256,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    parse_dtype,
+    read_model_type,
+    resolve_source,
+    state_dict_bytes,
+)
+from griffin_export.core.compensation import (
+    DEFAULT_METHOD,
+    Compensation,
+    LayerGrams,
+    default_alpha,
+    refit_stored,
+)
+from griffin_export.errors import OutputError, UsageError
+from griffin_export.engines.llamacpp import (
+    GgufResult,
+    check_llama_cpp_family,
+    check_outtype,
+    check_per_layer_gguf,
+    converter_dir,
+    write_gguf,
+)
+from griffin_export.formats.loader import (
+    check_decilm_export,
+    decilm_config,
+    prune_model_per_layer,
+    set_per_layer_sizes,
+)
+from griffin_export.formats.manifest import (
+    CHECKPOINT_FORMATS,
+    DEFAULT_CHECKPOINT_FORMAT,
+    EXPERTS_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    Manifest,
+    PromptInfo,
+    SourceInfo,
+    write_manifest,
+)
+from griffin_export.storage.safetensors_io import list_shards, parse_size, save_file
+from griffin_export.core.scoring import STATISTIC_NAME, check_multiple_of, check_ratio
+from griffin_export.core.selection import Selection, select_experts
+from griffin_export.core.slicing import prune_model
+from griffin_export.build.streaming import load_streamed, plan_sizes, select_and_write
+
+__all__ = ["EXPERTS_FILE", "MANIFEST", "ExportResult", "Progress", "export", "write_export"]
+
+#: progress callback: (stage, done, total). Stages: load, score, slice, write.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and what it saved."""
+
+    out_dir: Path
+    source: str
+    model_type: str
+    n_layers: int
+    d_ff: int
+    k_per_layer: list[int]
+    ratio: float
+    dtype: str
+    prompt_tokens: int
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    file_bytes: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    budget: str = DEFAULT_BUDGET
+    compensation: dict[str, Any] | None = None
+    checkpoint_format: str = DEFAULT_CHECKPOINT_FORMAT
+    #: the GGUF written inside the export (``gguf=``): :meth:`GgufResult.to_dict`.
+    gguf: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out_dir"] = str(self.out_dir)
+        return data
+
+
+def default_out_dir(model: str, ratio: float, budget: str = DEFAULT_BUDGET) -> Path:
+    """``<model name>-griffin-<ratio>`` in the current directory (``-<budget>`` appended
+    for a budget other than uniform)."""
+    stem = Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
+    suffix = "" if budget == "uniform" else f"-{budget}"
+    return Path(f"{stem}-griffin-{ratio:g}{suffix}")
+
+
+def tokenize_prompts(
+    loaded: LoadedModel, prompts: Sequence[str], max_tokens: int | None
+) -> tuple[list[Tensor], list[str]]:
+    """Token ids of each prompt, truncated to ``max_tokens`` and the model's context."""
+    if loaded.tokenizer is None:
+        raise UsageError(
+            f"'{loaded.source.name}' has no tokenizer files; add them to the model directory"
+        )
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    limits = [v for v in (max_tokens, context) if isinstance(v, int) and v > 0]
+    limit = min(limits) if limits else None
+    warnings: list[str] = []
+    ids: list[Tensor] = []
+    for i, text in enumerate(prompts):
+        encoded = torch.tensor(loaded.tokenizer(text)["input_ids"], dtype=torch.long)
+        if limit is not None and encoded.numel() > limit:
+            why = "--max-prompt-tokens" if limit == max_tokens else "the model's context length"
+            warnings.append(
+                f"prompt {i + 1} has {encoded.numel()} tokens; truncated to {limit} ({why})"
+            )
+            encoded = encoded[:limit]
+        ids.append(encoded)
+    return ids, warnings
+
+
+def prompt_sha256(prompts: Sequence[str]) -> str:
+    """sha256 of the prompt texts (UTF-8), separated by NUL bytes."""
+    return hashlib.sha256(b"\0".join(p.encode("utf-8") for p in prompts)).hexdigest()
+
+
+def export(
+    model: str,
+    prompts: Sequence[str],
+    ratio: float = 0.5,
+    *,
+    out: str | Path | None = None,
+    multiple_of: int = 1,
+    budget: str = DEFAULT_BUDGET,
+    dtype: str | None = None,
+    device: str = "cpu",
+    max_prompt_tokens: int | None = None,
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    streaming: bool | None = None,
+    compensate: str = DEFAULT_METHOD,
+    alpha: float | None = None,
+    checkpoint_format: str = DEFAULT_CHECKPOINT_FORMAT,
+    gguf: str | None = None,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export ``model`` pruned to the experts that ``prompts`` select.
+
+    Args:
+        model: local HF directory, ``.gguf`` file, hub id, or ``"smollm2-135m"``.
+        prompts: one or more texts; the statistic pools all their tokens.
+        ratio: fraction of FF neurons kept per layer, in (0, 1].
+        out: output directory (default ``<model>-griffin-<ratio>``); written atomically.
+        multiple_of: round the kept count to a multiple of this (never above d_ff).
+        budget: how the kept neurons spread over the layers
+            (:data:`griffin_export.core.budgets.BUDGETS`): ``uniform`` (GRIFFIN: ``ratio * d_ff``
+            in every layer; loads with stock ``from_pretrained``) or ``protect`` (first and
+            last layers dense, the others share the rest of the same total; per-layer sizes,
+            load with :func:`griffin_export.load_pretrained`).
+        dtype: ``None``/"auto" keeps the source's; else float32, bfloat16 or float16.
+        max_prompt_tokens: truncate each prompt to this many tokens.
+        force: replace an existing ``out`` (the old one survives until the new is complete).
+        streaming: hold one decoder block at a time (:mod:`griffin_export.build.streaming`);
+            ``None`` streams whenever the source is a safetensors directory. The output is
+            bit-identical either way.
+        compensate: how the pruned layers are repaired
+            (:data:`griffin_export.core.compensation.METHODS`): ``refit`` (default) refits the kept
+            neurons' down-projection columns on the prompt in closed form (ridge ``alpha``)
+            so the pruned layer reproduces the full one there; same shapes, stock-loadable;
+            ``refit-bias`` also fits a down bias (families whose down projection has one);
+            ``none`` writes the plain slices (the exports of griffin before compensation,
+            bit for bit).
+        alpha: ridge strength of the refit, relative to the kept neurons' mean energy
+            (default :func:`~griffin_export.core.compensation.default_alpha` of ``ratio``: 1, or 10
+            from keep 0.8 up).
+        checkpoint_format: the layout of ``config.json`` (:data:`~griffin_export.formats.manifest.
+            CHECKPOINT_FORMATS`): ``hf`` (the source family's own; per-layer widths under
+            ``griffin.intermediate_sizes``) or ``decilm`` (DeciLM / Nemotron-NAS
+            ``block_configs``, which vLLM and llama.cpp's converter read; Llama-graph families
+            only, every width a multiple of 256; :mod:`griffin_export.formats.loader`).
+        gguf: also write the export as ``model-<gguf>.gguf`` inside it, through llama.cpp's
+            converter (:func:`griffin_export.engines.llamacpp.write_gguf`); one of
+            :data:`~griffin_export.engines.llamacpp.OUTTYPES`. Refused before the model loads when the
+            converter is missing, and before scoring when the budget's per-layer widths have
+            no llama.cpp graph.
+        progress: optional ``(stage, done, total)`` callback.
+
+    Returns:
+        An :class:`ExportResult`. Raises :class:`~griffin_export.errors.GriffinError`
+        subclasses for bad input; nothing is left under ``out`` on failure.
+    """
+    started = time.perf_counter()
+    report = progress or (lambda stage, done, total: None)
+    check_ratio(ratio)
+    check_multiple_of(multiple_of)
+    check_budget(budget)
+    how = Compensation(compensate, default_alpha(ratio) if alpha is None else alpha)
+    shard_bytes = parse_size(max_shard_size)
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise UsageError(
+            f"--max-prompt-tokens must be at least 1, got {max_prompt_tokens}; omit it for no limit"
+        )
+    if gguf is not None:
+        check_outtype(gguf)
+        converter_dir()  # missing converter: refused before anything loads
+    texts = [p for p in prompts if p.strip()]
+    if not texts:
+        raise UsageError("the prompt is empty; pass --prompt FILE or --prompt-text TEXT with text")
+    torch_dtype = parse_dtype(dtype)
+    source = resolve_source(model, report)
+    out_dir = Path(out) if out is not None else default_out_dir(source.name, ratio, budget)
+    _check_out_dir(out_dir, source.directory, force)
+    _check_format(checkpoint_format, source, budget, ratio, multiple_of)
+
+    if streaming is None:
+        streaming = bool(list_shards(source.directory).files)
+    report("load", 0, 1)
+    if streaming:
+        model_type, spec = check_source(source, allow_pickle)
+        tokenizer = load_tokenizer(source)
+        loaded = load_streamed(source, spec, model_type, torch_dtype, device, tokenizer).loaded
+    else:
+        loaded = load_model(source, torch_dtype, device, allow_pickle, trust_remote_code)
+    report("load", 1, 1)
+    ids, warnings = tokenize_prompts(loaded, texts, max_prompt_tokens)
+    d_ff = loaded.spec.d_ff(loaded.model.config)
+    how.check_model(_has_down_bias(loaded), loaded.model_type)
+    ks = layer_sizes(budget, len(loaded.spec.blocks(loaded.model)), d_ff, ratio, multiple_of)
+    if gguf is not None:
+        check_llama_cpp_family(loaded.model_type)
+        if len(set(ks)) > 1:
+            check_per_layer_gguf(loaded.model.config, budget)
+
+    def describe(selection: Selection, fingerprint: str) -> Manifest:
+        return Manifest(
+            griffin_version=__version__,
+            source=SourceInfo(
+                model=source.name,
+                kind=source.kind,
+                # Where the runtime finds the full weights again (GGUF: the cached conversion).
+                directory=str(source.directory.resolve()) if source.directory else None,
+                model_type=loaded.model_type,
+                fingerprint=fingerprint,
+                d_ff=selection.d_ff,
+            ),
+            ratio=ratio,
+            multiple_of=multiple_of,
+            budget=budget,
+            statistic=STATISTIC_NAME,
+            k_per_layer=selection.k_per_layer,
+            prompt=PromptInfo(prompt_sha256(texts), selection.tokens, len(texts)),
+            dtype=dtype_name(loaded.model.dtype),
+            compensation=how.record() if how.active else None,
+            checkpoint_format=checkpoint_format,
+        )
+
+    write_weights: Callable[[Path], tuple[Selection, Manifest]]
+    report("score", 0, len(ids))
+    streamed = loaded.streamed
+    if streamed is not None:
+        # Scoring and writing are one pass: each block is sliced and written as soon as its
+        # experts are known (griffin_export.build.streaming).
+        params_before, bytes_before = plan_sizes(streamed, None, d_ff)
+        params_after, bytes_after = plan_sizes(streamed, ks, d_ff)
+        write_total = len(ks)
+
+        def write_weights(directory: Path) -> tuple[Selection, Manifest]:
+            done = select_and_write(
+                streamed,
+                ids,
+                ks,
+                directory,
+                shard_bytes,
+                on_prompt=lambda i: report("score", i + 1, len(ids)),
+                on_layer=lambda layer: report("write", layer + 1, write_total),
+                compensation=how,
+            )
+            manifest = describe(done.selection, done.fingerprint)
+            manifest.files = dict(done.sha256)
+            return done.selection, manifest
+
+    else:
+        selection = select_experts(
+            loaded.spec,
+            loaded.model,
+            ids,
+            on_prompt=lambda i: report("score", i + 1, len(ids)),
+            k_per_layer=ks,
+            gram=how.active,
+        )
+        report("slice", 0, 1)
+        params_before, bytes_before = state_dict_bytes(loaded.model)
+        fingerprint = model_fingerprint(loaded.spec, loaded.model)
+        if selection.grams is not None:
+            refit_in_place(loaded.spec, loaded.model, selection.keep, selection.grams, how)
+            selection.grams = None
+        if len(set(ks)) == 1:
+            prune_model(loaded.spec, loaded.model, selection.keep)
+        else:
+            prune_model_per_layer(loaded.spec, loaded.model, selection.keep)
+        params_after, bytes_after = state_dict_bytes(loaded.model)
+        report("slice", 1, 1)
+        write_total = 1
+
+        def write_weights(directory: Path) -> tuple[Selection, Manifest]:
+            loaded.model.save_pretrained(directory, max_shard_size=shard_bytes)
+            return selection, describe(selection, fingerprint)
+
+    report("write", 0, write_total)
+    file_bytes, selection, manifest, written = write_export(
+        out_dir, loaded, force, write_weights, gguf=gguf, progress=report
+    )
+    report("write", write_total, write_total)
+    if written is not None:
+        warnings += written.warnings
+    return ExportResult(
+        out_dir=out_dir,
+        source=source.name,
+        model_type=loaded.model_type,
+        n_layers=len(selection.keep),
+        d_ff=selection.d_ff,
+        k_per_layer=selection.k_per_layer,
+        ratio=ratio,
+        dtype=manifest.dtype,
+        prompt_tokens=selection.tokens,
+        params_before=params_before,
+        params_after=params_after,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        file_bytes=file_bytes,
+        seconds=time.perf_counter() - started,
+        warnings=warnings,
+        budget=budget,
+        compensation=manifest.compensation,
+        checkpoint_format=checkpoint_format,
+        gguf=None
+        if written is None
+        else written.to_dict() | {"path": str(out_dir / written.path.name)},
+    )
+
+
+def _check_format(
+    checkpoint_format: str, source: Any, budget: str, ratio: float, multiple_of: int
+) -> None:
+    """Refuse an unknown ``checkpoint_format``, and a ``decilm`` export the layout cannot
+    state (:func:`~griffin_export.formats.loader.check_decilm_export`), from the source's config alone
+    (before any weights load)."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise UsageError(
+            f"--format '{checkpoint_format}' is not known; use one of "
+            f"{', '.join(CHECKPOINT_FORMATS)}"
+        )
+    if checkpoint_format == "decilm":
+        from transformers import AutoConfig
+
+        spec = spec_for(read_model_type(source))
+        config = AutoConfig.from_pretrained(source.load_id, trust_remote_code=False)
+        check_decilm_export(config, spec, budget, ratio, multiple_of)
+
+
+def refit_in_place(
+    spec: ArchSpec, model: nn.Module, keep: Sequence[Tensor], grams: LayerGrams, how: Compensation
+) -> None:
+    """Write every layer's refitted down columns (:func:`~griffin_export.core.compensation.
+    refit_stored`) over the kept columns of the full-width down weight (and add the refit's
+    bias to the down bias), one layer at a time; slicing then keeps exactly those values."""
+    for layer, block in enumerate(spec.blocks(model)):
+        down = spec.down_module(block)
+        weight = down.weight
+        assert isinstance(weight, Tensor)
+        refit = refit_stored(weight.data, keep[layer], grams.take(layer), how, spec.transposed)
+        index = keep[layer].to(weight.device)
+        weight.data.index_copy_(spec.neuron_axis("down"), index, refit.weight)
+        bias = getattr(down, "bias", None)
+        if refit.bias is not None and isinstance(bias, Tensor):
+            bias.data.copy_(bias.data + refit.bias)
+
+
+def _has_down_bias(loaded: LoadedModel) -> bool:
+    spec, model = loaded.spec, loaded.model
+    if loaded.streamed is not None:
+        return spec.param_name(0, "down", "bias") in loaded.streamed.plan
+    return isinstance(getattr(spec.down_module(spec.blocks(model)[0]), "bias", None), Tensor)
+
+
+def write_export(
+    out_dir: Path,
+    loaded: LoadedModel,
+    force: bool,
+    write_weights: Callable[[Path], tuple[Selection, Manifest]],
+    *,
+    gguf: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[int, Selection, Manifest, GgufResult | None]:
+    """Write an export atomically: the pruned weights first (``write_weights(directory)``,
+    which returns the selection and the manifest; it also sets the config's FF width), then
+    config (per-layer sizes under ``griffin.intermediate_sizes`` when they differ, or the
+    DeciLM layout when the manifest's ``checkpoint_format`` says so), generation config,
+    tokenizer, experts map, card and manifest.
+    config (per-layer sizes under ``griffin.intermediate_sizes`` when they differ), generation
+    config, tokenizer, experts map, card, the GGUF of ``gguf`` type if asked, and manifest.
+
+    Returns the bytes of the weight files written, the selection, the manifest and the GGUF
+    written (``None`` without ``gguf``).
+    """
+    written = None
+    model = loaded.model
+    with atomic_directory(out_dir, force=force) as tmp:
+        try:
+            selection, manifest = write_weights(tmp)
+            model.config.griffin = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+            set_per_layer_sizes(loaded.spec, model.config, selection.k_per_layer)
+            if manifest.checkpoint_format == "decilm":
+                config = decilm_config(model.config.to_diff_dict(), selection.k_per_layer)
+                text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+                (tmp / "config.json").write_text(text, encoding="utf-8")
+            else:
+                model.config.save_pretrained(tmp)
+            if model.can_generate():
+                model.generation_config.save_pretrained(tmp)
+            copy_tokenizer_files(loaded.source, loaded.tokenizer, tmp)
+            experts = {f"layer.{i}": k.to(torch.int32).cpu() for i, k in enumerate(selection.keep)}
+            save_file(
+                experts, tmp / EXPERTS_FILE, {"format": FORMAT_NAME, "d_ff": str(selection.d_ff)}
+            )
+            (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
+            if gguf is not None:
+                written = write_gguf(tmp, tmp / f"model-{gguf}.gguf", gguf, progress=progress)
+            files = sorted(p for p in tmp.iterdir() if p.is_file())
+            known = manifest.files  # hashed while written (streaming shards)
+            manifest.files = {p.name: known.get(p.name) or file_sha256(p) for p in files}
+            write_manifest(tmp, manifest)
+        except (OSError, SafetensorError) as exc:  # disk full, quota, file size limit...
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise OutputError(
+                f"writing the export to '{out_dir}' failed: {why}; "
+                "free disk space or choose another --out (nothing was left behind)"
+            ) from exc
+        weight_bytes = sum(p.stat().st_size for p in list_shards(tmp).files)
+    return weight_bytes, selection, manifest, written
+
+
+def _check_out_dir(out_dir: Path, source_dir: Path | None, force: bool) -> None:
+    """Refuse an ``--out`` that would overwrite the source or anything but an earlier export.
+
+    Checked before the model loads, so a refused run writes nothing.
+    """
+    if source_dir is not None:
+        src, dst = source_dir.resolve(), out_dir.resolve()
+        if dst == src or src in dst.parents:
+            raise OutputError(
+                f"--out '{out_dir}' is inside the source model directory '{source_dir}'; "
+                "choose a directory outside it"
+            )
+        if dst in src.parents:
+            raise OutputError(
+                f"--out '{out_dir}' contains the source model directory '{source_dir}'; "
+                "replacing it would delete the source, so choose another --out"
+            )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out '{out_dir}' exists and is a file; choose another --out")
+    if out_dir.exists() and not force:
+        raise OutputError(f"'{out_dir}' already exists; pass --force to replace it or choose --out")
+    if out_dir.exists() and not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()):
+        raise OutputError(
+            f"--out '{out_dir}' is a non-empty directory that is not a griffin export; --force "
+            "only replaces an earlier export, so choose another --out or empty it yourself"
+        )
+
+
+def model_card(manifest: Manifest) -> str:
+    """A short README for the export: how it was made and how to load it."""
+    source = manifest.source
+    k = manifest.k_per_layer
+    if len(set(k)) == 1:
+        kept = (
+            f"Every feed-forward layer keeps {k[0]} of its {source.d_ff}\n"
+            f"neurons (ratio {manifest.ratio})"
+        )
+        load = """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+```"""
+    else:
+        kept = (
+            f"The feed-forward layers keep {min(k)} to {max(k)} of their {source.d_ff}\n"
+            f"neurons ({sum(k)} in all: `{manifest.budget}` budget, "
+            f"ratio {manifest.ratio})"
+        )
+        load = """Each layer has its own feed-forward width (`griffin.intermediate_sizes` in
+`config.json`), which stock `from_pretrained` refuses. Load it with griffin, which returns a
+standard `transformers` model:
+
+```python
+import griffin_export
+from transformers import AutoTokenizer
+
+model = griffin_export.load_pretrained("path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+```"""
+    if manifest.checkpoint_format == "decilm":
+        load = """`config.json` is in the DeciLM / Nemotron-NAS layout (`block_configs`, one
+`ffn_mult` per layer), which vLLM's `DeciLMForCausalLM` and llama.cpp's `convert_hf_to_gguf.py`
+read (vLLM reads the config through `transformers`, which needs a DeciLM config class: the
+remote code NVIDIA's Nemotron-NAS checkpoints ship, not included here). `transformers` has no
+DeciLM model class of its own; griffin loads it as a standard `transformers` model:
+
+```python
+import griffin_export
+from transformers import AutoTokenizer
+
+model = griffin_export.load_pretrained("path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+```"""
+    how = manifest.compensation
+    refit = (
+        ""
+        if not how
+        else (
+            " The kept neurons' down-projection columns were then refitted on\n"
+            f"the same prompt (ridge, alpha {how['alpha']:g}"
+            + (", with a down bias" if how.get("bias") else "")
+            + ") so the pruned layers reproduce the full ones there."
+        )
+    )
+    return f"""# GRIFFIN export of `{source.model}`
+
+This checkpoint was written by griffin
+{manifest.griffin_version}. {kept}, the ones with the largest GRIFFIN statistic
+({manifest.statistic}) over a prompt of {manifest.prompt.tokens} tokens
+(sha256 `{manifest.prompt.sha256[:16]}...`).{refit} Everything else is the original's, in
+{manifest.dtype}.
+
+The experts were chosen for text like that prompt; quality on unrelated text is lower.
+
+## Load it
+
+{load}
+
+`griffin_experts.safetensors` holds, per layer (`layer.<i>`), the original neuron index of
+every kept neuron in the order of the rows of the weights. `griffin.json` is the manifest
+(source fingerprint, ratio, k per layer, prompt hash, file hashes).
+"""

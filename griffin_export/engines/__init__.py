@@ -1,0 +1,2 @@
+"""Other inference engines: GGUF files for llama.cpp, written by its own converter in a child
+process."""

