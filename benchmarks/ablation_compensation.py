@@ -10,9 +10,9 @@ The model is loaded once. Per window the prefix runs once (KV cache kept, every 
 down-projection inputs captured and their Gram matrices accumulated with
 :class:`griffin_export.core.compensation.GramStats`); per setting only the L-P suffix runs, with
 every down projection's weight replaced by what the export would write: the kept columns
-(plain or refitted with :func:`~griffin_export.core.compensation.apply_regression`) at their places and
-zeros at the dropped ones -- a zero column is exactly a sliced-away neuron -- plus the refit's
-bias where the setting has one.
+(plain or refitted with :func:`~griffin_export.core.compensation.apply_regression`) at
+their places and zeros at the dropped ones -- a zero column is exactly a sliced-away neuron --
+plus the refit's bias where the setting has one.
 
 Setting names ``<selection>/<budget>/<compensation>``:
 
