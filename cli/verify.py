@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from griffin_cli.main import app, err_console, model_option, out_console, pick_model
 from griffin_export.build.prompts import gather_prompts
+from griffin_export.build.reproduce import verify_with_prompt
 from griffin_export.formats.verify import verify_export
 
 
@@ -43,9 +44,12 @@ def verify_command(
     all hold, else one line per problem and exit 1."""
     directory = Path(pick_model(model, export_dir, "verify", "griffin verify --model DIR"))
     prompts = gather_prompts(prompt, prompt_text) if prompt or prompt_text else None
-    report = verify_export(
-        directory, original, prompts=prompts, max_prompt_tokens=max_prompt_tokens
-    )
+    if prompts is None:
+        report = verify_export(directory, original)
+    else:
+        report = verify_with_prompt(
+            directory, prompts, original, max_prompt_tokens=max_prompt_tokens
+        )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     for problem in report.problems:

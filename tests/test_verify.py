@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from griffin_cli.main import app
 from griffin_export import export
+from griffin_export.build.reproduce import verify_with_prompt
 from griffin_export.errors import OriginalMismatchError, VerificationError
 from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
 from griffin_export.formats.verify import (
@@ -299,7 +300,7 @@ def test_prompt_catches_a_refitted_tensor_that_the_original_cannot(
     tamper_tensor(out, key, lambda t: t * 1.001)
     src = str(made["llama"])
     assert cli(str(out), "--original", src)[0] == 0
-    report = verify_export(out, src, prompts=[PROMPT])
+    report = verify_with_prompt(out, [PROMPT], src)
     assert len(report.problems) == 1 and report.problems[0].startswith(
         f"{key}: differs from the refit recomputed from the prompt"
     ), report.problems
@@ -313,7 +314,7 @@ def test_prompt_recomputes_with_the_manifests_alpha_and_checks_the_experts(
     prompt's gets past the hash but not the experts that prompt selects. Catches a
     recomputation with the default alpha instead of the recorded one, and a prompt check that
     trusts the hash alone."""
-    from griffin_export.build.export import prompt_sha256
+    from griffin_export.build.prompts import prompt_sha256
 
     from tiny import char_tokenizer
 
@@ -321,7 +322,7 @@ def test_prompt_recomputes_with_the_manifests_alpha_and_checks_the_experts(
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["compensation"]["alpha"] = 2.0
     (out / MANIFEST).write_text(json.dumps(manifest))
-    problems = verify_export(out, prompts=[PROMPT]).problems
+    problems = verify_with_prompt(out, [PROMPT]).problems
     assert [p.split(":")[0] for p in problems] == [
         f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)
     ], problems
@@ -330,7 +331,7 @@ def test_prompt_recomputes_with_the_manifests_alpha_and_checks_the_experts(
     manifest["prompt"]["sha256"] = prompt_sha256([other])
     manifest["prompt"]["tokens"] = len(char_tokenizer()(other)["input_ids"])
     (out / MANIFEST).write_text(json.dumps(manifest))
-    problems = verify_export(out, prompts=[other]).problems
+    problems = verify_with_prompt(out, [other]).problems
     assert len(problems) == 1 and problems[0].startswith(f"{EXPERTS_FILE}: layers "), problems
 
 
@@ -342,7 +343,7 @@ def test_prompt_check_of_a_bfloat16_export(made: dict[str, Path], tmp_path: Path
     accepts any bfloat16-sized change."""
     out = tmp_path / "bf16"
     export(str(made["llama"]), [PROMPT], 0.5, out=out, dtype="bfloat16")
-    assert verify_export(out, prompts=[PROMPT]).problems == []
+    assert verify_with_prompt(out, [PROMPT]).problems == []
     key = "model.layers.0.mlp.down_proj.weight"
 
     def one_step_up(t: torch.Tensor) -> torch.Tensor:
@@ -350,7 +351,7 @@ def test_prompt_check_of_a_bfloat16_export(made: dict[str, Path], tmp_path: Path
         return (t.float() + step).to(torch.bfloat16)
 
     tamper_tensor(out, key, one_step_up)
-    problems = verify_export(out, prompts=[PROMPT]).problems
+    problems = verify_with_prompt(out, [PROMPT]).problems
     assert [p.split(":")[0] for p in problems] == [key], problems
 
 
@@ -364,8 +365,8 @@ def test_prompt_check_on_the_embedded_model(tmp_path: Path) -> None:
     prompt = (Path(__file__).parents[1] / "examples" / "prompt.txt").read_text(encoding="utf-8")
     out = tmp_path / "half"
     export("smollm2-135m", [prompt], 0.5, out=out)
-    assert verify_export(out, prompts=[prompt]).problems == []
+    assert verify_with_prompt(out, [prompt]).problems == []
     key = "model.layers.7.mlp.down_proj.weight"
     tamper_tensor(out, key, lambda t: t * 1.0001)
-    problems = verify_export(out, prompts=[prompt]).problems
+    problems = verify_with_prompt(out, [prompt]).problems
     assert [p.split(":")[0] for p in problems] == [key], problems

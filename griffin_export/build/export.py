@@ -57,6 +57,7 @@ from griffin_export.formats.loader import (
     prune_model_per_layer,
     set_per_layer_sizes,
 )
+from griffin_export.build.prompts import prompt_sha256, tokenize_prompts
 from griffin_export.formats.manifest import (
     CHECKPOINT_FORMATS,
     DEFAULT_CHECKPOINT_FORMAT,
@@ -119,36 +120,6 @@ def default_out_dir(model: str, ratio: float, budget: str = DEFAULT_BUDGET) -> P
     stem = Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
     suffix = "" if budget == "uniform" else f"-{budget}"
     return Path(f"{stem}-griffin-{ratio:g}{suffix}")
-
-
-def tokenize_prompts(
-    loaded: LoadedModel, prompts: Sequence[str], max_tokens: int | None
-) -> tuple[list[Tensor], list[str]]:
-    """Token ids of each prompt, truncated to ``max_tokens`` and the model's context."""
-    if loaded.tokenizer is None:
-        raise UsageError(
-            f"'{loaded.source.name}' has no tokenizer files; add them to the model directory"
-        )
-    context = getattr(loaded.model.config, "max_position_embeddings", None)
-    limits = [v for v in (max_tokens, context) if isinstance(v, int) and v > 0]
-    limit = min(limits) if limits else None
-    warnings: list[str] = []
-    ids: list[Tensor] = []
-    for i, text in enumerate(prompts):
-        encoded = torch.tensor(loaded.tokenizer(text)["input_ids"], dtype=torch.long)
-        if limit is not None and encoded.numel() > limit:
-            why = "--max-prompt-tokens" if limit == max_tokens else "the model's context length"
-            warnings.append(
-                f"prompt {i + 1} has {encoded.numel()} tokens; truncated to {limit} ({why})"
-            )
-            encoded = encoded[:limit]
-        ids.append(encoded)
-    return ids, warnings
-
-
-def prompt_sha256(prompts: Sequence[str]) -> str:
-    """sha256 of the prompt texts (UTF-8), separated by NUL bytes."""
-    return hashlib.sha256(b"\0".join(p.encode("utf-8") for p in prompts)).hexdigest()
 
 
 def export(

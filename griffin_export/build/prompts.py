@@ -1,11 +1,18 @@
-"""Reading prompt files: UTF-8 text only, with errors that say what to do."""
+"""Prompts: reading prompt files (UTF-8 text only, with errors that say what to do), their
+token ids for a loaded model, and the sha256 a manifest records."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from griffin_export.errors import UsageError
+from griffin_export.storage.checkpoint import LoadedModel
 
 
 def read_prompt_file(path: str) -> str:
@@ -56,3 +63,33 @@ def gather_prompts(files: list[str] | None, texts: list[str] | None) -> list[str
             "no prompt given; pass --prompt FILE (or - for stdin) or --prompt-text TEXT"
         )
     return prompts
+
+
+def tokenize_prompts(
+    loaded: LoadedModel, prompts: Sequence[str], max_tokens: int | None
+) -> tuple[list[Tensor], list[str]]:
+    """Token ids of each prompt, truncated to ``max_tokens`` and the model's context."""
+    if loaded.tokenizer is None:
+        raise UsageError(
+            f"'{loaded.source.name}' has no tokenizer files; add them to the model directory"
+        )
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    limits = [v for v in (max_tokens, context) if isinstance(v, int) and v > 0]
+    limit = min(limits) if limits else None
+    warnings: list[str] = []
+    ids: list[Tensor] = []
+    for i, text in enumerate(prompts):
+        encoded = torch.tensor(loaded.tokenizer(text)["input_ids"], dtype=torch.long)
+        if limit is not None and encoded.numel() > limit:
+            why = "--max-prompt-tokens" if limit == max_tokens else "the model's context length"
+            warnings.append(
+                f"prompt {i + 1} has {encoded.numel()} tokens; truncated to {limit} ({why})"
+            )
+            encoded = encoded[:limit]
+        ids.append(encoded)
+    return ids, warnings
+
+
+def prompt_sha256(prompts: Sequence[str]) -> str:
+    """sha256 of the prompt texts (UTF-8), separated by NUL bytes."""
+    return hashlib.sha256(b"\0".join(p.encode("utf-8") for p in prompts)).hexdigest()

@@ -41,9 +41,18 @@ from griffin_export.core.compensation import (
     Regression,
     default_alpha,
 )
-from griffin_export.core.scoring import griffin_statistic, normalized_square_sum, top_k_indices
+from griffin_export.core.scoring import (
+    STATISTIC_NAME,
+    griffin_statistic,
+    normalized_square_sum,
+    top_k_indices,
+)
 from griffin_export.core.selection import non_finite_message
 from griffin_export.errors import UsageError
+from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_corpus
+from griffin_export.formats.exports import is_export, load_original, open_export_with_original
+from griffin_export.formats.verify import check_export_files
+from griffin_export.storage.checkpoint import load_model, parse_dtype, resolve_source
 
 # -- windows -----------------------------------------------------------------------------------
 
@@ -509,9 +518,6 @@ def perplexity(
     without ``refit_on_refresh`` only the prompt part refits (the runtime's
     ``refit_on_refresh=False``: a segment whose experts changed runs the plain slice).
     """
-    from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_corpus
-    from griffin_export.formats.exports import is_export, open_export_with_original
-    from griffin_export.storage.checkpoint import load_model, parse_dtype, resolve_source
 
     report = progress or (lambda stage, done, total: None)
     exported = is_export(model)
@@ -654,9 +660,6 @@ def _export_recipe(
     """``--protocol griffin`` on an export: its original, and the export's recipe (k per
     layer, ratio, budget, statistic, compensation) from the checked manifest, which the run
     then uses."""
-    from griffin_export.core.scoring import STATISTIC_NAME
-    from griffin_export.formats.exports import load_original
-    from griffin_export.formats.verify import check_export_files
 
     manifest = check_export_files(directory)
     recipe: dict[str, object] = {

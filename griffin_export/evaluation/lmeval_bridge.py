@@ -15,7 +15,7 @@ from torch import nn
 
 from griffin_export.core.architectures import ArchSpec
 from griffin_export.errors import UsageError
-from griffin_export.evaluation.taskeval import SERVES, EvalSetting, PromptExperts, class_mode
+from griffin_export.evaluation.eval_modes import SERVES, EvalSetting, PromptExperts, class_mode
 from griffin_export.runtime.refresh import decode
 
 

@@ -28,35 +28,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from griffin_export._version import __version__
 from griffin_export.core.architectures import ArchSpec
-from griffin_export.core.budgets import check_budget, layer_sizes
-from griffin_export.core.compensation import DEFAULT_ALPHA, check_alpha, check_method, default_alpha
+from griffin_export.core.budgets import check_budget
+from griffin_export.core.compensation import check_alpha, check_method
 from griffin_export.core.scoring import (
     STATISTIC_NAME,
     check_ratio,
-    griffin_statistic,
-    normalized_squares,
-    top_k_indices,
 )
 from griffin_export.errors import GriffinError, UsageError
+from griffin_export.evaluation.eval_modes import (
+    MODES,
+    SERVES,
+    EvalSetting,
+    adaptive_settings,
+)
+from griffin_export.evaluation.tasks import LOCAL_TASKS, prepare
+from griffin_export.formats.exports import is_export, load_original, open_export
+from griffin_export.formats.verify import check_original_model
+from griffin_export.storage.checkpoint import cache_dir, load_model, parse_dtype, resolve_source
 
-MODES = ("static", "class", "gen")
 INSTALL_HINT = "pip install 'griffin-export[eval]'"
-#: lm-eval request types each mode can serve (multiple_choice tasks send loglikelihood).
-SERVES = {
-    "static": ("loglikelihood", "multiple_choice", "loglikelihood_rolling", "generate_until"),
-    "class": ("loglikelihood", "multiple_choice"),
-    "gen": ("generate_until",),
-}
 #: What to use instead, per mode, when a task asks for a request type the mode cannot serve.
 _INSTEAD = {
     "class": "use --mode gen for generate_until tasks, or an export with --mode static",
@@ -79,177 +77,6 @@ def require_lm_eval() -> Any:
     return lm_eval
 
 
-# -- settings ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalSetting:
-    """One column of the report.
-
-    ``protocol``: ``plain`` (the model as it is, any request type), ``class`` or ``gen`` (the
-    modes above; ``k`` None runs the same protocol unpruned, i.e. the full model).
-    ``model``: ``full`` (the full model), or the name of the export it runs.
-    """
-
-    name: str
-    protocol: str
-    model: str = "full"
-    ratio: float | None = None
-    budget: str | None = None
-    k: tuple[int, ...] | None = None
-    refresh: int = 0
-    window: int | None = None
-    compensate: str = "none"
-    alpha: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["k_per_layer"] = list(data.pop("k")) if self.k is not None else None
-        return data
-
-
-def adaptive_settings(
-    mode: str,
-    n_layers: int,
-    d_ff: int,
-    ratios: Sequence[float],
-    budgets: Sequence[str],
-    refresh: int = 0,
-    window: int | None = None,
-    check: bool = False,
-    compensate: str = "none",
-    alpha: float | None = None,
-) -> list[EvalSetting]:
-    """``class``/``gen``: the full model, then one setting per ratio and budget (and with
-    ``check`` a ratio-1.0 setting named ``check r=1``). ``compensate`` (class mode only) refits
-    the kept neurons' down columns on the positions that chose them, as ``griffin ppl`` does;
-    ``alpha`` None means :func:`~griffin_export.core.compensation.default_alpha` of each ratio."""
-    if compensate != "none" and mode != "class":
-        raise UsageError(
-            f"--compensate {compensate} applies to --mode class only; drop it for --mode {mode}"
-        )
-    settings = [EvalSetting("full", mode)]
-    for ratio in ratios:
-        for budget in budgets:
-            k = tuple(layer_sizes(budget, n_layers, d_ff, ratio))
-            name = f"{mode} r={ratio:g}" + ("" if budget == "uniform" else f" {budget}")
-            name += f" refresh={refresh}" if refresh else ""
-            name += f" {compensate}" if compensate != "none" else ""
-            how = default_alpha(ratio) if alpha is None else alpha
-            settings.append(
-                EvalSetting(
-                    name,
-                    mode,
-                    "full",
-                    ratio,
-                    budget,
-                    k,
-                    refresh,
-                    window,
-                    compensate,
-                    how if compensate != "none" else None,
-                )
-            )
-    if check:
-        k = tuple(layer_sizes("uniform", n_layers, d_ff, 1.0))
-        settings.append(EvalSetting("check r=1", mode, "full", 1.0, "uniform", k))
-    return settings
-
-
-# -- class mode: experts from all positions but the last ------------------------------------------
-
-
-def class_mode(
-    spec: ArchSpec,
-    model: nn.Module,
-    k: Sequence[int],
-    length: int,
-    compensate: str = "none",
-    alpha: float | None = None,
-) -> AbstractContextManager[None]:
-    """Hooks making a forward of ``model`` over ``length`` >= 2 positions (batch 1) run GRIFFIN's
-    classification mode: layer ``l`` keeps the top ``k[l]`` neurons of the statistic over
-    positions ``0..length-2``, applied at position ``length-1`` only. This is the ``griffin``
-    perplexity protocol of :mod:`griffin_export.evaluation.evaluate` with a prompt of ``length-1``
-    tokens, whose hooks it installs. With ``compensate`` the last position runs the kept
-    neurons with their down columns refitted on the earlier positions (ridge ``alpha``)."""
-    from griffin_export.evaluation.evaluate import Setting, ff_setting
-
-    how = DEFAULT_ALPHA if alpha is None else alpha
-    setting = Setting("class", "griffin", k=list(k), compensate=compensate, alpha=how)
-    return ff_setting(spec, model, setting, length - 1)
-
-
-# -- gen mode: experts from the prompt, pruned decoding -------------------------------------------
-
-
-class PromptExperts:
-    """Hooks for ``gen``: the first forward (the prefill, batch 1) runs the full FF and
-    chooses layer ``l``'s top ``k[l]`` neurons from all its positions; every later forward
-    (one decoded token each) runs with only those. With ``refresh`` N, before the forward of
-    generated token j (j a multiple of N) the experts are re-chosen from the last ``window``
-    positions run so far (all of them if None): the refresh runtime's timing and statistic.
-    """
-
-    def __init__(
-        self,
-        spec: ArchSpec,
-        model: nn.Module,
-        k: Sequence[int],
-        refresh: int = 0,
-        window: int | None = None,
-    ) -> None:
-        self.spec, self.model, self.k = spec, model, list(k)
-        self.refresh, self.window = refresh, window
-        n = len(self.k)
-        self.keep: list[Tensor | None] = [None] * n
-        self.history: list[Tensor | None] = [None] * n  # [positions, d_ff] float32 squares
-        self.steps = [0] * n
-        self.handles: list[Any] = []
-
-    def __enter__(self) -> PromptExperts:
-        for layer, block in enumerate(self.spec.blocks(self.model)):
-            self.handles.append(
-                self.spec.down_module(block).register_forward_pre_hook(
-                    lambda _m, args, layer=layer: self._hook(layer, args)
-                )
-            )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def _choose(self, layer: int, squares: Tensor) -> Tensor:
-        scores = griffin_statistic(squares.sum(dim=0), accumulated=True)
-        keep = torch.zeros(squares.shape[-1])
-        keep[top_k_indices(scores, self.k[layer])] = 1
-        return keep
-
-    def _remember(self, layer: int, squares: Tensor) -> None:
-        if not self.refresh:
-            return
-        past = self.history[layer]
-        rows = squares if past is None else torch.cat([past, squares])
-        self.history[layer] = rows if self.window is None else rows[-self.window :]
-
-    def _hook(self, layer: int, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
-        z = args[0]  # [1, T, d_ff]
-        squares = normalized_squares(z)  # [T, d_ff] float32
-        keep = self.keep[layer]
-        if keep is None:  # the prefill: full FF, choose from every prompt position
-            self.keep[layer] = self._choose(layer, squares)
-            self._remember(layer, squares)
-            return None
-        self.steps[layer] += 1
-        history = self.history[layer]
-        if self.refresh and self.steps[layer] % self.refresh == 0 and history is not None:
-            keep = self.keep[layer] = self._choose(layer, history)
-        self._remember(layer, squares)
-        return (z * keep.to(z.device, z.dtype), *args[1:])
-
-
 # -- tasks -------------------------------------------------------------------------------------
 
 
@@ -258,9 +85,6 @@ def task_manager(names: Sequence[str], include_path: Sequence[str | Path] = ()) 
     cache) and ``include_path`` folders first, lm-eval's ~14k built-in tasks only when a name
     is not found there (indexing them takes seconds)."""
     from lm_eval.tasks import TaskManager
-
-    from griffin_export.evaluation.tasks import LOCAL_TASKS, prepare
-    from griffin_export.storage.checkpoint import cache_dir
 
     for folder in include_path:
         if not Path(folder).is_dir():
@@ -451,9 +275,6 @@ def evaluate_tasks(
     exactly; the comparison is in ``report.check``.
     """
     require_lm_eval()
-    from griffin_export.formats.exports import is_export, load_original, open_export
-    from griffin_export.formats.verify import check_original_model
-    from griffin_export.storage.checkpoint import load_model, parse_dtype, resolve_source
 
     report = progress or (lambda stage, done, total: None)
     names = _check_options(tasks, limit, num_fewshot, batch_size, refresh, window, max_gen_tokens)

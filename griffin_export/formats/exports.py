@@ -27,6 +27,7 @@ from griffin_export.storage.checkpoint import (
     parse_dtype,
     resolve_source,
 )
+from griffin_export.storage.safetensors_io import SourceTensors
 
 
 def require_export_dir(path: str | Path) -> Path:
@@ -113,7 +114,6 @@ def open_export_with_original(
     recorded fingerprint first, as :func:`open_export` and :func:`load_original` do; a
     non-FF tensor of the export that differs from the original's is read from the export.
     """
-    from griffin_export.storage.safetensors_io import SourceTensors
 
     directory = require_export_dir(export_dir)
     manifest = check_export_files(directory)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +41,9 @@ from griffin_export.formats.manifest import (
 from griffin_export.storage.checkpoint import (
     DTYPES,
     check_safetensors_files,
+    ff_tensors,
     file_sha256,
+    fingerprint_samples,
     resolve_source,
     sample_ranges,
     samples_as_float,
@@ -61,6 +63,10 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
     original: str | None = None
+    #: The manifest and kept-index map as read, once the weights were found readable (what a
+    #: further check such as :mod:`griffin_export.build.reproduce` starts from).
+    manifest: dict[str, Any] | None = field(default=None, repr=False)
+    keep: list[Tensor] | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -98,8 +104,6 @@ def verify_export(
     original: str | Path | None = None,
     *,
     hash_files: bool = True,
-    prompts: Sequence[str] | None = None,
-    max_prompt_tokens: int | None = None,
 ) -> VerifyReport:
     """Check an export directory; every finding becomes one line of ``report.problems``.
 
@@ -110,12 +114,8 @@ def verify_export(
     original is the model the export was made from (FF fingerprint) and that every pruned
     tensor equals the original's sliced at the recorded indices.
 
-    With ``prompts`` (the texts given to ``griffin export``, in order; truncated to
-    ``max_prompt_tokens`` as the export did) also recompute the export from them with the
-    original (``original``, default the manifest's source): the prompt's sha256 against the
-    manifest's, the experts the prompt selects against the kept-index map, and for a
-    compensated export every refitted down projection (and bias) against the refit
-    recomputed by export's own code, within :func:`refit_tolerance`.
+    Recomputing the export from its prompt (``griffin verify --prompt``) needs the pipeline
+    that wrote it: :func:`griffin_export.build.reproduce.verify_with_prompt`.
 
     Raises :class:`~griffin_export.errors.GriffinError` only when ``original`` itself cannot
     be found or read; problems of the export are reported, never raised.
@@ -157,12 +157,7 @@ def verify_export(
         if original is not None and keep is not None:
             _check_against_original(spec, manifest, exported, keep, str(original), stack, problems)
             report.checked.append("pruned tensors against the original")
-        if prompts is not None and keep is not None:
-            where = None if original is None else str(original)
-            _check_prompt(
-                export_dir, manifest, exported, keep, where, prompts, max_prompt_tokens, problems
-            )
-            report.checked.append("experts and refit recomputed from the prompt")
+        report.manifest, report.keep = manifest, keep
     return report
 
 
@@ -204,7 +199,6 @@ def check_original(export_dir: str | Path, original: str | Path) -> None:
 def check_original_model(export_dir: str | Path, model: nn.Module) -> None:
     """:func:`check_original` for an original already loaded as a model (any dtype that
     holds the export's values exactly, e.g. the export's own dtype)."""
-    from griffin_export.storage.checkpoint import ff_tensors, fingerprint_samples
 
     manifest = _require_manifest(Path(export_dir))
     spec = spec_for(manifest["source"]["model_type"])
@@ -536,108 +530,6 @@ def _check_untouched(
                 f"{key}: differs from the original (compensation changes only the down "
                 "projections); re-export"
             )
-
-
-def refit_tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    """``(rtol, scale_tol)``: a refitted down weight ``got`` (stored in ``dtype``) matches its
-    recomputation ``want`` (float32, cast to ``dtype``) where ``|got - want| <= rtol * |want|
-    + scale_tol * max|want|`` elementwise, the max over the layer: 2 units in the last place
-    of ``dtype`` (a rounding flip) plus 1e-5 of the layer's scale (the float32 solve's
-    rounding differs between BLAS builds and thread counts: 1.8e-7 measured between 1 and 2
-    threads on the embedded model)."""
-    return 2 * torch.finfo(dtype).eps, 1e-5
-
-
-def _check_prompt(
-    export_dir: Path,
-    manifest: dict[str, Any],
-    exported: LazyTensors,
-    keep: list[Tensor],
-    original: str | None,
-    prompts: Sequence[str],
-    max_prompt_tokens: int | None,
-    problems: list[str],
-) -> None:
-    """Recompute what ``griffin export`` made from ``prompts`` (its own tokenizing,
-    selection and refit code, in memory) and compare with the export."""
-    from griffin_export.build.export import prompt_sha256, refit_in_place, tokenize_prompts
-    from griffin_export.core.compensation import Compensation
-    from griffin_export.core.selection import select_experts
-    from griffin_export.formats.exports import load_original
-
-    texts = [p for p in prompts if p.strip()]
-    recorded = manifest["prompt"]
-    if prompt_sha256(texts) != recorded["sha256"]:
-        problems.append(
-            f"prompt: not the prompt the export was made from (its sha256 differs from "
-            f"{MANIFEST}'s); pass the prompt file(s) given to griffin export, in the same order"
-        )
-        return
-    try:
-        loaded = load_original(export_dir, manifest, original)
-    except OriginalMismatchError as exc:
-        problems.append(f"prompt: cannot recompute the export: {exc}")
-        return
-    ids, _ = tokenize_prompts(loaded, texts, max_prompt_tokens)
-    tokens = sum(int(one.numel()) for one in ids)
-    if tokens != recorded["tokens"]:
-        problems.append(
-            f"prompt: {tokens} tokens, but the export pooled {recorded['tokens']}; pass the "
-            "--max-prompt-tokens it was exported with"
-        )
-        return
-    recorded_how = manifest.get("compensation")
-    how = (
-        Compensation(str(recorded_how["method"]), float(recorded_how["alpha"]))
-        if recorded_how
-        else None
-    )
-    spec, model = loaded.spec, loaded.model
-    selection = select_experts(
-        spec, model, ids, k_per_layer=manifest["k_per_layer"], gram=how is not None
-    )
-    differ = [
-        layer
-        for layer, (want, got) in enumerate(zip(selection.keep, keep, strict=True))
-        if not torch.equal(want, got.long())
-    ]
-    if differ:
-        problems.append(
-            f"{EXPERTS_FILE}: layers {_layer_list(differ)} keep other neurons than the prompt "
-            "selects from the original; re-export"
-        )
-        return
-    if how is None or selection.grams is None:
-        return
-    refit_in_place(spec, model, selection.keep, selection.grams, how)
-    axis = spec.neuron_axis("down")
-    dtype = _torch_dtype(manifest["dtype"])
-    rtol, scale_tol = refit_tolerance(dtype)
-    for layer, block in enumerate(spec.blocks(model)):
-        down = spec.down_module(block)
-        weight, bias = down.weight, getattr(down, "bias", None)
-        assert isinstance(weight, Tensor)
-        wanted = {spec.param_name(layer, "down"): weight.detach().index_select(axis, keep[layer])}
-        if how.bias and isinstance(bias, Tensor):
-            wanted[spec.param_name(layer, "down", "bias")] = bias.detach()
-        for key, want in wanted.items():
-            if key not in exported or exported.shape(key) != tuple(want.shape):
-                continue  # reported by the shape checks
-            got, want = exported.get(key).float(), want.to(dtype).float()
-            scale = float(want.abs().max())
-            excess = (got - want).abs() - rtol * want.abs()
-            if not float(excess.max()) <= scale_tol * scale:
-                problems.append(
-                    f"{key}: differs from the refit recomputed from the prompt by up to "
-                    f"{float((got - want).abs().max()):.3g} (allowed: 2 ulps of "
-                    f"{manifest['dtype']} plus {scale_tol:g} x the layer's largest |weight| "
-                    f"{scale:.3g}); re-export"
-                )
-
-
-def _layer_list(layers: list[int]) -> str:
-    shown = ", ".join(str(layer) for layer in layers[:8])
-    return shown + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
 
 
 # -- helpers ------------------------------------------------------------------------------------
