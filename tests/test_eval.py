@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from griffin_cli.main import app
-from griffin_export import export
+from griffin_export import export, keep_count
 from griffin_export.errors import UsageError
 from griffin_export.evaluation.taskeval import evaluate_tasks
 
@@ -420,21 +420,67 @@ def test_local_tasks_are_deterministic_and_true(tmp_path: Path) -> None:
             assert len(set(doc.choices)) == 4
 
 
+#: The text between a shipped task's context and its true choice in the corpus (a wiki lead's
+#: sentences are joined by one space, a speech's lines by a newline): lm-eval's continuation is
+#: this followed by the choice.
+SHIPPED_SEPARATORS = {"griffin_wiki_next": " ", "griffin_shakespeare_next": "\n"}
+
+
 @pytest.mark.slow
 def test_embedded_model_on_the_shipped_tasks() -> None:
-    """The embedded SmolLM2 on both shipped tasks, class mode with --check: ratio 1.0 equals
-    the full model exactly and every accuracy is a number in [0, 1]. Catches the real
-    tokenizer/model path (BOS handling, max length) diverging between settings."""
+    """The embedded SmolLM2 on both shipped tasks (class mode, r=0.5, --check), judged by a
+    loop written here over the tasks' own documents: each choice's log-likelihood is the sum
+    of the model's log-probs of ``separator + choice`` after the context (no BOS, as the
+    tokenizer encodes a text), under the plain model for ``full`` and under a forward whose
+    last position keeps the top-k neurons of the earlier positions for ``class r=0.5``; the
+    reported acc / acc_norm equal the argmax against the label of those sums. Catches the real
+    tokenizer path diverging (a BOS added or dropped, the separator lost, the continuation
+    split at a different token), documents served in another order than the task files, a
+    label or acc computed from the wrong column, and the pruned column not pruning (or
+    pruning every position) on a real model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from griffin_export.evaluation.tasks import build_docs
+    from griffin_export.storage.checkpoint import resolve_source
+
+    limit = 6
+    names = list(SHIPPED_SEPARATORS)
     report = evaluate_tasks(
-        "smollm2-135m",
-        tasks=["griffin_wiki_next", "griffin_shakespeare_next"],
-        mode="class",
-        ratios=[0.5],
-        limit=2,
-        check=True,
+        "smollm2-135m", tasks=names, mode="class", ratios=[0.5], limit=limit, check=True
     )
     assert report.check is not None and report.check["equal"]
-    rows = report.metric_rows()
-    assert {r.task for r in rows} == {"griffin_wiki_next", "griffin_shakespeare_next"}
-    for row in rows:
-        assert all(0.0 <= v <= 1.0 for v, _ in row.values.values())
+    assert report.check["requests"] == len(names) * limit * 4
+    directory = resolve_source("smollm2-135m").directory
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(directory)
+    k = keep_count(model.config.intermediate_size, 0.5)
+    responses = {
+        (row["task"], row["doc_id"], row["request"]): row["responses"]
+        for row in report.sample_rows()
+    }
+    for name, sep in SHIPPED_SEPARATORS.items():
+        hits = {"full": [0.0, 0.0], "class r=0.5": [0.0, 0.0]}  # acc, acc_norm
+        for doc_id, doc in enumerate(build_docs(name)[:limit]):
+            lls: dict[str, list[float]] = {"full": [], "class r=0.5": []}
+            for index, choice in enumerate(doc.choices):
+                n_context = len(tok(doc.context)["input_ids"])
+                ids = tok(doc.context + sep + choice)["input_ids"]
+                n_cont = len(ids) - n_context
+                inp = torch.tensor(ids[:-1])
+                with torch.no_grad():
+                    full = _continuation_loglik(model(input_ids=inp[None]).logits[0], ids, n_cont)
+                pruned = _continuation_loglik(_masked_last_position(model, inp, k), ids, n_cont)
+                got = responses[(name, doc_id, index)]
+                assert got["full"][0] == pytest.approx(full, abs=1e-3)
+                assert got["class r=0.5"][0] == pytest.approx(pruned, abs=1e-3)
+                assert abs(pruned - full) > 1e-3  # the last position really is pruned
+                lls["full"].append(full)
+                lls["class r=0.5"].append(pruned)
+            for column, values in lls.items():
+                norm = [v / len(c) for v, c in zip(values, doc.choices, strict=True)]
+                hits[column][0] += values.index(max(values)) == doc.label
+                hits[column][1] += norm.index(max(norm)) == doc.label
+        for column, (acc, acc_norm) in hits.items():
+            results = report.results[column]["results"][name]
+            assert results["acc,none"] == pytest.approx(acc / limit)
+            assert results["acc_norm,none"] == pytest.approx(acc_norm / limit)

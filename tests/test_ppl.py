@@ -24,10 +24,12 @@ from griffin_export.evaluation.evaluate import (
     griffin_mask,
     griffin_segments,
     griffin_settings,
+    magnitude_keep,
     make_windows,
+    random_keep,
 )
 
-from tiny import char_tokenizer, random_ids, save_tiny, tiny_model
+from tiny import char_tokenizer, plain_top_k, random_ids, save_tiny, tiny_model
 
 L, P = 48, 20
 
@@ -173,13 +175,103 @@ def test_per_window_refit_equals_the_export_of_the_windows_prompt(
     )
 
 
+def neuron_weight_vectors(model_type: str, model: Any) -> list[list[list[list[float]]]]:
+    """Per layer, per FF neuron j, the weight vectors that slicing neuron j keeps, read off
+    the modules by name (independently of the architecture table): nn.Linear stores
+    ``[out, in]`` (gate/up: row j, down: column j); Phi-3 stacks ``[gate; up]`` in one
+    ``gate_up_proj`` (rows j and d_ff + j); GPT-2's Conv1D stores ``[in, out]`` (c_fc: column
+    j, c_proj: row j)."""
+
+    def rows(weight: torch.Tensor) -> list[list[float]]:
+        return weight.detach().double().tolist()
+
+    def columns(weight: torch.Tensor) -> list[list[float]]:
+        return weight.detach().double().T.tolist()
+
+    out = []
+    if model_type == "gpt2":
+        for block in model.transformer.h:
+            fc, proj = columns(block.mlp.c_fc.weight), rows(block.mlp.c_proj.weight)
+            out.append([[fc[j], proj[j]] for j in range(len(proj))])
+    elif model_type == "gpt_neox":
+        for block in model.gpt_neox.layers:
+            up, down = rows(block.mlp.dense_h_to_4h.weight), columns(block.mlp.dense_4h_to_h.weight)
+            out.append([[up[j], down[j]] for j in range(len(down))])
+    elif model_type == "phi3":
+        for block in model.model.layers:
+            fused, down = rows(block.mlp.gate_up_proj.weight), columns(block.mlp.down_proj.weight)
+            d_ff = len(down)
+            out.append([[fused[j], fused[d_ff + j], down[j]] for j in range(d_ff)])
+    else:
+        for block in model.model.layers:
+            gate, up = rows(block.mlp.gate_proj.weight), rows(block.mlp.up_proj.weight)
+            down = columns(block.mlp.down_proj.weight)
+            out.append([[gate[j], up[j], down[j]] for j in range(len(down))])
+    return out
+
+
+def hand_magnitude_keep(model_type: str, model: Any, k: list[int]) -> list[list[int]]:
+    """Per layer, the k[l] neurons with the largest product of the L2 norms of their weight
+    vectors (:func:`neuron_weight_vectors`), norms summed in plain Python, ties to the lower
+    index."""
+    keep = []
+    for layer, neurons in enumerate(neuron_weight_vectors(model_type, model)):
+        scores = [
+            math.prod(math.sqrt(sum(v * v for v in vector)) for vector in vectors)
+            for vectors in neurons
+        ]
+        keep.append(plain_top_k(scores, k[layer]))
+    return keep
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2", "gpt_neox"])
+def test_magnitude_keep_equals_hand_computed_weight_norms(model_type: str) -> None:
+    """magnitude_keep's experts equal the top-k of the product of each neuron's weight norms
+    computed here by plain loops, with a different k in every layer, on a separate gate/up
+    (llama), a fused gate_up (phi3), GPT-2's transposed Conv1D and a gateless MLP (gpt_neox).
+    Catches norms over the wrong axis (rows for a Conv1D, columns for a Linear), a fused
+    gate_up split as interleaved rows (2j, 2j+1) or not split, a projection left out of the
+    product (only down, or no gate), k taken from the wrong layer, and ties to the higher
+    index."""
+    model, spec = tiny_model(model_type), spec_for(model_type)
+    k = [5, 18, 30]
+    expected = hand_magnitude_keep(model_type, model, k)
+    got = magnitude_keep(spec, model, k)
+    assert [g.tolist() for g in got] == expected
+    # The oracle can tell these apart: keeping by the down norms alone chooses other neurons.
+    down_only = [
+        plain_top_k([math.sqrt(sum(v * v for v in n[-1])) for n in layer], kk)
+        for layer, kk in zip(neuron_weight_vectors(model_type, model), k, strict=True)
+    ]
+    assert down_only != expected
+
+
 def test_baselines_are_static_and_seeded() -> None:
+    """The magnitude and random rows each score exactly a full-model prompt continued by the
+    model sliced to their fixed experts (the oracle: the full model's KV cache of the first P
+    tokens, then ``prune_model`` to the hand-computed magnitude experts, or to the seeded
+    random ones, on the rest), summed over the windows; the random row is reproducible from
+    its seed and another seed gives another row. Catches a baseline that prunes the prompt
+    too, re-chooses per window, uses other experts than its norms/seed give, or ignores the
+    seed."""
     rows = griffin_rows(
         "gpt_neox", ratios=[0.5], refreshes=[0], window=None, baselines=["magnitude", "random"]
     )
     assert set(rows) == {"full", "griffin r=0.5", "magnitude r=0.5", "random r=0.5"}
+    model, spec = tiny_model("gpt_neox"), spec_for("gpt_neox")
+    k = [keep_count(37, 0.5)] * 3
+    magnitude = [torch.tensor(keep) for keep in hand_magnitude_keep("gpt_neox", model, k)]
+    for name, keep in (("magnitude r=0.5", magnitude), ("random r=0.5", random_keep(37, k, 0))):
+        sliced = copy.deepcopy(model)
+        prune_model(spec, sliced, keep)
+        expected = sum(continued_nll(model, sliced, w.ids) for w in windows())
+        assert rows[name] == pytest.approx(expected, rel=1e-5)
     again = griffin_rows("gpt_neox", ratios=[0.5], refreshes=[0], window=None, baselines=["random"])
     assert again["random r=0.5"] == rows["random r=0.5"]
+    other = griffin_rows(
+        "gpt_neox", ratios=[0.5], refreshes=[0], window=None, baselines=["random"], seed=1
+    )
+    assert other["random r=0.5"] != rows["random r=0.5"]
     with pytest.raises(UsageError, match="--baselines 'oracle'"):
         griffin_rows("gpt_neox", ratios=[0.5], refreshes=[0], window=None, baselines=["oracle"])
 
