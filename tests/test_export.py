@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from griffin_export import ARCHITECTURES, export, prune_model, spec_for
+from griffin_export import ARCHITECTURES, export, keep_count, prune_model, select_experts, spec_for
 from griffin_export.errors import UnsupportedArchitectureError
 from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
 from griffin_export.storage.checkpoint import state_dict_bytes
 from griffin_export.storage.safetensors_io import payload_bytes
 
-from tiny import MODEL_TYPES, random_ids, save_tiny, tiny_model
+from tiny import MODEL_TYPES, loop_statistic, plain_top_k, random_ids, save_tiny, tiny_model
 
 PROMPT = "Rivers carry water from the hills to the sea; rain fills them again."
 
@@ -159,11 +160,68 @@ def test_export_directory_contents(sources: dict[str, Path], tmp_path: Path) -> 
     assert not [p for p in tmp_path.iterdir() if ".griffin-tmp-" in p.name]
 
 
-def test_pooling_prompts_differs_from_one_prompt(sources: dict[str, Path], tmp_path: Path) -> None:
-    export(str(sources["llama"]), [PROMPT], ratio=0.5, out=tmp_path / "one")
-    export(str(sources["llama"]), [PROMPT, "zzzz qqqq 0123 !!!"], ratio=0.5, out=tmp_path / "two")
-    one, two = read_experts(tmp_path / "one"), read_experts(tmp_path / "two")
-    assert any(not torch.equal(a, b) for a, b in zip(one, two, strict=True))
+def llama_down_inputs(model: torch.nn.Module, ids: list[int]) -> list[list[list[float]]]:
+    """Per layer, the rows (one per token) of a Llama's down-projection input for one forward
+    of ``ids``, captured by forward pre-hooks registered here on ``mlp.down_proj``."""
+    captured: list[list[list[float]]] = []
+    handles = [
+        layer.mlp.down_proj.register_forward_pre_hook(
+            lambda _m, args: captured.append(args[0][0].double().tolist())
+        )
+        for layer in model.model.layers  # type: ignore[union-attr]
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def test_pooled_prompts_keep_the_hand_computed_statistics_top_k(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two prompts: the exported experts are, per layer, the top-k (lower index on ties) of
+    sqrt(sum of (z_t/|z_t|)^2 over every token of both prompts), each prompt run on its own
+    through the model with hooks written here; select_experts' scores equal that statistic.
+    The alternatives (either prompt alone, the prompts concatenated into one sequence, the
+    per-prompt statistics added) keep other experts, so the test catches each of them as a
+    wrong pooling; it also catches a statistic without the per-token normalisation."""
+    prompts = [PROMPT, "zzzz qqqq 0123 !!!"]
+    src = sources["llama"]
+    export(str(src), prompts, ratio=0.5, out=tmp_path / "two")
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    per_prompt = [llama_down_inputs(model, i) for i in ids]  # [prompt][layer][token][neuron]
+    k = keep_count(37, 0.5)
+    pooled = [loop_statistic(a + b) for a, b in zip(*per_prompt, strict=True)]
+    expected = [plain_top_k(s, k) for s in pooled]
+    assert [e.tolist() for e in read_experts(tmp_path / "two")] == expected
+    selection = select_experts(spec_for("llama"), model, [torch.tensor(i) for i in ids], 0.5)
+    for scores, hand in zip(selection.scores, pooled, strict=True):
+        assert scores.tolist() == pytest.approx(hand, rel=1e-5)
+
+    def top(statistics: list[list[float]]) -> list[list[int]]:
+        return [plain_top_k(s, k) for s in statistics]
+
+    alone = [top([loop_statistic(z) for z in layers]) for layers in per_prompt]
+    joined = top([loop_statistic(z) for z in llama_down_inputs(model, ids[0] + ids[1])])
+    added = top(
+        [
+            [x + y for x, y in zip(loop_statistic(a), loop_statistic(b), strict=True)]
+            for a, b in zip(*per_prompt, strict=True)
+        ]
+    )
+    raw = top(
+        [
+            [math.sqrt(sum(t[j] ** 2 for t in a + b)) for j in range(37)]
+            for a, b in zip(*per_prompt, strict=True)
+        ]
+    )
+    for wrong in (*alone, joined, added, raw):
+        assert wrong != expected
 
 
 def test_multiple_of_and_dtype(sources: dict[str, Path], tmp_path: Path) -> None:
