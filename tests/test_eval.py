@@ -235,11 +235,29 @@ def test_compensate_is_refused_outside_class_mode(tiny_dir: Path, tasks_dir: Pat
 
 
 def test_class_ratio_one_reproduces_the_full_model_exactly(tiny_dir: Path, tasks_dir: Path) -> None:
-    """--check: class at ratio 1.0 gives bit-identical log-likelihoods to the full model (and
-    the comparison covers every request). Catches a mask that is not exactly 1 where nothing
-    is dropped, or class mode feeding a different input than the full run."""
+    """--check: class at ratio 1.0 and the full column give, request for request, exactly the
+    ``(log-likelihood, is_greedy)`` that lm-eval's own stock ``HFLM`` gives on the same model
+    and tokenizer (the oracle outside griffin), and the r=0.5 column differs. Catches a mask
+    that is not exactly 1 where nothing is dropped, class mode or the full column feeding a
+    different input than lm-eval would (a dropped or extra token, another tokenisation), and
+    a check that compares a column with itself."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
     report = _run(str(tiny_dir), tasks_dir, mode="class", ratios=[0.5], check=True)
+    rows = report.sample_rows()
     n_requests = sum(len(d["choices"]) for d in MC_DOCS)
+    assert len(rows) == n_requests
+    oracle = HFLM(
+        pretrained=_load(tiny_dir), tokenizer=AutoTokenizer.from_pretrained(tiny_dir), batch_size=1
+    )
+    requests = [
+        Instance("loglikelihood", {}, tuple(row["arguments"]), i) for i, row in enumerate(rows)
+    ]
+    for row, (loglik, greedy) in zip(rows, oracle.loglikelihood(requests), strict=True):
+        assert row["responses"]["full"] == [loglik, greedy]
+        assert row["responses"]["check r=1"] == [loglik, greedy]
     assert report.check == {
         "compared": ["full", "check r=1"],
         "requests": n_requests,
