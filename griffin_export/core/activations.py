@@ -1,6 +1,8 @@
 """Capture the inputs of every layer's down projection while a prompt runs through the model.
 
-Hooks only observe and accumulate; choosing neurons is :mod:`griffin_export.core.scoring`'s job.
+One hook for every job that looks at them: selection observes and accumulates (choosing neurons
+is :mod:`griffin_export.core.scoring`'s job); the evaluation protocols also replace them (a
+masked or refitted input is exactly a pruned layer).
 """
 
 from __future__ import annotations
@@ -26,17 +28,22 @@ class LayerStatistics:
 
 @contextmanager
 def capture_down_inputs(
-    spec: ArchSpec, model: nn.Module, sink: Callable[[int, Tensor], None]
+    spec: ArchSpec, model: nn.Module, sink: Callable[[int, Tensor], Tensor | None]
 ) -> Iterator[None]:
     """Call ``sink(layer_index, z)`` with each down projection's input during forwards.
 
-    ``z`` is ``[batch, seq, d_ff]`` as the module receives it; hooks are removed on exit.
+    ``z`` is ``[batch, seq, d_ff]`` as the module receives it; hooks are removed on exit. A
+    sink that returns a tensor replaces ``z`` with it (same shape): the down projection runs
+    on that instead.
     """
     handles = []
     for index, block in enumerate(spec.blocks(model)):
 
-        def hook(_module: nn.Module, args: tuple[Tensor, ...], index: int = index) -> None:
-            sink(index, args[0])
+        def hook(
+            _module: nn.Module, args: tuple[Tensor, ...], index: int = index
+        ) -> tuple[Tensor, ...] | None:
+            replaced = sink(index, args[0])
+            return None if replaced is None else (replaced, *args[1:])
 
         handles.append(spec.down_module(block).register_forward_pre_hook(hook))
     try:

@@ -7,16 +7,18 @@ Shared by :mod:`griffin_export.evaluation.taskeval` (which runs the tasks) and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from griffin_export.core.activations import capture_down_inputs
 from griffin_export.core.architectures import ArchSpec
 from griffin_export.core.budgets import layer_sizes
 from griffin_export.core.compensation import DEFAULT_ALPHA, default_alpha
+from griffin_export.core.schedule import RefreshSchedule
 from griffin_export.core.scoring import griffin_statistic, normalized_squares, top_k_indices
 from griffin_export.errors import UsageError
 from griffin_export.evaluation.evaluate import Setting, ff_setting
@@ -135,9 +137,11 @@ def class_mode(
 class PromptExperts:
     """Hooks for ``gen``: the first forward (the prefill, batch 1) runs the full FF and
     chooses layer ``l``'s top ``k[l]`` neurons from all its positions; every later forward
-    (one decoded token each) runs with only those. With ``refresh`` N, before the forward of
-    generated token j (j a multiple of N) the experts are re-chosen from the last ``window``
-    positions run so far (all of them if None): the refresh runtime's timing and statistic.
+    (one decoded token each) runs with only those. With ``refresh`` N the experts are
+    re-chosen on the refresh runtime's schedule and from its statistic
+    (:class:`~griffin_export.core.schedule.RefreshSchedule`, origin at the prompt's last
+    position): before the forward of generated token j (j a multiple of N), from the last
+    ``window`` positions run so far (all of them if None).
     """
 
     def __init__(
@@ -149,26 +153,19 @@ class PromptExperts:
         window: int | None = None,
     ) -> None:
         self.spec, self.model, self.k = spec, model, list(k)
-        self.refresh, self.window = refresh, window
+        self.schedule = RefreshSchedule(refresh, window)
         n = len(self.k)
         self.keep: list[Tensor | None] = [None] * n
         self.history: list[Tensor | None] = [None] * n  # [positions, d_ff] float32 squares
         self.steps = [0] * n
-        self.handles: list[Any] = []
+        self._hooks = ExitStack()
 
     def __enter__(self) -> PromptExperts:
-        for layer, block in enumerate(self.spec.blocks(self.model)):
-            self.handles.append(
-                self.spec.down_module(block).register_forward_pre_hook(
-                    lambda _m, args, layer=layer: self._hook(layer, args)
-                )
-            )
+        self._hooks.enter_context(capture_down_inputs(self.spec, self.model, self._hook))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        self._hooks.close()
 
     def _choose(self, layer: int, squares: Tensor) -> Tensor:
         scores = griffin_statistic(squares.sum(dim=0), accumulated=True)
@@ -177,15 +174,16 @@ class PromptExperts:
         return keep
 
     def _remember(self, layer: int, squares: Tensor) -> None:
-        if not self.refresh:
+        """Keep the rows the next refresh looks back on (none without refresh)."""
+        if not self.schedule.every:
             return
         past = self.history[layer]
         rows = squares if past is None else torch.cat([past, squares])
-        self.history[layer] = rows if self.window is None else rows[-self.window :]
+        start, _ = self.schedule.look_back(rows.shape[0])  # as seen from the next position
+        self.history[layer] = rows[start:]
 
-    def _hook(self, layer: int, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
-        z = args[0]  # [1, T, d_ff]
-        squares = normalized_squares(z)  # [T, d_ff] float32
+    def _hook(self, layer: int, z: Tensor) -> Tensor | None:
+        squares = normalized_squares(z)  # z: [1, T, d_ff]; squares [T, d_ff] float32
         keep = self.keep[layer]
         if keep is None:  # the prefill: full FF, choose from every prompt position
             self.keep[layer] = self._choose(layer, squares)
@@ -193,7 +191,7 @@ class PromptExperts:
             return None
         self.steps[layer] += 1
         history = self.history[layer]
-        if self.refresh and self.steps[layer] % self.refresh == 0 and history is not None:
+        if self.schedule.due(self.steps[layer]) and history is not None:
             keep = self.keep[layer] = self._choose(layer, history)
         self._remember(layer, squares)
-        return (z * keep.to(z.device, z.dtype), *args[1:])
+        return z * keep.to(z.device, z.dtype)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from griffin_export.core.activations import capture_down_inputs
 from griffin_export.core.architectures import ArchSpec
 from griffin_export.core.budgets import check_budget, layer_sizes
 from griffin_export.core.compensation import (
@@ -41,6 +42,7 @@ from griffin_export.core.compensation import (
     Regression,
     default_alpha,
 )
+from griffin_export.core.schedule import RefreshSchedule, Segment
 from griffin_export.core.scoring import (
     STATISTIC_NAME,
     griffin_statistic,
@@ -136,20 +138,16 @@ class Setting:
 
 def griffin_segments(
     prompt_len: int, seq_len: int, refresh: int, window: int | None
-) -> list[tuple[int, int, int, int]]:
-    """``(look_from, look_to, seg_from, seg_to)`` per segment of scored positions.
+) -> list[Segment]:
+    """``(look_from, look_to, seg_from, seg_to)`` per segment of scored positions: the refresh
+    schedule (:class:`~griffin_export.core.schedule.RefreshSchedule`) with its origin at the
+    first scored position.
 
     Experts for positions ``seg_from:seg_to`` are chosen from positions ``look_from:look_to``:
     the prompt (last ``window`` of it) first, then with ``refresh`` N every N positions the
     ``window`` positions just before the segment (all earlier ones if ``window`` is None).
     """
-    period = refresh if refresh > 0 else seq_len
-    out = []
-    for seg_from in range(prompt_len, seq_len, period):
-        seg_to = min(seg_from + period, seq_len)
-        look_from = 0 if window is None else max(0, seg_from - window)
-        out.append((look_from, seg_from, seg_from, seg_to))
-    return out
+    return RefreshSchedule(refresh, window).segments(prompt_len, seq_len)
 
 
 def griffin_mask(z: Tensor, k: int, segments: Sequence[tuple[int, int, int, int]]) -> Tensor:
@@ -219,38 +217,28 @@ def ff_setting(
     if setting.kind == "full":
         yield
         return
-    handles = []
-    for layer, block in enumerate(spec.blocks(model)):
 
-        def hook(_m: nn.Module, args: tuple[Tensor, ...], layer: int = layer) -> tuple[Tensor, ...]:
-            z = args[0]
-            seq_len = z.shape[1]
-            if setting.kind == "griffin":
-                segments = griffin_segments(prompt_len, seq_len, setting.refresh, setting.window)
-                if setting.compensate != "none":
-                    refit = griffin_refit_input(
-                        z,
-                        setting.k[layer],
-                        segments,
-                        setting.compensate,
-                        setting.alpha,
-                        setting.refit_on_refresh,
-                    )
-                    return (refit, *args[1:])
-                mask = griffin_mask(z, setting.k[layer], segments)
-            else:
-                mask = torch.ones_like(z)
-                keep = torch.zeros(z.shape[-1], dtype=z.dtype, device=z.device)
-                keep[setting.keep[layer].to(z.device)] = 1
-                mask[:, prompt_len:] = keep
-            return (z * mask, *args[1:])
+    def replace(layer: int, z: Tensor) -> Tensor:
+        if setting.kind == "griffin":
+            segments = griffin_segments(prompt_len, z.shape[1], setting.refresh, setting.window)
+            if setting.compensate != "none":
+                return griffin_refit_input(
+                    z,
+                    setting.k[layer],
+                    segments,
+                    setting.compensate,
+                    setting.alpha,
+                    setting.refit_on_refresh,
+                )
+            return z * griffin_mask(z, setting.k[layer], segments)
+        mask = torch.ones_like(z)
+        keep = torch.zeros(z.shape[-1], dtype=z.dtype, device=z.device)
+        keep[setting.keep[layer].to(z.device)] = 1
+        mask[:, prompt_len:] = keep
+        return z * mask
 
-        handles.append(spec.down_module(block).register_forward_pre_hook(hook))
-    try:
+    with capture_down_inputs(spec, model, replace):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # -- baselines ---------------------------------------------------------------------------------

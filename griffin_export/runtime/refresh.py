@@ -4,10 +4,12 @@ weights every N tokens (DESIGN.md §5).
 The pruned model runs generation. The original's FF weights are memory-mapped from its
 safetensors (zero-copy, read-only in effect), never built into a second model. A pre-hook on
 every layer's first FF projection keeps the last W MLP inputs in a ring buffer. Every N
-generated tokens each layer recomputes full-width activations for those inputs from the
-original's gate/up weights, applies the export's statistic and top-k, and copies only the
-neurons that changed into the slots of the ones that left, in the live parameters' existing
-storage: no reallocation, the KV cache stays valid and attention is never re-run.
+generated tokens (:class:`~griffin_export.core.schedule.RefreshSchedule`, the schedule
+``griffin eval --mode gen`` and ``griffin ppl`` use too) each layer recomputes full-width
+activations for those inputs from the original's gate/up weights, applies the export's
+statistic and top-k, and copies only the neurons that changed into the slots of the ones that
+left, in the live parameters' existing storage: no reallocation, the KV cache stays valid and
+attention is never re-run.
 
 On a compensated export (``griffin export --compensate refit``, the default) a refresh by
 default also refits each layer's down projection on the ring window, as the export refitted it
@@ -43,6 +45,7 @@ from griffin_export.core.compensation import (
     GramStats,
     refit_stored,
 )
+from griffin_export.core.schedule import RefreshSchedule
 from griffin_export.core.scoring import (
     griffin_statistic,
     jaccard,
@@ -461,7 +464,10 @@ class GriffinRuntime:
             generator.manual_seed(seed)
         stop = self.stop_ids() if stop_at_eos else set()
         self.reset()
-        self._rings = [_Ring(window) for _ in self.slots] if refresh_every else []
+        # Step j of the schedule is generated token j's forward (origin: the prompt's last
+        # position); a ring of the last ``window`` MLP inputs is what its refreshes look back on.
+        schedule = RefreshSchedule(refresh_every, window)
+        self._rings = [_Ring(window) for _ in self.slots] if schedule.every else []
         handles = [
             self.spec.projections(block)[self.spec.roles()[0]].register_forward_pre_hook(
                 lambda _m, args, ring=ring: ring.write(args[0].reshape(-1, args[0].shape[-1]))
@@ -471,7 +477,7 @@ class GriffinRuntime:
         events: list[RefreshEvent] = []
 
         def between(done: int) -> None:
-            if refresh_every and done % refresh_every == 0:
+            if schedule.due(done):
                 events.append(self.refresh(done, record_kept=record_kept))
 
         started = time.perf_counter()
