@@ -16,7 +16,7 @@ from torch import nn
 from griffin_export.core.architectures import ArchSpec
 from griffin_export.errors import UsageError
 from griffin_export.evaluation.eval_modes import SERVES, EvalSetting, PromptExperts, class_mode
-from griffin_export.runtime.refresh import decode
+from griffin_export.runtime.refresh import StopStrings, decode
 
 
 class _Stop(Exception):
@@ -109,11 +109,11 @@ class GriffinLM(HFLM):
         """Greedy tokens after ``ids`` ``[1, T]`` with the runtime's decode loop, pruned as
         the setting says, until EOS, a stop sequence or ``max_new`` tokens."""
         generated: list[int] = []
+        stops = StopStrings(self.tokenizer, stop)
 
         def on_token(token: int) -> None:
             generated.append(token)
-            text = self.tokenizer.decode(generated)
-            if any(s and s in text for s in stop):
+            if stops.put(token):
                 raise _Stop
 
         k = self.setting.k

@@ -556,20 +556,27 @@ class TextStream:
     Incremental detokenisation: each token decodes only a short window (the tokens since the
     previous piece plus the one before it, for context such as a leading space), so a long run
     costs O(n), not the O(n^2) of re-decoding everything; a piece ending in an incomplete UTF-8
-    sequence (U+FFFD) is held until the next token completes it. The pieces concatenate to the
-    decoded text. Special tokens are skipped, as in :class:`GenerationResult` ``.text``.
+    sequence (U+FFFD) is held until the next token completes it (:attr:`pending` holds it
+    meanwhile). The pieces, then :attr:`pending`, concatenate to the decoded text. Special
+    tokens are skipped, as in :class:`GenerationResult` ``.text``, unless
+    ``skip_special_tokens`` is False.
     """
 
-    def __init__(self, tokenizer: Any, write: Callable[[str], None]) -> None:
+    def __init__(
+        self, tokenizer: Any, write: Callable[[str], None], *, skip_special_tokens: bool = True
+    ) -> None:
         self._tokenizer = tokenizer
         self._write = write
+        self._skip = skip_special_tokens
         self._tokens: list[int] = []
         self._prefix = 0  # start of the context window
         self._read = 0  # tokens up to here have been written
+        #: The decoded text of the tokens not written yet (held back, or nothing).
+        self.pending = ""
 
     def _decode(self, stop: int) -> str:
         tokens = self._tokens[self._prefix : stop]
-        return str(self._tokenizer.decode(tokens, skip_special_tokens=True))
+        return str(self._tokenizer.decode(tokens, skip_special_tokens=self._skip))
 
     def put(self, token: int) -> None:
         self._tokens.append(token)
@@ -581,9 +588,35 @@ class TextStream:
 
     def _flush(self, final: bool) -> None:
         before, after = self._decode(self._read), self._decode(len(self._tokens))
+        self.pending = after[len(before) :]
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self._write(after[len(before) :])
+            self._write(self.pending)
+            self.pending = ""
             self._prefix, self._read = self._read, len(self._tokens)
+
+
+class StopStrings:
+    """Whether the text of the tokens so far contains any of ``stops`` (empty ones never
+    match), decoded incrementally (:class:`TextStream`, special tokens kept): :meth:`put`
+    searches only the text that is new since the previous token plus the ``len(stop) - 1``
+    characters before it, so a run costs O(n), and it answers exactly as searching the
+    decode of all the tokens after each one would."""
+
+    def __init__(self, tokenizer: Any, stops: Collection[str]) -> None:
+        self._stops = [stop for stop in stops if stop]
+        self._overlap = max((len(stop) - 1 for stop in self._stops), default=0)
+        self._tail = ""  # the written text's last _overlap characters, then new pieces
+        self._stream = TextStream(tokenizer, self._append, skip_special_tokens=False)
+
+    def _append(self, piece: str) -> None:
+        self._tail += piece
+
+    def put(self, token: int) -> bool:
+        """Add ``token``; True when a stop string appears in the text so far."""
+        self._stream.put(token)
+        text = self._tail + self._stream.pending
+        self._tail = self._tail[max(0, len(self._tail) - self._overlap) :]
+        return any(stop in text for stop in self._stops)
 
 
 @torch.inference_mode()
