@@ -20,6 +20,7 @@ from griffin_cli.main import (
     out_console,
     stage_progress,
 )
+from griffin_export.core.compensation import DEFAULT_METHOD
 from griffin_export.errors import OutputError, UsageError
 from griffin_export.evaluation.taskeval import TaskEvalReport, evaluate_tasks
 from griffin_export.storage.checkpoint import DEFAULT_MODEL
@@ -103,11 +104,13 @@ def eval_command(
         help="Full model dtype; auto keeps the source's (exports keep theirs).",
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
-    compensate: Compensate = typer.Option(
-        "none",
+    compensate: Compensate | None = typer.Option(
+        None,
         "--compensate",
         help="class: refit the kept neurons' down-projection columns on the positions that "
-        "chose them (refit, refit-bias), as griffin ppl does; none is GRIFFIN's own mode.",
+        "chose them (refit, refit-bias), as griffin export and ppl do; none is GRIFFIN's own "
+        "mode. gen and static take none only.",
+        show_default=f"{DEFAULT_METHOD} for class",
     ),
     alpha: float | None = alpha_option("class"),
     check: bool = typer.Option(

@@ -4,6 +4,7 @@ bridge's generation loop, against references written out here: gen mode's refres
 
 from __future__ import annotations
 
+import json
 import random
 from contextlib import suppress
 from pathlib import Path
@@ -13,10 +14,17 @@ import pytest
 import torch
 
 from griffin_export import spec_for
-from griffin_export.evaluation.eval_modes import EvalSetting, PromptExperts
+from griffin_export.core.compensation import DEFAULT_METHOD
+from griffin_export.errors import UsageError
+from griffin_export.evaluation.eval_modes import (
+    EvalSetting,
+    PromptExperts,
+    adaptive_settings,
+    compensation_for,
+)
 from griffin_export.runtime.refresh import StopStrings, decode
 
-from tiny import char_tokenizer, save_sentencepiece_tokenizer, tiny_model
+from tiny import char_tokenizer, save_sentencepiece_tokenizer, save_tiny, tiny_model
 
 K = 18  # neurons kept per layer of the tiny model (d_ff 37)
 
@@ -236,3 +244,56 @@ def test_gen_mode_greedy_with_stops_equals_the_full_decode_rule() -> None:
         assert got == old(stops), stops
         lengths.add(len(got))
     assert len(lengths) >= 3  # the stops do cut the generation at different tokens
+
+
+# -- --compensate defaults -----------------------------------------------------------------------
+
+
+def test_class_mode_compensates_by_default_as_export_and_ppl_do() -> None:
+    """With no --compensate, class mode refits with the library's default method (as
+    ``griffin export`` and ``griffin ppl`` do), gen and static run none, and an explicit
+    method outside class mode is refused in one line while an explicit none is accepted.
+    Catches a default that differs between commands, and gen mode erroring on the default."""
+    settings = adaptive_settings("class", 3, 37, [0.5], ["uniform"])
+    assert [s.compensate for s in settings] == ["none", DEFAULT_METHOD]
+    assert settings[1].name == f"class r=0.5 {DEFAULT_METHOD}" and settings[1].alpha is not None
+    plain = adaptive_settings("class", 3, 37, [0.5], ["uniform"], compensate="none")
+    assert [s.compensate for s in plain] == ["none", "none"] and plain[1].name == "class r=0.5"
+    assert [s.compensate for s in adaptive_settings("gen", 3, 37, [0.5], ["uniform"])] == [
+        "none",
+        "none",
+    ]
+    assert compensation_for("gen", "none") == compensation_for("static", None) == "none"
+    for mode in ("gen", "static"):
+        with pytest.raises(UsageError, match=f"--compensate refit .*--mode {mode}"):
+            compensation_for(mode, "refit")
+    with pytest.raises(UsageError, match="--compensate 'nope' is not known"):
+        compensation_for("class", "nope")
+
+
+def test_eval_class_mode_default_equals_explicit_refit(tmp_path: Path) -> None:
+    """``griffin eval`` on a full model without --compensate gives exactly the log-likelihoods
+    of an explicit ``--compensate refit`` (the setting carries the method in its name).
+    Catches the command or library keeping a default of its own."""
+    pytest.importorskip("lm_eval")
+    from griffin_export.evaluation.taskeval import evaluate_tasks
+
+    directory = save_tiny("llama", tmp_path / "model", seed=3)
+    data = tmp_path / "tiny_mc.jsonl"
+    doc = {"context": "The cat sat on the", "choices": [" mat.", " moon!"], "label": 0}
+    data.write_text(json.dumps(doc) + "\n")
+    (tmp_path / "tiny_mc.yaml").write_text(
+        f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str(data))}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+
+    def run(**kwargs: Any) -> Any:
+        report = evaluate_tasks(
+            str(directory), tasks=["tiny_mc"], include_path=[tmp_path], mode="class", **kwargs
+        )
+        return [s.name for s in report.settings], report.sample_rows()
+
+    assert run() == run(compensate=DEFAULT_METHOD)
+    assert run()[0] == ["full", f"class r=0.5 {DEFAULT_METHOD}"]

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from griffin_export.core.activations import capture_down_inputs
 from griffin_export.core.architectures import ArchSpec
 from griffin_export.core.budgets import layer_sizes
-from griffin_export.core.compensation import DEFAULT_ALPHA, default_alpha
+from griffin_export.core.compensation import (
+    DEFAULT_ALPHA,
+    DEFAULT_METHOD,
+    check_method,
+    default_alpha,
+)
 from griffin_export.core.schedule import RefreshSchedule
 from griffin_export.core.scoring import griffin_statistic, normalized_squares, top_k_indices
 from griffin_export.errors import UsageError
@@ -61,6 +66,26 @@ class EvalSetting:
         return data
 
 
+def compensation_for(mode: str, compensate: str | None) -> str:
+    """The compensation ``mode`` runs: ``compensate``, or with None its default there
+    (:data:`~griffin_export.core.compensation.DEFAULT_METHOD` in class mode, as ``griffin
+    export`` and ``griffin ppl``; none elsewhere). A method other than none is refused
+    outside class mode (gen decodes a plain slice; static runs exports as they were made)."""
+    if compensate is None:
+        return DEFAULT_METHOD if mode == "class" else "none"
+    check_method(compensate)
+    if compensate != "none" and mode == "static":
+        raise UsageError(
+            f"--compensate {compensate} does not apply to --mode static: an export carries its "
+            "own (griffin export --compensate); drop the option"
+        )
+    if compensate != "none" and mode != "class":
+        raise UsageError(
+            f"--compensate {compensate} applies to --mode class only; drop it for --mode {mode}"
+        )
+    return compensate
+
+
 def adaptive_settings(
     mode: str,
     n_layers: int,
@@ -70,17 +95,16 @@ def adaptive_settings(
     refresh: int = 0,
     window: int | None = None,
     check: bool = False,
-    compensate: str = "none",
+    compensate: str | None = None,
     alpha: float | None = None,
 ) -> list[EvalSetting]:
     """``class``/``gen``: the full model, then one setting per ratio and budget (and with
     ``check`` a ratio-1.0 setting named ``check r=1``). ``compensate`` (class mode only) refits
     the kept neurons' down columns on the positions that chose them, as ``griffin ppl`` does;
+    None means the method's default where it applies
+    (:data:`~griffin_export.core.compensation.DEFAULT_METHOD` for class, none for gen).
     ``alpha`` None means :func:`~griffin_export.core.compensation.default_alpha` of each ratio."""
-    if compensate != "none" and mode != "class":
-        raise UsageError(
-            f"--compensate {compensate} applies to --mode class only; drop it for --mode {mode}"
-        )
+    compensate = compensation_for(mode, compensate)
     settings = [EvalSetting("full", mode)]
     for ratio in ratios:
         for budget in budgets:

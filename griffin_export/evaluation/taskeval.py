@@ -37,7 +37,7 @@ from torch import nn
 from griffin_export._version import __version__
 from griffin_export.core.architectures import ArchSpec
 from griffin_export.core.budgets import check_budget
-from griffin_export.core.compensation import check_alpha, check_method
+from griffin_export.core.compensation import check_alpha
 from griffin_export.core.scoring import (
     STATISTIC_NAME,
     check_ratio,
@@ -48,6 +48,7 @@ from griffin_export.evaluation.eval_modes import (
     SERVES,
     EvalSetting,
     adaptive_settings,
+    compensation_for,
 )
 from griffin_export.evaluation.tasks import LOCAL_TASKS, prepare
 from griffin_export.formats.exports import is_export, load_original, open_export
@@ -260,7 +261,7 @@ def evaluate_tasks(
     dtype: str | None = None,
     device: str = "cpu",
     check: bool = False,
-    compensate: str = "none",
+    compensate: str | None = None,
     alpha: float | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> TaskEvalReport:
@@ -272,7 +273,10 @@ def evaluate_tasks(
     same original (``static``: the original runs once, beside each export).
     ``check`` adds a ratio-1.0 setting to ``class``/``gen`` and raises
     :class:`CheckFailedError` unless it reproduces the full model's log-likelihoods (texts)
-    exactly; the comparison is in ``report.check``.
+    exactly; the comparison is in ``report.check``. ``compensate`` (class mode) repairs the
+    pruned position as ``griffin ppl`` does; None is
+    :data:`~griffin_export.core.compensation.DEFAULT_METHOD` in class mode, none elsewhere
+    (any other method is refused there).
     """
     require_lm_eval()
 
@@ -283,16 +287,9 @@ def evaluate_tasks(
         raise UsageError("no model given; pass a model or one or more export directories")
     exported = [is_export(m) for m in sources]
     mode = mode or ("static" if all(exported) else "class")
-    check_method(compensate)
+    compensate = compensation_for(mode, compensate)
     if alpha is not None:
         check_alpha(alpha)
-    if mode == "static" and compensate != "none":
-        raise UsageError(
-            f"--compensate {compensate} does not apply to --mode static: an export carries its "
-            "own (griffin export --compensate); drop the option"
-        )
-    if mode == "gen" and compensate != "none":
-        raise UsageError(f"--compensate {compensate} applies to --mode class only; drop it")
     if mode not in MODES:
         raise UsageError(f"--mode '{mode}' is not known; use one of {', '.join(MODES)}")
     if mode == "static":
