@@ -184,7 +184,7 @@ def test_class_mode_equals_a_hand_computed_masked_forward(tiny_dir: Path, tasks_
     earlier positions; the full column equals the unhooked forward. Catches a statistic that
     includes the last position, pruning every position (or none), a wrong k, and a request
     fed with the continuation's last token still attached."""
-    report = _run(str(tiny_dir), tasks_dir, mode="class", ratios=[0.5], limit=1)
+    report = _run(str(tiny_dir), tasks_dir, mode="class", ratios=[0.5], limit=1, compensate="none")
     model, tok = _load(tiny_dir), char_tokenizer()
     rows = report.sample_rows()
     assert len(rows) == len(MC_DOCS[0]["choices"])
@@ -245,7 +245,9 @@ def test_class_ratio_one_reproduces_the_full_model_exactly(tiny_dir: Path, tasks
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
-    report = _run(str(tiny_dir), tasks_dir, mode="class", ratios=[0.5], check=True)
+    report = _run(
+        str(tiny_dir), tasks_dir, mode="class", ratios=[0.5], check=True, compensate="none"
+    )
     rows = report.sample_rows()
     n_requests = sum(len(d["choices"]) for d in MC_DOCS)
     assert len(rows) == n_requests
@@ -373,6 +375,7 @@ def test_cli_json_schema_and_log_samples(tiny_dir: Path, tasks_dir: Path, tmp_pa
     log = tmp_path / "samples.jsonl"
     args = ["eval", "--model", str(tiny_dir), "--tasks", "tiny_mc", "--include-path"]
     args += [str(tasks_dir), "--ratio", "0.5", "--budget", "uniform,protect", "--limit", "2"]
+    args += ["--compensate", "none"]
     result = CliRunner().invoke(app, [*args, "--json", "--log-samples", str(log)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -464,7 +467,13 @@ def test_embedded_model_on_the_shipped_tasks() -> None:
     limit = 6
     names = list(SHIPPED_SEPARATORS)
     report = evaluate_tasks(
-        "smollm2-135m", tasks=names, mode="class", ratios=[0.5], limit=limit, check=True
+        "smollm2-135m",
+        tasks=names,
+        mode="class",
+        ratios=[0.5],
+        limit=limit,
+        check=True,
+        compensate="none",
     )
     assert report.check is not None and report.check["equal"]
     assert report.check["requests"] == len(names) * limit * 4
