@@ -54,6 +54,8 @@ class RefreshSchedule:
         starts at ``first`` and at every step that is :meth:`due`), each with the positions
         that choose its experts (:meth:`look_back` of its start)."""
         starts = [p for p in range(first, end) if p == first or self.due(p - first)]
+        if not starts:
+            return []
         return [
             Segment(*self.look_back(start), start, stop)
             for start, stop in zip(starts, [*starts[1:], end], strict=True)
