@@ -281,9 +281,10 @@ def run_evaluate(
     d_ff: int,
     started: float,
 ) -> None:
-    """The settings through ``evaluate.evaluate`` (``griffin ppl --protocol griffin``'s code):
+    """The settings through ``ppl.evaluate`` (``griffin ppl --protocol griffin``'s code):
     refit from each segment's look-back positions, refresh every ``--refresh`` positions."""
-    from griffin_export.evaluation.evaluate import Setting, evaluate
+    from griffin_export.evaluation.ppl import evaluate
+    from griffin_export.evaluation.protocols import Setting
 
     runs = [(model, spec, Setting("full", "full"))]
     for ratio in args.ratio:

@@ -8,7 +8,7 @@ import argparse
 import torch
 
 from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_corpus
-from griffin_export.evaluation.evaluate import Window, make_windows
+from griffin_export.evaluation.protocols import Window, make_windows
 from griffin_export.storage.checkpoint import LoadedModel, load_model, resolve_source
 
 

@@ -33,7 +33,8 @@ from llama_cpp import Llama
 from griffin_export import export
 from griffin_export.engines.llamacpp import write_gguf
 from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_corpus
-from griffin_export.evaluation.evaluate import make_windows, perplexity
+from griffin_export.evaluation.ppl import perplexity
+from griffin_export.evaluation.protocols import make_windows
 from griffin_export.storage.checkpoint import ensure_embedded
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,7 +35,8 @@ from griffin_export import export
 from griffin_export.core.budgets import layer_sizes
 from griffin_export.core.compensation import default_alpha
 from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_corpus
-from griffin_export.evaluation.evaluate import Setting, evaluate, make_windows
+from griffin_export.evaluation.ppl import evaluate
+from griffin_export.evaluation.protocols import Setting, make_windows
 from griffin_export.runtime.refresh import GriffinRuntime
 from griffin_export.storage.checkpoint import load_model, resolve_source
 

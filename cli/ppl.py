@@ -22,7 +22,7 @@ from griffin_cli.main import (
     stage_progress,
 )
 from griffin_export.core.compensation import DEFAULT_METHOD, DEFAULT_REFIT_ON_REFRESH
-from griffin_export.evaluation.evaluate import PplReport, perplexity
+from griffin_export.evaluation.ppl import PplReport, perplexity
 from griffin_export.storage.checkpoint import DEFAULT_MODEL
 
 

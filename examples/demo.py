@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from griffin_export import read_manifest
-from griffin_export.evaluation.evaluate import perplexity
+from griffin_export.evaluation.ppl import perplexity
 from griffin_export.storage.checkpoint import resolve_source
 
 export_dir = Path(sys.argv[1])

@@ -16,7 +16,7 @@ from griffin_export.core.selection import Selection, select_experts
 from griffin_export.core.slicing import prune_model
 from griffin_export.engines.llamacpp import write_gguf
 from griffin_export.errors import GriffinError
-from griffin_export.evaluation.evaluate import perplexity
+from griffin_export.evaluation.ppl import perplexity
 from griffin_export.evaluation.taskeval import evaluate_tasks
 from griffin_export.formats.loader import load_pretrained
 from griffin_export.formats.manifest import Manifest, read_manifest

@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from griffin_cli.ppl import ppl_table
-from griffin_export.evaluation.evaluate import PplReport, Row
+from griffin_export.evaluation.ppl import PplReport, Row
 
 
 def _report(windows: int) -> PplReport:

@@ -215,7 +215,8 @@ def test_ppl_refit_equals_a_refitted_sliced_model_continuing_the_full_cache(
     from griffin_export import prune_model, select_experts, spec_for
     from griffin_export.core.activations import capture_down_inputs
     from griffin_export.core.scoring import keep_count
-    from griffin_export.evaluation.evaluate import Setting, evaluate, make_windows
+    from griffin_export.evaluation.ppl import evaluate
+    from griffin_export.evaluation.protocols import Setting, make_windows
 
     from tiny import random_ids, tiny_model
 
@@ -307,7 +308,7 @@ def test_ppl_refit_off_at_refresh_refits_the_prompt_only_and_slices_plain_after_
     same new set. Oracle: the ridge solved on the normal equations in float64 and the known
     dominant neurons. Catches refitting every segment anyway (the refit-on path), dropping
     the prompt's fit when nothing changed, and mixing the old fit with the new set."""
-    from griffin_export.evaluation.evaluate import griffin_refit_input, griffin_segments
+    from griffin_export.evaluation.protocols import griffin_refit_input, griffin_segments
 
     first, second = torch.arange(0, 16, 2), torch.arange(1, 17, 2)  # k = 8 each
     segments = griffin_segments(20, 44, 8, 8)  # looks [12,20) [20,28) [28,36), scored 20..43

@@ -18,7 +18,8 @@ from griffin_export import export, load_pretrained, read_manifest, spec_for
 from griffin_export.core.budgets import layer_sizes
 from griffin_export.core.selection import select_experts
 from griffin_export.errors import UsageError
-from griffin_export.evaluation.evaluate import Setting, evaluate, make_windows
+from griffin_export.evaluation.ppl import evaluate
+from griffin_export.evaluation.protocols import Setting, make_windows
 from griffin_export.formats.exports import open_export
 from griffin_export.formats.loader import prune_model_per_layer
 from griffin_export.formats.manifest import MANIFEST

@@ -18,15 +18,12 @@ from griffin_export.core.activations import capture_down_inputs
 from griffin_export.core.scoring import keep_count
 from griffin_export.errors import ModelLoadError, UsageError
 from griffin_export.evaluation.corpora import load_corpus
-from griffin_export.evaluation.evaluate import (
+from griffin_export.evaluation.ppl import evaluate, griffin_settings, magnitude_keep, random_keep
+from griffin_export.evaluation.protocols import (
     Setting,
-    evaluate,
     griffin_mask,
     griffin_segments,
-    griffin_settings,
-    magnitude_keep,
     make_windows,
-    random_keep,
 )
 
 from tiny import char_tokenizer, plain_top_k, random_ids, save_tiny, tiny_model

@@ -19,7 +19,8 @@ from griffin_export import export, spec_for
 from griffin_export.core.budgets import layer_sizes
 from griffin_export.errors import ModelLoadError, UsageError
 from griffin_export.evaluation.corpora import bos_token
-from griffin_export.evaluation.evaluate import Setting, evaluate, make_windows, perplexity
+from griffin_export.evaluation.ppl import evaluate, perplexity
+from griffin_export.evaluation.protocols import Setting, make_windows
 from griffin_export.formats.exports import open_export, open_export_with_original
 from griffin_export.storage.checkpoint import (
     TOKENIZER_FILES,

@@ -26,7 +26,7 @@ from griffin_export.core.compensation import (
 from griffin_export.core.schedule import RefreshSchedule
 from griffin_export.core.scoring import griffin_statistic, normalized_squares, top_k_indices
 from griffin_export.errors import UsageError
-from griffin_export.evaluation.evaluate import Setting, ff_setting
+from griffin_export.evaluation.protocols import Setting, ff_setting
 
 MODES = ("static", "class", "gen")
 #: lm-eval request types each mode can serve (multiple_choice tasks send loglikelihood).
@@ -147,7 +147,7 @@ def class_mode(
     """Hooks making a forward of ``model`` over ``length`` >= 2 positions (batch 1) run GRIFFIN's
     classification mode: layer ``l`` keeps the top ``k[l]`` neurons of the statistic over
     positions ``0..length-2``, applied at position ``length-1`` only. This is the ``griffin``
-    perplexity protocol of :mod:`griffin_export.evaluation.evaluate` with a prompt of ``length-1``
+    perplexity protocol of :mod:`griffin_export.evaluation.protocols` with a prompt of ``length-1``
     tokens, whose hooks it installs. With ``compensate`` the last position runs the kept
     neurons with their down columns refitted on the earlier positions (ridge ``alpha``)."""
     how = DEFAULT_ALPHA if alpha is None else alpha
