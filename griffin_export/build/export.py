@@ -5,7 +5,6 @@ load -> tokenize -> score (full model, hooks) -> slice in place -> write atomica
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +17,47 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from griffin_export._version import __version__
+from griffin_export.build.prompts import prompt_sha256, tokenize_prompts
+from griffin_export.build.streaming import load_streamed, plan_sizes, select_and_write
 from griffin_export.core.architectures import ArchSpec, spec_for
 from griffin_export.core.budgets import DEFAULT_BUDGET, check_budget, layer_sizes
+from griffin_export.core.compensation import (
+    DEFAULT_METHOD,
+    Compensation,
+    LayerGrams,
+    default_alpha,
+    refit_stored,
+)
+from griffin_export.core.scoring import STATISTIC_NAME, check_multiple_of, check_ratio
+from griffin_export.core.selection import Selection, select_experts
+from griffin_export.core.slicing import prune_model
+from griffin_export.engines.llamacpp import (
+    GgufResult,
+    check_llama_cpp_family,
+    check_outtype,
+    check_per_layer_gguf,
+    converter_dir,
+    write_gguf,
+)
+from griffin_export.errors import OutputError, UsageError
+from griffin_export.formats.loader import (
+    check_decilm_export,
+    decilm_config,
+    prune_model_per_layer,
+    set_per_layer_sizes,
+)
+from griffin_export.formats.manifest import (
+    CHECKPOINT_FORMATS,
+    DEFAULT_CHECKPOINT_FORMAT,
+    EXPERTS_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    Manifest,
+    PromptInfo,
+    SourceInfo,
+    write_manifest,
+)
 from griffin_export.storage.checkpoint import (
     LoadedModel,
     atomic_directory,
@@ -35,46 +73,7 @@ from griffin_export.storage.checkpoint import (
     resolve_source,
     state_dict_bytes,
 )
-from griffin_export.core.compensation import (
-    DEFAULT_METHOD,
-    Compensation,
-    LayerGrams,
-    default_alpha,
-    refit_stored,
-)
-from griffin_export.errors import OutputError, UsageError
-from griffin_export.engines.llamacpp import (
-    GgufResult,
-    check_llama_cpp_family,
-    check_outtype,
-    check_per_layer_gguf,
-    converter_dir,
-    write_gguf,
-)
-from griffin_export.formats.loader import (
-    check_decilm_export,
-    decilm_config,
-    prune_model_per_layer,
-    set_per_layer_sizes,
-)
-from griffin_export.build.prompts import prompt_sha256, tokenize_prompts
-from griffin_export.formats.manifest import (
-    CHECKPOINT_FORMATS,
-    DEFAULT_CHECKPOINT_FORMAT,
-    EXPERTS_FILE,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST,
-    Manifest,
-    PromptInfo,
-    SourceInfo,
-    write_manifest,
-)
 from griffin_export.storage.safetensors_io import list_shards, parse_size, save_file
-from griffin_export.core.scoring import STATISTIC_NAME, check_multiple_of, check_ratio
-from griffin_export.core.selection import Selection, select_experts
-from griffin_export.core.slicing import prune_model
-from griffin_export.build.streaming import load_streamed, plan_sizes, select_and_write
 
 __all__ = ["EXPERTS_FILE", "MANIFEST", "ExportResult", "Progress", "export", "write_export"]
 
@@ -180,9 +179,9 @@ def export(
             only, every width a multiple of 256; :mod:`griffin_export.formats.loader`).
         gguf: also write the export as ``model-<gguf>.gguf`` inside it, through llama.cpp's
             converter (:func:`griffin_export.engines.llamacpp.write_gguf`); one of
-            :data:`~griffin_export.engines.llamacpp.OUTTYPES`. Refused before the model loads when the
-            converter is missing, and before scoring when the budget's per-layer widths have
-            no llama.cpp graph.
+            :data:`~griffin_export.engines.llamacpp.OUTTYPES`. Refused before the model loads
+            when the converter is missing, and before scoring when the budget's per-layer
+            widths have no llama.cpp graph.
         progress: optional ``(stage, done, total)`` callback.
 
     Returns:
@@ -343,8 +342,8 @@ def _check_format(
     checkpoint_format: str, source: Any, budget: str, ratio: float, multiple_of: int
 ) -> None:
     """Refuse an unknown ``checkpoint_format``, and a ``decilm`` export the layout cannot
-    state (:func:`~griffin_export.formats.loader.check_decilm_export`), from the source's config alone
-    (before any weights load)."""
+    state (:func:`~griffin_export.formats.loader.check_decilm_export`), from the source's
+    config alone (before any weights load)."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise UsageError(
             f"--format '{checkpoint_format}' is not known; use one of "

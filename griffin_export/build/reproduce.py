@@ -73,7 +73,6 @@ def refit_tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return 2 * torch.finfo(dtype).eps, 1e-5
 
 
-
 def _check_prompt(
     export_dir: Path,
     manifest: dict[str, Any],
@@ -156,10 +155,6 @@ def _check_prompt(
                 )
 
 
-
-
 def _layer_list(layers: list[int]) -> str:
     shown = ", ".join(str(layer) for layer in layers[:8])
     return shown + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
-
-

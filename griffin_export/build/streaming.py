@@ -40,13 +40,23 @@ from torch import Tensor, nn
 
 from griffin_export.core.activations import _StopForward, capture_down_inputs
 from griffin_export.core.architectures import ArchSpec
-from griffin_export.storage.checkpoint import LoadedModel, SourceRef, fingerprint_samples, samples_fingerprint
 from griffin_export.core.compensation import Compensation, LayerGrams, Refit, refit_stored
-from griffin_export.errors import ModelLoadError, UsageError
-from griffin_export.storage.safetensors_io import Chunks, ShardWriter, SourceTensors
-from griffin_export.core.scoring import check_sizes, griffin_statistic, normalized_square_sum, top_k_indices
+from griffin_export.core.scoring import (
+    check_sizes,
+    griffin_statistic,
+    normalized_square_sum,
+    top_k_indices,
+)
 from griffin_export.core.selection import Selection, check_finite_scores
 from griffin_export.core.slicing import slice_bias, slice_weight
+from griffin_export.errors import ModelLoadError, UsageError
+from griffin_export.storage.checkpoint import (
+    LoadedModel,
+    SourceRef,
+    fingerprint_samples,
+    samples_fingerprint,
+)
+from griffin_export.storage.safetensors_io import Chunks, ShardWriter, SourceTensors
 
 # -- the skeleton -----------------------------------------------------------------------------
 
