@@ -7,11 +7,12 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from griffin_cli.main import app
@@ -176,6 +177,92 @@ def test_shapes_are_checked_against_the_config(made: dict[str, Path], tmp_path: 
     assert problems == [
         "problem: config.json: n_inner is 20 but griffin.json keeps [18] neurons per layer; "
         "re-export"
+    ]
+
+
+def test_config_transformers_cannot_read_is_a_problem_not_a_skip(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    """A config.json that passes the raw checks but that transformers refuses (4 heads become
+    5, which do not divide hidden 32): the layer-count and hidden-size checks cannot run, and
+    verify says so (why: the exception's first line; what to do), exit 1. Catches the old
+    ``except Exception: return None, None`` that skipped both checks and still said ok."""
+    out = copy_export(made, "llama-out", tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    config["num_attention_heads"] = 5
+    (out / "config.json").write_text(json.dumps(config))
+    rewrite_manifest_hash(out, "config.json")
+    report = verify_export(out)
+    assert not report.ok
+    assert len(report.problems) == 1, report.problems
+    problem = report.problems[0]
+    assert problem.startswith("config.json: transformers cannot read it (")
+    assert "layer count and hidden size were not checked" in problem
+    assert problem.endswith("fix config.json or re-export") and "\n" not in problem
+    code, problems, _ = cli(str(out))
+    assert code == 1 and problems == [f"problem: {problem}"]
+    with pytest.raises(VerificationError, match="transformers cannot read it"):
+        check_export_files(out)
+
+
+def test_config_without_the_ff_width_is_named(made: dict[str, Path], tmp_path: Path) -> None:
+    """config.json without intermediate_size: the FF width cannot be compared with k, and
+    the one problem says why. Catches reading the missing width as ``None`` and reporting a
+    mismatch of ``None`` (or nothing)."""
+    out = copy_export(made, "llama-out", tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    del config["intermediate_size"]
+    (out / "config.json").write_text(json.dumps(config))
+    rewrite_manifest_hash(out, "config.json")
+    problems = verify_export(out).problems
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("config.json: the FF width could not be read (")
+    assert "intermediate_size" in problems[0] and problems[0].endswith("; re-export")
+
+
+@pytest.mark.parametrize("name", ["num_hidden_layers", "hidden_size"])
+def test_a_size_the_config_lacks_is_a_problem_not_a_skip(
+    made: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config whose layer count or hidden size is not an integer (a config class that maps
+    neither): the check that needs it is named as not run. Catches returning ``None`` for the
+    size and skipping its check in silence."""
+    out = made["root"] / "llama-out"
+    real = AutoConfig.from_pretrained(out)
+    sizes = {"num_hidden_layers": real.num_hidden_layers, "hidden_size": real.hidden_size}
+    config = SimpleNamespace(**{**sizes, name: None})
+    monkeypatch.setattr("griffin_export.formats.verify.export_config", lambda _: config)
+    problems = verify_export(out).problems
+    assert problems == [
+        f"config.json: {name} is None, not an integer, so "
+        + (
+            "the layer count against griffin.json"
+            if name == "num_hidden_layers"
+            else "the FF tensors' hidden dimension"
+        )
+        + " was not checked; re-export"
+    ]
+
+
+def test_tensors_the_original_check_would_skip_are_named(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    """With --original, an FF bias deleted from the export (GPT-2's c_fc bias) and a tensor
+    added to it that the original lacks are both problems. Catches ``continue`` on a key that
+    only one side has (the export then verified although its model would differ)."""
+    out = copy_export(made, "gpt2-out", tmp_path)
+    weights = out / "model.safetensors"
+    tensors = load_file(str(weights))
+    bias = "transformer.h.1.mlp.c_fc.bias"
+    del tensors[bias]
+    tensors["transformer.extra.weight"] = torch.zeros(2)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    rewrite_manifest_hash(out, "model.safetensors")
+    code, problems, _ = cli(str(out), "--original", str(made["gpt2"]))
+    assert code == 1
+    assert problems == [
+        f"problem: {bias}: in the original but missing from the export",
+        "problem: transformer.extra.weight: in the export but not in the original",
     ]
 
 

@@ -301,7 +301,11 @@ def _check_config(
     config = SimpleNamespace(**raw)
     try:
         width: int | None = spec.d_ff(config)
-    except GriffinError:
+    except GriffinError as exc:
+        problems.append(
+            f"config.json: the FF width could not be read ({_first_line(exc)}), so it was not "
+            f"checked against the {MANIFEST}'s k; re-export"
+        )
         width = None
     listed = griffin_block.get(SIZES_KEY) if isinstance(griffin_block, dict) else None
     if listed is None and len(set(ks)) > 1:
@@ -314,7 +318,7 @@ def _check_config(
             f"config.json: griffin.{SIZES_KEY} is {listed!r} but {MANIFEST} keeps {ks} neurons "
             "per layer; re-export"
         )
-    elif width != max(ks):  # the largest layer's width (all of them, when uniform)
+    elif width is not None and width != max(ks):  # the largest layer's (all, when uniform)
         problems.append(
             f"config.json: {spec.size_key} is {getattr(config, spec.size_key, None)!r} but "
             f"{MANIFEST} keeps {sorted(set(ks))} neurons per layer; re-export"
@@ -324,7 +328,7 @@ def _check_config(
         problems.append(
             f"{MANIFEST}: budget {budget!r} is not one of {', '.join(BUDGETS)}; re-export"
         )
-    n_layers, hidden = _config_sizes(export_dir)
+    n_layers, hidden = _config_sizes(export_dir, problems)
     if n_layers is not None and n_layers != len(ks):
         problems.append(
             f"config.json: {n_layers} layers but {MANIFEST} has k for {len(ks)}; re-export"
@@ -332,15 +336,34 @@ def _check_config(
     return spec, hidden
 
 
-def _config_sizes(directory: Path) -> tuple[int | None, int | None]:
-    """(number of layers, hidden size) through transformers' attribute maps (no weights)."""
+def _config_sizes(directory: Path, problems: list[str]) -> tuple[int | None, int | None]:
+    """(number of layers, hidden size) through transformers' attribute maps (no weights).
+
+    Either size that cannot be read is a problem (the checks that need it did not run), never
+    a silent ``None``; the FF shapes' other axis is then taken from the tensors as they are."""
     try:
         config = export_config(directory)
-    except Exception:  # the raw checks above already name what is wrong
+    except Exception as exc:  # transformers' config classes raise many types (validation...)
+        problems.append(
+            f"config.json: transformers cannot read it ({type(exc).__name__}: "
+            f"{_first_line(exc)}), so the layer count and hidden size were not checked; fix "
+            "config.json or re-export"
+        )
         return None, None
-    layers = getattr(config, "num_hidden_layers", None)
-    hidden = getattr(config, "hidden_size", None)
-    return (layers if _is_int(layers) else None), (hidden if _is_int(hidden) else None)
+    sizes: list[int | None] = []
+    for name, check in (
+        ("num_hidden_layers", f"the layer count against {MANIFEST}"),
+        ("hidden_size", "the FF tensors' hidden dimension"),
+    ):
+        value = getattr(config, name, None)
+        if not _is_int(value):
+            problems.append(
+                f"config.json: {name} is {value!r}, not an integer, so {check} was not checked; "
+                "re-export"
+            )
+            value = None
+        sizes.append(value)
+    return sizes[0], sizes[1]
 
 
 def _check_experts(
@@ -454,11 +477,13 @@ def _check_against_original(
     tensors = _open_original(directory, stack)
     source = manifest["source"]
     try:
-        model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get(
-            "model_type"
+        model_type = _read_json(directory / "config.json").get("model_type")
+    except ValueError as exc:
+        problems.append(
+            f"original '{original}': config.json {exc}, so its family could not be compared "
+            f"with the export's; pass the original it was exported from ({source.get('model')})"
         )
-    except (OSError, ValueError, AttributeError):
-        model_type = None
+        return
     if model_type != source["model_type"]:
         problems.append(
             f"original '{original}' is a {model_type!r} model but the export was made from a "
@@ -487,7 +512,9 @@ def _check_against_original(
                         problems.append(f"{key}: in the export but not in the original")
                     continue
                 if key not in exported:
-                    continue  # a missing weight is already reported
+                    if kind == "bias":  # a missing weight is already reported
+                        problems.append(f"{key}: in the original but missing from the export")
+                    continue
                 want = _sliced_original(spec, tensors, key, role, kind, index, d_ff).to(dtype)
                 got = exported.get(key)
                 if role == "down" and (kind == "weight" or compensation.get("bias")):
@@ -520,7 +547,10 @@ def _check_untouched(
     """Every non-FF tensor of a compensated export equals the original's (cast to the
     export's dtype): compensation changes the down projections only."""
     for key in exported.keys():  # noqa: SIM118
-        if key in ff_keys or key not in tensors:
+        if key in ff_keys:
+            continue
+        if key not in tensors:
+            problems.append(f"{key}: in the export but not in the original")
             continue
         got, want = exported.get(key), tensors.get(key)
         if got.is_floating_point() and want.is_floating_point():
