@@ -199,9 +199,16 @@ class LayerGrams:
         stats.add(z)
 
     def take(self, layer: int) -> GramStats:
+        if not 0 <= layer < len(self.stats):
+            raise UsageError(
+                f"layer {layer} is not one of 0..{len(self.stats) - 1}; pass a layer index"
+            )
         stats = self.stats[layer]
         if stats is None:
-            raise ValueError(f"layer {layer} saw no prompt tokens")
+            raise UsageError(
+                f"layer {layer} saw no prompt tokens, so its down projection cannot be refitted; "
+                "run the prompt through the model first, or export with --compensate none"
+            )
         self.stats[layer] = None
         return stats
 
@@ -262,11 +269,16 @@ def regression(
     m_S) / T``.
     """
     alpha = check_alpha(alpha)
-    d_ff = gram.shape[0]
-    if gram.shape != (d_ff, d_ff):
-        raise ValueError(f"the Gram matrix must be square, got {tuple(gram.shape)}")
+    d_ff = gram.shape[0] if gram.dim() else 0
+    if gram.dim() != 2 or gram.shape != (d_ff, d_ff):
+        raise UsageError(
+            f"the Gram matrix is {tuple(gram.shape)}, not square; pass Z^T Z ([d_ff, d_ff])"
+        )
     if bias and (sums is None or tokens < 1):
-        raise ValueError("the bias variant needs the column sums and a token count >= 1")
+        raise UsageError(
+            f"bias=True needs sums= (the column sums) and tokens >= 1, got tokens={tokens}; "
+            "pass both, or bias=False"
+        )
     device = gram.device
     dtype = _math_dtype(gram)
     keep = keep.to(device=device, dtype=torch.int64)
@@ -303,7 +315,7 @@ def _regression_from_rows(
     device, dtype = rows.device, _math_dtype(rows)
     tokens = rows.shape[0]
     if tokens < 1:
-        raise ValueError("the refit needs at least one prompt token")
+        raise UsageError("the refit needs at least one prompt token; pass a non-empty prompt")
     keep = keep.to(device=device, dtype=torch.int64)
     dropped_mask = torch.ones(d_ff, dtype=torch.bool, device=device)
     dropped_mask[keep] = False
@@ -355,9 +367,11 @@ def refit_down(
         for a float64 Gram matrix):
         ``W' = W_S + W_D coef^T`` and ``b = W_D offset`` (:func:`regression`).
     """
-    if gram.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(
-            f"Gram {tuple(gram.shape)} does not match the weight's {weight.shape[1]} inputs"
+    if weight.dim() != 2 or gram.shape != (weight.shape[1], weight.shape[1]):
+        raise UsageError(
+            f"the Gram matrix {tuple(gram.shape)} does not match the down weight "
+            f"{tuple(weight.shape)}; pass G = Z^T Z of its inputs ([in, in]) and the [out, in] "
+            "weight"
         )
     reg = regression(gram.to(weight.device), keep, alpha, sums=sums, tokens=tokens, bias=bias)
     return apply_regression(reg, weight)

@@ -13,6 +13,7 @@ tokens, it can be accumulated prompt by prompt (or chunk by chunk) as ``sum_t z~
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -106,11 +107,18 @@ def top_k_indices(scores: Tensor, k: int) -> Tensor:
 
     Deterministic: the same scores always give the same indices (int64, ``[k]``).
     """
-    if not 0 < k <= scores.numel():
-        raise ValueError(f"k={k} outside 1..{scores.numel()}")
+    try:
+        count = operator.index(k)  # ints of any kind (Python, NumPy, 0-d tensors), no floats
+    except TypeError:
+        count = 0
+    if not 0 < count <= scores.numel():
+        raise UsageError(
+            f"top_k_indices: k={k!r} is not an integer in 1..{scores.numel()} (the number of "
+            "scores); pass a k in that range"
+        )
     # A stable descending sort keeps equal scores in index order, so lower indices win ties.
     order = torch.sort(scores.float(), descending=True, stable=True).indices
-    return torch.sort(order[:k]).values
+    return torch.sort(order[:count]).values
 
 
 def jaccard(a: Tensor, b: Tensor) -> float:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from griffin_export.core.architectures import INPUT_ROLES, ArchSpec
+from griffin_export.errors import UnsupportedArchitectureError, UsageError
 
 
 def fused_indices(keep: Tensor, d_ff: int) -> Tensor:
@@ -49,7 +50,11 @@ def prune_block(spec: ArchSpec, block: nn.Module, keep: Tensor, d_ff: int) -> No
     """
     for role, module in spec.projections(block).items():
         weight = module.weight
-        assert isinstance(weight, Tensor)
+        if not isinstance(weight, Tensor):
+            raise UnsupportedArchitectureError(
+                f"the {role} projection ({type(module).__name__}) has no weight tensor; griffin "
+                "slices nn.Linear and Conv1D projections only"
+            )
         module.weight = nn.Parameter(
             slice_weight(spec, role, weight.data, keep, d_ff), requires_grad=weight.requires_grad
         )
@@ -68,15 +73,50 @@ def prune_model(spec: ArchSpec, model: nn.Module, keep: Sequence[Tensor]) -> Non
     ``transformers`` configs hold a single ``intermediate_size``.
     """
     blocks = spec.blocks(model)
-    if len(keep) != len(blocks):
-        raise ValueError(f"{len(keep)} index sets for {len(blocks)} layers")
+    d_ff = spec.d_ff(model.config)
+    check_keep(keep, len(blocks), d_ff)
     sizes = {int(k.numel()) for k in keep}
     if len(sizes) != 1:
-        raise ValueError(f"non-uniform budgets {sorted(sizes)} cannot be stored in one config")
-    d_ff = spec.d_ff(model.config)
+        raise UsageError(
+            f"prune_model keeps one FF width in every layer, got {sorted(sizes)}; keep the same "
+            "number per layer, or use griffin_export.formats.loader.prune_model_per_layer"
+        )
     for block, idx in zip(blocks, keep, strict=True):
         prune_block(spec, block, idx, d_ff)
     spec.set_d_ff(model.config, sizes.pop())
+
+
+def check_keep(keep: Sequence[Tensor], n_layers: int, d_ff: int) -> None:
+    """Refuse kept-index sets that cannot slice a model of ``n_layers`` FF layers of width
+    ``d_ff``: one :class:`UsageError` line naming the layer, the value and the fix.
+
+    Each set must be a non-empty 1-D integer tensor of distinct indices in ``0..d_ff-1`` (a
+    repeated neuron would be counted twice by the down projection)."""
+    if len(keep) != n_layers:
+        raise UsageError(
+            f"{len(keep)} kept-index sets for a model of {n_layers} layers; pass one per layer"
+        )
+    for layer, index in enumerate(keep):
+        problem = None
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.is_floating_point():
+            what = (
+                f"a {index.dtype} tensor of shape {tuple(index.shape)}"
+                if isinstance(index, Tensor)
+                else f"a {type(index).__name__}"
+            )
+            problem = f"is {what}, not a 1-D integer tensor"
+        elif index.numel() == 0:
+            problem = "is empty (every layer keeps at least one neuron)"
+        elif int(index.min()) < 0 or int(index.max()) >= d_ff:
+            problem = f"has indices outside 0..{d_ff - 1} (min {int(index.min())}, max "
+            problem += f"{int(index.max())})"
+        elif index.unique().numel() != index.numel():
+            problem = "repeats a neuron"
+        if problem is not None:
+            raise UsageError(
+                f"kept indices of layer {layer} {problem}; pass distinct neuron indices below "
+                f"d_ff {d_ff} (e.g. from top_k_indices)"
+            )
 
 
 def _sync_shape_attributes(module: nn.Module) -> None:

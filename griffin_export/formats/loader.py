@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from griffin_export.core.architectures import ArchSpec, llama_graph_problem, spec_for
 from griffin_export.core.budgets import layer_sizes
-from griffin_export.core.slicing import prune_block
+from griffin_export.core.slicing import check_keep, prune_block
 from griffin_export.errors import ExportFormatError, ModelLoadError, UsageError
 from griffin_export.formats.manifest import SIZES_KEY
 from griffin_export.storage.safetensors_io import SINGLE_NAME, LazyTensors, list_shards, load_state
@@ -88,9 +88,8 @@ def prune_model_per_layer(spec: ArchSpec, model: nn.Module, keep: Sequence[Tenso
     """Like :func:`griffin_export.core.slicing.prune_model`, but each layer may keep a different
     number of neurons; the config records them (:func:`set_per_layer_sizes`)."""
     blocks = spec.blocks(model)
-    if len(keep) != len(blocks):
-        raise ValueError(f"{len(keep)} index sets for {len(blocks)} layers")
     d_ff = spec.d_ff(model.config)
+    check_keep(keep, len(blocks), d_ff)
     for block, idx in zip(blocks, keep, strict=True):
         prune_block(spec, block, idx, d_ff)
     set_per_layer_sizes(spec, model.config, [int(k.numel()) for k in keep])

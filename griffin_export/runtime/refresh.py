@@ -333,6 +333,11 @@ class GriffinRuntime:
         overlap: list[float] = []
         changed: list[int] = []
         blocks = self.spec.blocks(self.model)
+        if len(self._rings) != len(blocks) or any(ring.rows is None for ring in self._rings):
+            raise UsageError(
+                "refresh() re-selects from the tokens of a running generate(), and none have "
+                "been seen; call generate(..., refresh_every=N) with N > 0 instead"
+            )
         for layer, block in enumerate(blocks):
             z = self._rings[layer].cached(partial(self._activations, layer))  # [W, d_ff]
             scores = griffin_statistic(normalized_squares(z).sum(dim=0), accumulated=True)
