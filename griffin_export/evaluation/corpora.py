@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 from griffin_export.errors import ModelLoadError, UsageError
 
@@ -73,13 +74,18 @@ def _wiki_summaries(path: Path) -> str:
 
 
 def _wikitext2() -> str:
-    try:
-        from datasets import load_dataset
+    """WikiText-2's test split through ``datasets`` (cached after the first download).
 
+    Only "the hub cannot be reached" (no network, ``HF_HUB_OFFLINE`` and not cached, a
+    timeout) becomes the offline advice; any other failure keeps its own type and message."""
+    from datasets import load_dataset  # heavy (pyarrow, pandas): only when wikitext2 is asked
+
+    try:
         dataset = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
-    except Exception as exc:  # offline: connection errors of several kinds
+    except (ConnectionError, TimeoutError, LocalEntryNotFoundError) as exc:
+        why = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise ModelLoadError(
-            f"wikitext2 could not be loaded from the Hugging Face Hub ({str(exc)[:120]}); "
+            f"wikitext2 could not be loaded from the Hugging Face Hub ({why}); "
             "offline, use --dataset wiki-summaries, shakespeare or a .txt file"
         ) from exc
     return "\n\n".join(dataset["text"])
