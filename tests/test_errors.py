@@ -3,24 +3,37 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import datasets
 import pytest
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner, Result
 
+import griffin_export
 from griffin_cli.main import app
+from griffin_export import export, prune_model, top_k_indices
 from griffin_export.build.prompts import read_prompt_file
-from griffin_export.errors import UsageError
+from griffin_export.core.architectures import spec_for
+from griffin_export.core.compensation import LayerGrams, refit_down, regression
+from griffin_export.errors import ModelLoadError, UsageError
+from griffin_export.evaluation.corpora import load_corpus
+from griffin_export.formats.loader import prune_model_per_layer
+from griffin_export.runtime.refresh import GriffinRuntime
 
-from tiny import save_tiny
+from tiny import save_tiny, tiny_model
 
 runner = CliRunner()
 TEXT = ["--prompt-text", "Rain falls on the hills."]
@@ -438,3 +451,186 @@ def test_read_prompt_file_accepts_text_and_refuses_the_rest(
     else:
         with pytest.raises(UsageError, match="prompt file"):
             read_prompt_file(str(prompt))
+
+
+# -- the library's public functions: GriffinError, never ValueError ----------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> Any:
+    """A tiny Llama (3 layers, d_ff 37) and its architecture spec."""
+    model = tiny_model("llama")
+    return spec_for("llama"), model
+
+
+def _keep(k: int = 5, layers: int = 3) -> list[torch.Tensor]:
+    return [torch.arange(k) for _ in range(layers)]
+
+
+@pytest.mark.parametrize(
+    ("keep", "needles"),
+    [
+        (_keep(layers=2), ["2 kept-index sets for a model of 3 layers", "one per layer"]),
+        ([*_keep(layers=2), torch.arange(6)], ["one FF width in every layer", "[5, 6]"]),
+        ([*_keep(layers=2), torch.tensor([0, 37])], ["layer 2", "outside 0..36", "max 37"]),
+        ([*_keep(layers=2), torch.tensor([-1, 3])], ["layer 2", "outside 0..36", "min -1"]),
+        ([torch.tensor([1, 1, 2]), *_keep(3, 2)], ["layer 0", "repeats a neuron"]),
+        ([torch.zeros(0, dtype=torch.long), *_keep(0, 2)], ["layer 0", "is empty"]),
+        ([torch.arange(5.0), *_keep(layers=2)], ["layer 0", "torch.float32", "1-D integer"]),
+        ([torch.arange(6).view(2, 3), *_keep(6, 2)], ["layer 0", "shape (2, 3)"]),
+    ],
+)
+def test_prune_model_refuses_bad_kept_indices(
+    tiny_llama: Any, keep: list[torch.Tensor], needles: list[str]
+) -> None:
+    """prune_model (and prune_model_per_layer) with kept indices that cannot slice the model:
+    one-line UsageError naming the layer and the value, and the model untouched. Catches the
+    old ValueError, torch's IndexError from index_select, or a silently wrong model (a
+    repeated neuron counted twice by the down projection)."""
+    spec, model = tiny_llama
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(UsageError) as caught:
+        prune_model(spec, model, keep)
+    message = str(caught.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    if "one FF width" not in message:  # per-layer widths are what prune_model_per_layer takes
+        with pytest.raises(UsageError, match=re.escape(needles[0])):
+            prune_model_per_layer(spec, model, keep)
+
+
+@pytest.mark.parametrize("k", [0, -1, 8, 2.5, "3", None])
+def test_top_k_indices_refuses_a_k_outside_the_scores(k: Any) -> None:
+    """k outside 1..n or not an integer: UsageError naming k and the range. Catches the old
+    ValueError, and a float k that slipped through to a TypeError in slicing."""
+    with pytest.raises(UsageError, match=rf"k={re.escape(repr(k))} is not an integer in 1\.\.7"):
+        top_k_indices(torch.rand(7), k)
+    assert top_k_indices(torch.arange(7.0), torch.tensor(2)).tolist() == [5, 6]
+
+
+def test_refit_math_refuses_mismatched_input() -> None:
+    """The refit's public math with inputs that do not fit together: UsageError each, naming
+    the shapes or the missing argument. Catches the old ValueErrors and a KeyError-style
+    IndexError from LayerGrams."""
+    grams = LayerGrams(2, 4)
+    grams.add(0, torch.rand(3, 4))
+    with pytest.raises(UsageError, match=r"layer 1 saw no prompt tokens.*--compensate none"):
+        grams.take(1)
+    with pytest.raises(UsageError, match=r"layer 2 is not one of 0\.\.1"):
+        grams.take(2)
+    assert grams.take(0).tokens == 3
+    with pytest.raises(UsageError, match=r"the Gram matrix is \(4, 3\), not square"):
+        regression(torch.rand(4, 3), torch.arange(2))
+    with pytest.raises(UsageError, match="bias=True needs sums="):
+        regression(torch.eye(4), torch.arange(2), bias=True)
+    with pytest.raises(UsageError, match=r"Gram matrix \(4, 4\) does not match the down weight"):
+        refit_down(torch.eye(4), torch.rand(6, 5), torch.arange(2))
+
+
+def test_runtime_refresh_before_generate_is_refused(src: Path, tmp_path: Path) -> None:
+    """GriffinRuntime.refresh() called directly, with no tokens seen: UsageError naming
+    generate(refresh_every=N). Catches the IndexError of an empty ring list (or the
+    RuntimeError of an empty ring)."""
+    out = tmp_path / "export"
+    export(str(src), ["Rain falls on the hills."], 0.5, out=out, compensate="none")
+    runtime = GriffinRuntime.from_export(out, str(src))
+    with pytest.raises(UsageError, match=r"call generate\(\.\.\., refresh_every=N\)"):
+        runtime.refresh()
+
+
+#: Raise sites of built-in exceptions that no caller can reach with bad input: each is caught
+#: in the function that raises it, or by its caller and turned into a problem line or a
+#: GriffinError (``_read_json``, ``list_shards``), or guards an invariant of the streaming
+#: writer or the refresh ring itself. Everything else raises a GriffinError subclass.
+INTERNAL_RAISES = {
+    ("formats/verify.py", "_read_json"),
+    ("storage/safetensors_io.py", "list_shards"),
+    ("storage/safetensors_io.py", "_write"),
+    ("storage/safetensors_io.py", "close"),
+    ("runtime/refresh.py", "contents"),
+    ("runtime/refresh.py", "cached"),
+}
+_BUILTIN = ("ValueError", "TypeError", "RuntimeError", "KeyError")
+
+
+def _own_nodes(function: ast.AST) -> Iterator[ast.AST]:
+    """The nodes of ``function``'s body, not those of functions nested in it."""
+    for child in ast.iter_child_nodes(function):
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield child
+            yield from _own_nodes(child)
+
+
+def _narrows_a_type(test: ast.expr) -> bool:
+    """``assert isinstance(x, T)`` / ``assert x is not None``: for the type checker only."""
+    if isinstance(test, ast.Call) and isinstance(test.func, ast.Name):
+        return test.func.id == "isinstance"
+    return isinstance(test, ast.Compare) and isinstance(test.ops[0], ast.IsNot)
+
+
+def test_the_library_raises_griffin_errors_only() -> None:
+    """Every ``raise`` of ValueError, TypeError, RuntimeError or KeyError in griffin_export is
+    one of the known internal sites (INTERNAL_RAISES), and no ``assert`` checks a value
+    (assertions only narrow types for mypy). Catches a new public function that raises a bare
+    ValueError where the README promises a GriffinError, or asserts on its input."""
+    package = Path(griffin_export.__file__).parent
+    found = set()
+    for path in sorted(package.rglob("*.py")):
+        where = str(path.relative_to(package))
+        for function in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in _own_nodes(function):
+                if isinstance(node, ast.Raise) and node.exc is not None:
+                    call = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                    if isinstance(call, ast.Name) and call.id in _BUILTIN:
+                        found.add((where, function.name))
+                if isinstance(node, ast.Assert):
+                    assert _narrows_a_type(node.test), f"{where}:{node.lineno} asserts a value"
+    assert found <= INTERNAL_RAISES, sorted(found - INTERNAL_RAISES)
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [
+        # what datasets 5 raises without network or with HF_HUB_OFFLINE=1 and an empty cache
+        ConnectionError("Couldn't reach 'wikitext' on the Hub (OfflineModeIsEnabled)"),
+        TimeoutError("The read operation timed out"),
+        LocalEntryNotFoundError("not in the local cache"),
+    ],
+)
+def test_wikitext2_offline_is_one_line_advice(
+    cause: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub unreachable: one ModelLoadError line with the cause and the offline corpora.
+    Catches letting a connection error escape as a traceback."""
+    monkeypatch.setattr(datasets, "load_dataset", _raising(cause))
+    with pytest.raises(ModelLoadError) as caught:
+        load_corpus("wikitext2")
+    message = str(caught.value)
+    assert "\n" not in message and str(cause) in message
+    assert "offline, use --dataset wiki-summaries, shakespeare or a .txt file" in message
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [PermissionError(13, "Permission denied", "/cache/datasets"), ValueError("Unknown split")],
+)
+def test_wikitext2_other_failures_keep_their_cause(
+    cause: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unwritable cache or a datasets bug is not "offline": it keeps its own type and
+    message. Catches the old ``except Exception`` that called every failure offline."""
+    monkeypatch.setattr(datasets, "load_dataset", _raising(cause))
+    with pytest.raises(type(cause)) as caught:
+        load_corpus("wikitext2")
+    assert caught.value is cause
+
+
+def _raising(exc: Exception) -> Any:
+    def load_dataset(*args: Any, **kwargs: Any) -> Any:
+        raise exc
+
+    return load_dataset
