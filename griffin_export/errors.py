@@ -15,7 +15,8 @@ class GriffinError(Exception):
 
 
 class UsageError(GriffinError):
-    """A bad option value or bad input file: the command line must change (exit code 2)."""
+    """A bad option value, input file, or argument to a library function: what the caller
+    passes must change (exit code 2)."""
 
     exit_code = 2
 

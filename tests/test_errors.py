@@ -27,6 +27,7 @@ from griffin_cli.main import app
 from griffin_export import export, prune_model, top_k_indices
 from griffin_export.build.prompts import read_prompt_file
 from griffin_export.core.architectures import spec_for
+from griffin_export.core.budgets import layer_sizes
 from griffin_export.core.compensation import LayerGrams, refit_down, regression
 from griffin_export.errors import ModelLoadError, UsageError
 from griffin_export.evaluation.corpora import load_corpus
@@ -508,6 +509,17 @@ def test_top_k_indices_refuses_a_k_outside_the_scores(k: Any) -> None:
     with pytest.raises(UsageError, match=rf"k={re.escape(repr(k))} is not an integer in 1\.\.7"):
         top_k_indices(torch.rand(7), k)
     assert top_k_indices(torch.arange(7.0), torch.tensor(2)).tolist() == [5, 6]
+
+
+@pytest.mark.parametrize(("n_layers", "d_ff", "name"), [(0, 37, "n_layers"), (3, 0, "d_ff")])
+@pytest.mark.parametrize("budget", ["uniform", "protect"])
+def test_layer_sizes_refuses_an_empty_model(
+    budget: str, n_layers: int, d_ff: int, name: str
+) -> None:
+    """No layers or no FF neurons: UsageError naming the value. Catches protect's IndexError
+    on zero layers and the [0, 0, 0] budget (layers keeping no neuron) for d_ff 0."""
+    with pytest.raises(UsageError, match=f"{name} must be a positive integer, got 0"):
+        layer_sizes(budget, n_layers, d_ff, 0.5)
 
 
 def test_refit_math_refuses_mismatched_input() -> None:

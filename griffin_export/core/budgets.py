@@ -47,6 +47,12 @@ def layer_sizes(
     evenly over the others (:func:`protect_budget`).
     """
     check_budget(budget)
+    for name, value in (("n_layers", n_layers), ("d_ff", d_ff)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(
+                f"layer_sizes: {name} must be a positive integer, got {value!r}; pass the "
+                "model's layer count and FF width"
+            )
     k = keep_count(d_ff, ratio, multiple_of)
     if budget == "uniform" or k == d_ff:
         return uniform_budget(n_layers, k)
