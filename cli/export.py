@@ -19,11 +19,14 @@ from griffin_cli.main import (
     model_option,
     out_console,
     stage_progress,
+    timeout_option,
 )
 from griffin_export.build.export import ExportResult, export
 from griffin_export.build.prompts import gather_prompts
 from griffin_export.core.budgets import DEFAULT_BUDGET
 from griffin_export.core.compensation import DEFAULT_METHOD
+from griffin_export.engines.llamacpp import DEFAULT_TIMEOUT
+from griffin_export.errors import UsageError
 from griffin_export.formats.manifest import DEFAULT_CHECKPOINT_FORMAT
 from griffin_export.storage.checkpoint import DEFAULT_MODEL
 
@@ -122,9 +125,12 @@ def export_command(
         help="Also write model-<type>.gguf inside the export for llama.cpp: f32, f16, bf16 or "
         "q8_0 (same as griffin gguf).",
     ),
+    timeout: float | None = timeout_option(None),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Prune every FF layer to the neurons the prompt uses and write a smaller checkpoint."""
+    if timeout is not None and gguf is None:
+        raise UsageError("--timeout limits the --gguf conversion; add --gguf TYPE or drop it")
     prompts = gather_prompts(prompt, prompt_text)
     with stage_progress(_STAGES, transient=as_json) as on_progress:
         result = export(
@@ -146,6 +152,8 @@ def export_command(
             alpha=alpha,
             checkpoint_format=checkpoint_format,
             gguf=gguf,
+            gguf_timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+            gguf_on_line=lambda line: on_progress.note("gguf", line),
             progress=on_progress,
         )
     for warning in result.warnings:

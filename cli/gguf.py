@@ -17,8 +17,9 @@ from griffin_cli.main import (
     out_console,
     pick_model,
     stage_progress,
+    timeout_option,
 )
-from griffin_export.engines.llamacpp import write_gguf
+from griffin_export.engines.llamacpp import DEFAULT_TIMEOUT, write_gguf
 
 _STAGES = {"gguf": "Converting with llama.cpp's converter (%)"}
 
@@ -34,6 +35,7 @@ def gguf_command(
         "f16", "--outtype", help="Tensor type: f32, f16, bf16 or q8_0 (llama.cpp's converter)."
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    timeout: float = timeout_option(DEFAULT_TIMEOUT),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Write an export as a GGUF for llama.cpp (Ollama, LM Studio): uniform exports keep their
@@ -41,7 +43,15 @@ def gguf_command(
     'deci' with each layer's own FF width."""
     directory = pick_model(model, export_dir, "gguf", "griffin gguf EXPORT_DIR")
     with stage_progress(_STAGES, transient=as_json) as on_progress:
-        result = write_gguf(directory, out, outtype, force=force, progress=on_progress)
+        result = write_gguf(
+            directory,
+            out,
+            outtype,
+            force=force,
+            progress=on_progress,
+            on_line=lambda line: on_progress.note("gguf", line),
+            timeout=timeout,
+        )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if as_json:

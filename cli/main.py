@@ -16,9 +16,8 @@ from typer.core import TyperGroup
 
 from griffin_export import __version__
 from griffin_export.core.budgets import BUDGETS
+from griffin_export.engines.llamacpp import DEFAULT_TIMEOUT
 from griffin_export.errors import GriffinError, UsageError
-
-ProgressCallback = Callable[[str, int, int], None]
 
 #: Progress, tables and errors go to stderr; stdout is reserved for results (--json).
 err_console = Console(stderr=True)
@@ -113,10 +112,38 @@ def main(
     hub_logging.set_verbosity_error()
 
 
+class StageProgress:
+    """The ``(stage, done, total)`` callback the library functions take: one Rich bar per
+    stage, labelled from ``labels``. :meth:`note` shows a line of detail after a stage's label
+    (llama.cpp's converter's latest output line)."""
+
+    #: characters of a note shown (the rest of the line would wrap the bar)
+    NOTE_WIDTH = 60
+
+    def __init__(self, bar: Progress, labels: dict[str, str]) -> None:
+        self._bar = bar
+        self._labels = labels
+        self._tasks: dict[str, TaskID] = {}
+
+    def _task(self, stage: str, total: int) -> TaskID:
+        if stage not in self._tasks:
+            label = escape(self._labels.get(stage, stage))
+            self._tasks[stage] = self._bar.add_task(label, total=max(total, 1))
+        return self._tasks[stage]
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        self._bar.update(self._task(stage, total), completed=done, total=max(total, 1))
+
+    def note(self, stage: str, text: str) -> None:
+        short = text if len(text) <= self.NOTE_WIDTH else text[: self.NOTE_WIDTH - 3] + "..."
+        label = escape(self._labels.get(stage, stage))
+        self._bar.update(self._task(stage, 1), description=f"{label} [dim]{escape(short)}[/]")
+
+
 @contextmanager
-def stage_progress(labels: dict[str, str], transient: bool) -> Iterator[ProgressCallback]:
+def stage_progress(labels: dict[str, str], transient: bool) -> Iterator[StageProgress]:
     """A Rich progress display on stderr with one bar per library stage; yields the
-    ``(stage, done, total)`` callback the library functions take."""
+    ``(stage, done, total)`` callback the library functions take (:class:`StageProgress`)."""
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -125,14 +152,7 @@ def stage_progress(labels: dict[str, str], transient: bool) -> Iterator[Progress
         console=err_console,
         transient=transient,
     ) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(labels.get(stage, stage), total=max(total, 1))
-            bar.update(tasks[stage], completed=done, total=max(total, 1))
-
-        yield on_progress
+        yield StageProgress(bar, labels)
 
 
 def model_option(help: str, default: str | None = None) -> Any:
@@ -162,6 +182,19 @@ def alpha_option(scope: str) -> Any:
         "--alpha",
         show_default="1; 10 from keep 0.8 up",
         help=f"{scope}: ridge strength of the refit, relative to the kept neurons' mean energy.",
+    )
+
+
+def timeout_option(default: float | None) -> Any:
+    """``--timeout SECONDS``: how long llama.cpp's converter may run (``griffin gguf``, and
+    ``griffin export --gguf``, where ``None`` means not given)."""
+    return typer.Option(
+        default,
+        "--timeout",
+        metavar="SECONDS",
+        show_default=f"{DEFAULT_TIMEOUT:g}",
+        help="Stop llama.cpp's converter after this many seconds (its partial file removed); "
+        "raise it for very large models.",
     )
 
 

@@ -47,3 +47,12 @@ class VerificationError(ExportFormatError):
 
 class OriginalMismatchError(GriffinError):
     """The original model given is not the one the export was made from."""
+
+
+class ConverterError(GriffinError):
+    """An external converter griffin runs (llama.cpp's ``convert-hf-to-gguf``) failed or ran
+    out of time; ``output`` holds its last lines of output (also in the message)."""
+
+    def __init__(self, message: str, output: list[str]) -> None:
+        super().__init__(message)
+        self.output = output

@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import llama_cpp  # a test dependency: make test installs it (Makefile)
 import numpy as np
@@ -26,7 +28,7 @@ from griffin_export.engines.llamacpp import (
     read_gguf_widths,
     write_gguf,
 )
-from griffin_export.errors import ExportFormatError, UnsupportedArchitectureError, UsageError
+from griffin_export.errors import ConverterError, UnsupportedArchitectureError, UsageError
 from griffin_export.evaluation.corpora import load_corpus
 from griffin_export.formats.manifest import read_manifest
 from griffin_export.formats.verify import verify_export
@@ -314,7 +316,7 @@ def test_converter_failure_is_one_line_and_leaves_nothing(
     config = json.loads((out / "config.json").read_text())
     config["architectures"] = ["NoSuchModelForCausalLM"]
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportFormatError, match="NoSuchModelForCausalLM") as caught:
+    with pytest.raises(ConverterError, match="NoSuchModelForCausalLM") as caught:
         write_gguf(out, tmp_path / "m.gguf", "f16")
     assert "\n" not in str(caught.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "src-llama"]
@@ -408,3 +410,155 @@ def test_embedded_model_ggufs_match_transformers(budget: str, tmp_path: Path) ->
     got8 = llama_cpp_logits(q8.path, ids)
     assert float((got8.argmax(-1) == want.argmax(-1)).mean()) >= 0.9
     assert np.abs(got8 - want).max() <= 0.05 * span
+
+
+# -- the converter's child process: time limit, streamed output, last lines in the error -------
+
+#: A stand-in for llama.cpp's converter: the driver imports ``gguf`` first, so a ``gguf``
+#: package that writes 30 log lines and two redraws of a progress bar to stderr, starts the
+#: output file, then hangs (``sleep``) or gives up with an ERROR line (``fail``).
+FAKE_GGUF = """
+import os, sys, time
+for i in range(30):
+    print(f"INFO:fake:line {i}", file=sys.stderr, flush=True)
+sys.stderr.write("Writing:  10%|#         | 1/10\\r")
+sys.stderr.write("Writing:  40%|####      | 4/10\\r")
+sys.stderr.flush()
+with open(sys.argv[2], "wb") as partial:
+    partial.write(b"GGUF partial")
+if os.environ["GRIFFIN_FAKE_CONVERTER"] == "sleep":
+    print("INFO:fake:about to hang", file=sys.stderr, flush=True)
+    time.sleep(600)
+print("ERROR:fake:the fake converter gives up", file=sys.stderr, flush=True)
+sys.exit(3)
+"""
+#: What the fake writes, as lines: a progress bar's redraws end at a carriage return.
+FAKE_LINES = [f"INFO:fake:line {i}" for i in range(30)] + [
+    "Writing:  10%|#         | 1/10",
+    "Writing:  40%|####      | 4/10",
+]
+
+
+@pytest.fixture
+def fake_converter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Point $GRIFFIN_LLAMA_CONVERTER at the fake; the returned function picks its mode."""
+    directory = tmp_path / "fake-converter"
+    (directory / "gguf").mkdir(parents=True)
+    (directory / "convert_hf_to_gguf.py").write_text("")
+    (directory / "gguf" / "__init__.py").write_text(FAKE_GGUF)
+    monkeypatch.setenv(CONVERTER_ENV, str(directory))
+    return lambda mode: monkeypatch.setenv("GRIFFIN_FAKE_CONVERTER", mode)
+
+
+@pytest.fixture(scope="module")
+def plain_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama export (its tokenizer does not matter to the fake converter)."""
+    root = tmp_path_factory.mktemp("plain")
+    return _export(save_tiny("llama", root / "src"), root / "export")
+
+
+def test_converter_past_its_time_limit_is_stopped_and_leaves_nothing(
+    plain_export: Path, fake_converter: Callable[[str], None], tmp_path: Path
+) -> None:
+    """A converter that hangs after writing part of the file: stopped at ``timeout``, the
+    partial file removed, one-line ConverterError naming the limit, --timeout and the last
+    lines it wrote; every line reached ``on_line`` as written (the bar's two redraws apart),
+    the percentages reached ``progress``, and sys.stderr was never swapped. Catches a child
+    left running (the call never returns), a stale temporary file, an error without the
+    converter's last words, or output buffered until the end."""
+    fake_converter("sleep")
+    lines: list[str] = []
+    streams: set[int] = set()
+    percents: list[int] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        streams.add(id(sys.stderr))
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    stderr = sys.stderr
+    with pytest.raises(ConverterError) as caught:
+        write_gguf(
+            plain_export,
+            tmp_path / "m.gguf",
+            "f16",
+            progress=lambda stage, done, total: percents.append(done),
+            on_line=on_line,
+            timeout=2,
+        )
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("llama.cpp's converter timed out after 2 s and was stopped")
+    assert "raise the limit with --timeout SECONDS" in message
+    expected = [*FAKE_LINES, "INFO:fake:about to hang"]
+    assert lines == expected
+    assert streams == {id(stderr)}
+    tail = [*FAKE_LINES[:-2], FAKE_LINES[-1], "INFO:fake:about to hang"][-20:]
+    assert caught.value.output == tail
+    assert message.endswith("its last output: " + " | ".join(tail))
+    assert percents[:3] == [0, 10, 40] and 100 not in percents
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_converter_failure_carries_its_last_lines(
+    plain_export: Path, fake_converter: Callable[[str], None], tmp_path: Path
+) -> None:
+    """A converter that fails: ConverterError with its exit code, its ERROR line as the
+    reason, and its last 20 lines (one progress-bar line, the latest) in one line; nothing is
+    left. Catches losing the converter's output, keeping its first lines instead of its
+    last, or one tail entry per bar redraw crowding the reason out."""
+    fake_converter("fail")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConverterError) as caught:
+        write_gguf(plain_export, tmp_path / "m.gguf", "f16")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "llama.cpp's converter failed (exit code 3): the fake converter gives up;"
+    )
+    tail = [*FAKE_LINES[:-2], FAKE_LINES[-1], "ERROR:fake:the fake converter gives up"][-20:]
+    assert caught.value.output == tail and tail[0] == "INFO:fake:line 12"
+    assert " | ".join(tail) in message and "line 11 " not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("timeout", [0, -5, float("nan"), float("inf"), "60"])
+def test_a_bad_timeout_is_refused_before_the_converter_runs(
+    plain_export: Path, timeout: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--timeout that is not a positive finite number: UsageError naming it, before anything
+    runs (no converter is installed here, which would be the error otherwise). Catches a
+    zero or infinite limit passed on to the timer."""
+    monkeypatch.setenv(CONVERTER_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match=r"--timeout must be a positive number of seconds"):
+        write_gguf(plain_export, tmp_path / "m.gguf", "f16", timeout=timeout)
+    with pytest.raises(UsageError, match=r"--timeout must be a positive number of seconds"):
+        export(
+            str(plain_export), [PROMPT], 0.5, out=tmp_path / "e", gguf="f16", gguf_timeout=timeout
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_gguf_timeout_leaves_no_export(
+    plain_export: Path, fake_converter: Callable[[str], None], tmp_path: Path
+) -> None:
+    """``griffin export --gguf f16 --timeout 2`` with a hanging converter: exit 1, one error
+    line naming --timeout, no export directory; ``griffin gguf --timeout 2`` the same, no
+    file; --timeout without --gguf is a usage error. Catches the CLI dropping --timeout (the
+    default hour would pass) or the export keeping its temporary directory."""
+    fake_converter("sleep")
+    runner = CliRunner()
+    source = plain_export.parent / "src"
+    out = tmp_path / "e"
+    args = ["export", "--model", str(source), "--prompt-text", PROMPT, "--out", str(out)]
+    result = runner.invoke(app, [*args, "--gguf", "f16", "--timeout", "2"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "timed out after 2 s" in errors[0] and "--timeout SECONDS" in errors[0]
+    result = runner.invoke(
+        app, ["gguf", str(plain_export), "-o", str(tmp_path / "m.gguf"), "--timeout", "2"]
+    )
+    assert result.exit_code == 1 and "timed out after 2 s" in result.output, result.output
+    result = runner.invoke(app, [*args, "--timeout", "2"])
+    assert result.exit_code == 2 and "--timeout limits the --gguf conversion" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake-converter"]

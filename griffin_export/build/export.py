@@ -32,10 +32,12 @@ from griffin_export.core.scoring import STATISTIC_NAME, check_multiple_of, check
 from griffin_export.core.selection import Selection, select_experts
 from griffin_export.core.slicing import prune_model
 from griffin_export.engines.llamacpp import (
+    DEFAULT_TIMEOUT,
     GgufResult,
     check_llama_cpp_family,
     check_outtype,
     check_per_layer_gguf,
+    check_timeout,
     converter_dir,
     write_gguf,
 )
@@ -141,6 +143,8 @@ def export(
     alpha: float | None = None,
     checkpoint_format: str = DEFAULT_CHECKPOINT_FORMAT,
     gguf: str | None = None,
+    gguf_timeout: float = DEFAULT_TIMEOUT,
+    gguf_on_line: Callable[[str], None] | None = None,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export ``model`` pruned to the experts that ``prompts`` select.
@@ -182,6 +186,9 @@ def export(
             :data:`~griffin_export.engines.llamacpp.OUTTYPES`. Refused before the model loads
             when the converter is missing, and before scoring when the budget's per-layer
             widths have no llama.cpp graph.
+        gguf_timeout, gguf_on_line: with ``gguf``, the converter's time limit in seconds and
+            a callback for each line of its output (``timeout`` and ``on_line`` of
+            :func:`~griffin_export.engines.llamacpp.write_gguf`).
         progress: optional ``(stage, done, total)`` callback.
 
     Returns:
@@ -201,6 +208,7 @@ def export(
         )
     if gguf is not None:
         check_outtype(gguf)
+        check_timeout(gguf_timeout)
         converter_dir()  # missing converter: refused before anything loads
     texts = [p for p in prompts if p.strip()]
     if not texts:
@@ -307,7 +315,14 @@ def export(
 
     report("write", 0, write_total)
     file_bytes, selection, manifest, written = write_export(
-        out_dir, loaded, force, write_weights, gguf=gguf, progress=report
+        out_dir,
+        loaded,
+        force,
+        write_weights,
+        gguf=gguf,
+        gguf_timeout=gguf_timeout,
+        gguf_on_line=gguf_on_line,
+        progress=report,
     )
     report("write", write_total, write_total)
     if written is not None:
@@ -389,6 +404,8 @@ def write_export(
     write_weights: Callable[[Path], tuple[Selection, Manifest]],
     *,
     gguf: str | None = None,
+    gguf_timeout: float = DEFAULT_TIMEOUT,
+    gguf_on_line: Callable[[str], None] | None = None,
     progress: Progress | None = None,
 ) -> tuple[int, Selection, Manifest, GgufResult | None]:
     """Write an export atomically: the pruned weights first (``write_weights(directory)``,
@@ -424,7 +441,14 @@ def write_export(
             )
             (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
             if gguf is not None:
-                written = write_gguf(tmp, tmp / f"model-{gguf}.gguf", gguf, progress=progress)
+                written = write_gguf(
+                    tmp,
+                    tmp / f"model-{gguf}.gguf",
+                    gguf,
+                    progress=progress,
+                    on_line=gguf_on_line,
+                    timeout=gguf_timeout,
+                )
             files = sorted(p for p in tmp.iterdir() if p.is_file())
             known = manifest.files  # hashed while written (streaming shards)
             manifest.files = {p.name: known.get(p.name) or file_sha256(p) for p in files}

@@ -15,24 +15,32 @@ with per-layer heads and FF widths) takes an array. So
 
 The converter bundles its own ``gguf`` module, newer than the ``gguf`` package transformers reads
 GGUF files with (both install as the top-level ``gguf``), so it lives in its own directory
-(:func:`converter_dir`) and only ever runs in the child process.
+(:func:`converter_dir`) and only ever runs in the child process. That process runs with a time
+limit (:data:`DEFAULT_TIMEOUT`, ``timeout=``): its standard error is read line by line, each line
+handed to the caller as it comes (``on_line``) and the last :data:`TAIL_LINES` kept for the
+error message; nothing in this process swaps ``sys.stderr``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from griffin_export.core.architectures import LLAMA_CPP_REFUSED, llama_graph_problem, spec_for
 from griffin_export.errors import (
+    ConverterError,
     ExportFormatError,
     OutputError,
     UnsupportedArchitectureError,
@@ -48,7 +56,12 @@ CONVERTER_VERSION = "0.1.1"
 #: Environment variable naming a directory that holds the converter (``convert_hf_to_gguf.py``).
 CONVERTER_ENV = "GRIFFIN_LLAMA_CONVERTER"
 _DRIVER = Path(__file__).with_name("_llamacpp_convert.py")
-_WRITING = re.compile(rb"Writing:\s+(\d+)%")
+_WRITING = re.compile(r"Writing:\s+(\d+)%")
+#: Seconds the converter may run before it is stopped (``timeout=``, ``--timeout``): generous,
+#: since a 7B model converts in minutes on a laptop; raise it for very large models.
+DEFAULT_TIMEOUT = 3600.0
+#: Lines of the converter's standard error kept for the error message when it fails.
+TAIL_LINES = 20
 
 Progress = Callable[[str, int, int], None]
 
@@ -112,6 +125,22 @@ def check_outtype(outtype: str) -> None:
         raise UsageError(f"GGUF type '{outtype}' is not one of {', '.join(OUTTYPES)}")
 
 
+def check_timeout(timeout: float) -> float:
+    """``timeout`` if it is a positive, finite number of seconds, else a one-line
+    :class:`UsageError` naming ``--timeout``."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise UsageError(
+            f"--timeout must be a positive number of seconds, got {timeout!r}; e.g. --timeout "
+            f"{DEFAULT_TIMEOUT:g} (the default)"
+        )
+    return float(timeout)
+
+
 def check_llama_cpp_family(model_type: str) -> None:
     """Refuse, in one line, a family llama.cpp's converter cannot convert
     (:data:`~griffin_export.core.architectures.LLAMA_CPP_REFUSED`)."""
@@ -171,6 +200,8 @@ def write_gguf(
     *,
     force: bool = False,
     progress: Progress | None = None,
+    on_line: Callable[[str], None] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> GgufResult:
     """Convert a griffin export to one GGUF file with llama.cpp's converter.
 
@@ -181,10 +212,19 @@ def write_gguf(
         outtype: one of :data:`OUTTYPES`.
         force: replace an existing ``out``.
         progress: optional ``(stage, done, total)`` callback; stage ``"gguf"``, percent done.
+        on_line: optional callback given each line the converter writes to its standard
+            error, as it writes it (the CLI shows it on the progress line).
+        timeout: seconds the converter may run (default :data:`DEFAULT_TIMEOUT`, one hour);
+            past it the converter is stopped, its partial output removed, and
+            :class:`~griffin_export.errors.ConverterError` names ``--timeout``.
+
+    Raises :class:`~griffin_export.errors.ConverterError` when the converter fails (its
+    reason and last :data:`TAIL_LINES` lines of output in one line) or runs out of time.
     """
     started = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
     check_outtype(outtype)
+    limit = check_timeout(timeout)
     directory = require_export_dir(export_dir)
     if not (directory / "config.json").is_file():
         raise UsageError(
@@ -212,7 +252,7 @@ def write_gguf(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tool), env.get("PYTHONPATH", "")) if p)
     report("gguf", 0, 100)
     try:
-        _run(command, env, lambda pct: report("gguf", pct, 100))
+        _run(command, env, limit, lambda pct: report("gguf", pct, 100), on_line)
         if not tmp.is_file():
             raise ExportFormatError(f"llama.cpp's converter wrote no file for '{directory}'")
         architecture, ff_widths = read_gguf_widths(tmp)
@@ -269,25 +309,97 @@ def read_gguf_widths(path: Path) -> tuple[str, list[int]]:
     return arch, widths
 
 
-def _run(command: list[str], env: dict[str, str], on_percent: Callable[[int], None]) -> None:
-    """Run the converter, following its "Writing: NN%" bar; one-line error on failure."""
-    with subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    ) as child:
-        assert child.stderr is not None
-        log = bytearray()
-        while chunk := child.stderr.read1(1 << 16):  # type: ignore[attr-defined]
-            log += chunk
-            for match in _WRITING.finditer(chunk):
+def _run(
+    command: list[str],
+    env: dict[str, str],
+    timeout: float,
+    on_percent: Callable[[int], None],
+    on_line: Callable[[str], None] | None,
+) -> None:
+    """Run the converter for at most ``timeout`` seconds, following its "Writing: NN%" bar
+    and handing each line of its standard error to ``on_line``; one-line
+    :class:`ConverterError` (reason and last lines) on failure or timeout.
+
+    The child runs in its own session: on timeout, an error or Ctrl-C here, it and anything
+    it started are killed, never left running."""
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    expired = threading.Event()
+    child = subprocess.Popen(
+        command,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+    def expire() -> None:
+        expired.set()
+        _kill(child)
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        for line in _lines(child.stderr):  # ends when the child exits or is killed
+            match = _WRITING.search(line)
+            if match:
                 on_percent(int(match.group(1)))
+            if match and tail and _WRITING.search(tail[-1]):
+                tail[-1] = line  # keep one bar update, not hundreds
+            else:
+                tail.append(line)
+            if on_line is not None:
+                on_line(line)
         code = child.wait()
+    finally:
+        timer.cancel()
+        if child.poll() is None:
+            _kill(child)
+        child.wait()
+        if child.stderr is not None:
+            child.stderr.close()
+    said = f"; its last output: {' | '.join(tail)}" if tail else "; it wrote no output"
+    if expired.is_set():
+        raise ConverterError(
+            f"llama.cpp's converter timed out after {timeout:g} s and was stopped (nothing "
+            f"was written); raise the limit with --timeout SECONDS (timeout= in Python){said}",
+            list(tail),
+        )
     if code != 0:
-        raise ExportFormatError(f"llama.cpp's converter failed: {_last_error(bytes(log))}")
+        how = f"exit code {code}" if code > 0 else f"killed by {signal.Signals(-code).name}"
+        raise ConverterError(
+            f"llama.cpp's converter failed ({how}): {_last_error(list(tail))}{said}", list(tail)
+        )
 
 
-def _last_error(log: bytes) -> str:
+def _kill(child: subprocess.Popen[bytes]) -> None:
+    """Kill the converter and its process group (it is the group's leader)."""
+    try:
+        if os.name == "posix":
+            os.killpg(child.pid, signal.SIGKILL)
+        else:
+            child.kill()
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone
+
+
+def _lines(stream: Any) -> Iterator[str]:
+    """The non-empty lines of a byte stream as they arrive; a carriage return (a progress
+    bar redrawing itself) ends a line too."""
+    pending = b""
+    while chunk := stream.read1(1 << 16):
+        parts = re.split(rb"[\r\n]", pending + chunk)
+        pending = parts.pop()
+        for part in parts:
+            if text := part.decode(errors="replace").strip():
+                yield text
+    if text := pending.decode(errors="replace").strip():
+        yield text
+
+
+def _last_error(lines: list[str]) -> str:
     """The line that says why the converter stopped (its ``ERROR:`` line or the exception)."""
-    lines = [line.strip() for line in log.decode(errors="replace").splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith("ERROR:"):
             return line.split(":", 2)[-1].strip()
