@@ -164,6 +164,9 @@ def test_bad_kept_index_map_is_named(
     assert len(problems) == 1
     assert problems[0].startswith(f"problem: {EXPERTS_FILE} layer.2: ")
     assert message in problems[0]
+    # With --original, the comparison it cannot make is named, not skipped in silence.
+    code, problems, _ = cli(str(out), "--original", str(made["llama"]))
+    assert code == 1 and len(problems) == 2 and "not compared" in problems[1]
 
 
 def test_shapes_are_checked_against_the_config(made: dict[str, Path], tmp_path: Path) -> None:

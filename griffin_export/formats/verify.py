@@ -157,6 +157,11 @@ def verify_export(
         if original is not None and keep is not None:
             _check_against_original(spec, manifest, exported, keep, str(original), stack, problems)
             report.checked.append("pruned tensors against the original")
+        elif original is not None:
+            problems.append(
+                f"original '{original}': not compared, since the kept-index map is unusable "
+                "(see above); re-export"
+            )
         report.manifest, report.keep = manifest, keep
     return report
 
