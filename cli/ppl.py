@@ -41,7 +41,16 @@ def ppl_command(
         "wiki-summaries",
         "--dataset",
         "-d",
-        help="wiki-summaries, shakespeare, wikitext2 (needs the hub), or a .txt file.",
+        help="wiki-summaries, shakespeare, britannica, wikitext2 (needs the hub), a text file "
+        "(one document) or a directory of *.txt files (one document each).",
+    ),
+    within_documents: bool = typer.Option(
+        False,
+        "--within-documents",
+        help="No window crosses a document boundary (a summary, a work, an article, a file): "
+        "griffin chooses experts and scores on the same document. Documents shorter than a "
+        "window are skipped (counted in the report).",
+        show_default="windows run across documents joined with a blank line",
     ),
     protocol: Protocol | None = typer.Option(
         None,
@@ -139,6 +148,7 @@ def ppl_command(
             dtype=dtype,
             device=device,
             progress=on_progress,
+            within_documents=within_documents,
         )
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
@@ -149,8 +159,11 @@ def ppl_command(
 def ppl_table(report: PplReport) -> Table:
     """name, protocol, tokens scored, PPL, change vs full."""
     extra = f", P={report.prompt_len}" if report.protocol == "griffin" else ""
+    within = report.params.get("within_documents")
+    where = " within documents" if within else ""
     table = Table(
-        title=f"{report.dataset}: {plural(report.windows, 'window')} of {report.seq_len}{extra}",
+        title=f"{report.dataset}: {plural(report.windows, 'window')} of {report.seq_len}"
+        f"{where}{extra}",
         title_justify="left",
     )
     for column in ("name", "protocol", "tokens scored", "PPL", "vs full"):
@@ -165,4 +178,11 @@ def ppl_table(report: PplReport) -> Table:
             f"{row.ppl / full:.2f}x" if row.name != "full" else "",
         )
     table.caption = f"{report.tokens_per_second:,.0f} tokens/s over {report.seconds:.1f} s"
+    if within:
+        used, skipped = report.params["documents_used"], report.params["documents_skipped"]
+        assert isinstance(used, int) and isinstance(skipped, int)
+        table.caption += (
+            f"; windows from {plural(used, 'document')}, "
+            f"{plural(skipped, 'document')} shorter than a window skipped"
+        )
     return table

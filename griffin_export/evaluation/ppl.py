@@ -39,7 +39,13 @@ from griffin_export.core.scoring import (
 from griffin_export.core.selection import non_finite_message
 from griffin_export.errors import UsageError
 from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_corpus
-from griffin_export.evaluation.protocols import Setting, Window, ff_setting, make_windows
+from griffin_export.evaluation.protocols import (
+    Setting,
+    Window,
+    ff_setting,
+    make_windows,
+    window_starts,
+)
 from griffin_export.formats.exports import is_export, load_original, open_export_with_original
 from griffin_export.formats.verify import check_export_files
 from griffin_export.storage.checkpoint import load_model, parse_dtype, resolve_source
@@ -296,6 +302,7 @@ def perplexity(
     dtype: str | None = None,
     device: str = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
+    within_documents: bool = False,
 ) -> PplReport:
     """``griffin ppl``: perplexity of a model or export, always beside the full model.
 
@@ -308,6 +315,13 @@ def perplexity(
     window (each refresh segment) refits from the positions that chose its experts;
     without ``refit_on_refresh`` only the prompt part refits (the runtime's
     ``refit_on_refresh=False``: a segment whose experts changed runs the plain slice).
+
+    By default the corpus is one stream (its documents joined with a blank line) and a window
+    may hold the end of one document and the start of the next. ``within_documents``: every
+    document is tokenized on its own and cut on its own, so no window crosses a document
+    boundary (``griffin`` then chooses experts and scores on the same document); a document
+    shorter than a window is skipped, and the report's params say how many were
+    (``documents_skipped``), beside ``within_documents`` itself.
     """
 
     report = progress or (lambda stage, done, total: None)
@@ -353,11 +367,17 @@ def perplexity(
         if max_tokens is not None
         else (None if max_windows is None else span + (max_windows - 1) * (stride or span))
     )
-    tokens = corpus_tokens(tokenizer, corpus.text, needed)
+    lengths: list[int] | None = None
+    if within_documents:
+        tokens, lengths = document_tokens(
+            tokenizer, corpus.documents, span, stride or span, max_windows, max_tokens
+        )
+    else:
+        tokens = corpus_tokens(tokenizer, corpus.text, needed)
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     score_from = prompt_len if protocol == "griffin" else 1
-    windows = make_windows(tokens, seq_len, stride, max_windows, score_from, bos)
+    windows = make_windows(tokens, seq_len, stride, max_windows, score_from, bos, lengths)
 
     ratios = ratios or (0.5,)
     budgets = budgets or ("uniform",)
@@ -429,9 +449,46 @@ def perplexity(
                 else None
             ),
             "refit_on_refresh": refit_on_refresh if protocol == "griffin" else None,
+            "within_documents": within_documents,
+            "documents_used": None if lengths is None else len({w.document for w in windows}),
+            "documents_skipped": None if lengths is None else sum(n < span for n in lengths),
         },
         on_window=lambda done: report("score", done, len(windows)),
     )
+
+
+def document_tokens(
+    tokenizer: object,
+    documents: Sequence[str],
+    span: int,
+    stride: int,
+    max_windows: int | None = None,
+    max_tokens: int | None = None,
+) -> tuple[Tensor, list[int]]:
+    """The token ids of ``documents``, each tokenized on its own, concatenated, and each one's
+    token count: what :func:`~griffin_export.evaluation.protocols.make_windows` needs to cut
+    windows within documents. It stops after the document that brings ``max_windows``
+    windows (of ``span`` tokens, ``stride`` apart, within a document) or ``max_tokens``
+    tokens, and tokenizes only the prefix of a long document that those need."""
+    parts: list[Tensor] = []
+    lengths: list[int] = []
+    windows = total = 0
+    for document in documents:
+        needed = None if max_windows is None else span + (max_windows - windows - 1) * stride
+        if max_tokens is not None:
+            needed = min(max_tokens - total, needed if needed is not None else max_tokens)
+        ids = corpus_tokens(tokenizer, document, needed)
+        if max_tokens is not None:
+            ids = ids[: max_tokens - total]
+        parts.append(ids)
+        lengths.append(ids.numel())
+        total += ids.numel()
+        windows += len(window_starts(ids.numel(), span, stride))
+        if (max_windows is not None and windows >= max_windows) or (
+            max_tokens is not None and total >= max_tokens
+        ):
+            break
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)), lengths
 
 
 def _checked_refreshes(refreshes: Sequence[int]) -> Sequence[int]:

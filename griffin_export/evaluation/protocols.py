@@ -44,10 +44,18 @@ from griffin_export.errors import UsageError
 
 @dataclass(frozen=True)
 class Window:
-    """``ids`` ``[L]``; targets at positions ``>= score_from`` are scored."""
+    """``ids`` ``[L]``; targets at positions ``>= score_from`` are scored. ``document``: the
+    index of the document the window was cut from (0 for a single stream)."""
 
     ids: Tensor
     score_from: int
+    document: int = 0
+
+
+def window_starts(length: int, span: int, stride: int) -> range:
+    """Where the windows of ``span`` tokens, ``stride`` apart, start in a stream (or document)
+    of ``length`` tokens: every start whose window fits; none if ``length < span``."""
+    return range(0, length - span + 1, stride)
 
 
 def make_windows(
@@ -57,6 +65,7 @@ def make_windows(
     max_windows: int | None = None,
     min_score_from: int = 1,
     bos: int | None = None,
+    documents: Sequence[int] | None = None,
 ) -> list[Window]:
     """Cut a 1-D token stream into windows of ``seq_len``.
 
@@ -67,6 +76,12 @@ def make_windows(
     With ``bos`` (a model whose tokenizer starts every text with it), every window is that
     token followed by L-1 tokens of the stream, cut as above with L-1 in place of L: the BOS
     is context only, never a scored target, and each stream token is still scored once.
+
+    With ``documents`` (the token counts of the consecutive documents ``tokens`` holds, in
+    order), no window crosses a document boundary: each document is cut as above on its own
+    (its first window scores all positions >= ``min_score_from``), the tail of a document
+    shorter than a window is left out, and a document shorter than one window gives none.
+    Without, the stream is one document.
     """
     if seq_len < 2 + (bos is not None):
         raise UsageError(f"--seq-len must be at least {2 + (bos is not None)}, got {seq_len}")
@@ -76,20 +91,34 @@ def make_windows(
         raise UsageError(
             f"--stride must be in 1..{span} (the stream tokens of a window), got {stride}"
         )
+    lengths = [tokens.numel()] if documents is None else list(documents)
+    if any(n < 0 for n in lengths) or sum(lengths) != tokens.numel():
+        raise UsageError(
+            f"documents= must be token counts that add up to the stream's {tokens.numel()} "
+            f"tokens, got {len(lengths)} counts adding up to {sum(lengths)}"
+        )
     head = torch.tensor([] if bos is None else [bos], dtype=tokens.dtype)
+    tail_score_from = max(seq_len - stride, min_score_from)
     out: list[Window] = []
-    start = 0
-    while start + span <= tokens.numel():
-        first = start == 0 or stride == span
-        score_from = min_score_from if first else max(seq_len - stride, min_score_from)
-        out.append(Window(torch.cat([head, tokens[start : start + span]]), score_from))
-        if max_windows is not None and len(out) >= max_windows:
-            break
-        start += stride
-    if not out:
+    offset = 0
+    for document, length in enumerate(lengths):
+        for start in window_starts(length, span, stride):
+            ids = torch.cat([head, tokens[offset + start : offset + start + span]])
+            first = start == 0 or stride == span
+            out.append(Window(ids, min_score_from if first else tail_score_from, document))
+            if max_windows is not None and len(out) >= max_windows:
+                return out
+        offset += length
+    if not out and documents is None:
         raise UsageError(
             f"the corpus has {tokens.numel()} tokens, fewer than one window of --seq-len "
             f"{seq_len}; use a shorter --seq-len or a larger corpus"
+        )
+    if not out:
+        raise UsageError(
+            f"none of the corpus's {len(lengths)} documents holds one window of --seq-len "
+            f"{seq_len} (the longest has {max(lengths, default=0)} tokens); use a shorter "
+            "--seq-len, or drop --within-documents"
         )
     return out
 
