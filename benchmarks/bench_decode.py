@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 
 from griffin_export import export
 from griffin_export.runtime.refresh import GriffinRuntime, decode
-from griffin_export.storage.checkpoint import resolve_source
+from griffin_export.storage.sources import resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = (ROOT / "examples" / "prompt.txt").read_text(encoding="utf-8")

@@ -35,7 +35,7 @@ from griffin_export.engines.llamacpp import write_gguf
 from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_corpus
 from griffin_export.evaluation.ppl import perplexity
 from griffin_export.evaluation.protocols import make_windows
-from griffin_export.storage.checkpoint import ensure_embedded
+from griffin_export.storage.sources import ensure_embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = (ROOT / "examples" / "prompt.txt").read_text(encoding="utf-8")

@@ -35,7 +35,7 @@ def build(directory: Path) -> int:
     """Write the synthetic checkpoint (tensor by tensor) unless it exists; return its bytes."""
     from transformers import AutoTokenizer, LlamaConfig
 
-    from griffin_export.storage.checkpoint import resolve_source
+    from griffin_export.storage.sources import resolve_source
     from griffin_export.storage.safetensors_io import ShardWriter
 
     done = directory / "config.json"

@@ -23,7 +23,7 @@ from griffin_cli.main import (
 from griffin_export.core.compensation import DEFAULT_METHOD
 from griffin_export.errors import OutputError, UsageError
 from griffin_export.evaluation.taskeval import TaskEvalReport, evaluate_tasks
-from griffin_export.storage.checkpoint import DEFAULT_MODEL
+from griffin_export.storage.sources import DEFAULT_MODEL
 
 #: ``--mode`` choices (the library's :data:`~griffin_export.evaluation.taskeval.MODES`).
 EvalMode = Literal["static", "class", "gen"]

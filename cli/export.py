@@ -28,7 +28,7 @@ from griffin_export.core.compensation import DEFAULT_METHOD
 from griffin_export.engines.llamacpp import DEFAULT_TIMEOUT
 from griffin_export.errors import UsageError
 from griffin_export.formats.manifest import DEFAULT_CHECKPOINT_FORMAT
-from griffin_export.storage.checkpoint import DEFAULT_MODEL
+from griffin_export.storage.sources import DEFAULT_MODEL
 
 #: ``--format`` choices (griffin_export.formats.manifest.CHECKPOINT_FORMATS)
 CheckpointFormat = Literal["hf", "decilm"]

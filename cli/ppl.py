@@ -23,7 +23,7 @@ from griffin_cli.main import (
 )
 from griffin_export.core.compensation import DEFAULT_METHOD, DEFAULT_REFIT_ON_REFRESH
 from griffin_export.evaluation.ppl import PplReport, perplexity
-from griffin_export.storage.checkpoint import DEFAULT_MODEL
+from griffin_export.storage.sources import DEFAULT_MODEL
 
 
 @app.command("ppl")

@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 
 from griffin_export import read_manifest
 from griffin_export.evaluation.ppl import perplexity
-from griffin_export.storage.checkpoint import resolve_source
+from griffin_export.storage.sources import resolve_source
 
 export_dir = Path(sys.argv[1])
 prompt = sys.argv[2] if len(sys.argv) > 2 else "The water cycle begins when"

@@ -622,7 +622,7 @@ def test_embedded_model_refit_streaming_equals_in_memory_and_verifies(tmp_path: 
 
     from griffin_export import export
     from griffin_export.formats.verify import verify_export
-    from griffin_export.storage.checkpoint import resolve_source
+    from griffin_export.storage.sources import resolve_source
 
     prompt = (Path(__file__).parents[1] / "examples" / "prompt.txt").read_text(encoding="utf-8")
     lean = export("smollm2-135m", [prompt], 0.5, out=tmp_path / "lean", streaming=True)

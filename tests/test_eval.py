@@ -462,7 +462,7 @@ def test_embedded_model_on_the_shipped_tasks() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from griffin_export.evaluation.tasks import build_docs
-    from griffin_export.storage.checkpoint import resolve_source
+    from griffin_export.storage.sources import resolve_source
 
     limit = 6
     names = list(SHIPPED_SEPARATORS)

@@ -32,7 +32,7 @@ from griffin_export.errors import ConverterError, UnsupportedArchitectureError, 
 from griffin_export.evaluation.corpora import load_corpus
 from griffin_export.formats.manifest import read_manifest
 from griffin_export.formats.verify import verify_export
-from griffin_export.storage.checkpoint import ensure_embedded
+from griffin_export.storage.sources import ensure_embedded
 
 from tiny import save_sentencepiece_tokenizer, save_tiny
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from griffin_export.errors import ModelLoadError, UsageError
-from griffin_export.storage import checkpoint
+from griffin_export.storage import sources as checkpoint
 from griffin_export.storage.safetensors_io import (
     INDEX_NAME,
     LazyTensors,

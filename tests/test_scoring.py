@@ -135,7 +135,7 @@ def test_embedded_model_experts_equal_the_plain_loop_statistic(tmp_path: Path) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from griffin_export import export, spec_for
-    from griffin_export.storage.checkpoint import resolve_source
+    from griffin_export.storage.sources import resolve_source
 
     prompt = (
         "The river rises in the hills and runs south through the old town, past the mill "

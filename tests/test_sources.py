@@ -22,7 +22,7 @@ from griffin_export.evaluation.corpora import bos_token
 from griffin_export.evaluation.ppl import evaluate, perplexity
 from griffin_export.evaluation.protocols import Setting, make_windows
 from griffin_export.formats.exports import open_export, open_export_with_original
-from griffin_export.storage.checkpoint import (
+from griffin_export.storage.sources import (
     TOKENIZER_FILES,
     load_model,
     resolve_source,
@@ -296,7 +296,7 @@ def test_gguf_float_dtype_is_the_type_its_matrices_are_stored_in(
     import gguf
     import numpy as np
 
-    from griffin_export.storage.checkpoint import gguf_float_dtype
+    from griffin_export.storage.sources import gguf_float_dtype
 
     norm = np.ones(64, dtype=np.float32)
     if matrices == "q8_0":  # 2 rows of one block each: an f16 scale + 32 int8 (34 bytes)
@@ -315,7 +315,7 @@ def test_gguf_cache_key_follows_content_not_path(tmp_path: Path, size: int) -> N
     converted (and stored ~0.5 GB) once per environment. Catches keying on the path or mtime
     (the copy elsewhere must hit the same entry) and hashing only the head of a large file
     (a change in the last bytes, i.e. different tensor data, must give another key)."""
-    from griffin_export.storage.checkpoint import gguf_cache_key
+    from griffin_export.storage.sources import gguf_cache_key
 
     data = bytearray(
         torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(0))

@@ -60,7 +60,7 @@ from griffin_export.formats.manifest import (
     SourceInfo,
     write_manifest,
 )
-from griffin_export.storage.checkpoint import (
+from griffin_export.storage.sources import (
     LoadedModel,
     atomic_directory,
     check_source,

@@ -50,7 +50,7 @@ from griffin_export.core.scoring import (
 from griffin_export.core.selection import Selection, check_finite_scores
 from griffin_export.core.slicing import slice_bias, slice_weight
 from griffin_export.errors import ModelLoadError, UsageError
-from griffin_export.storage.checkpoint import (
+from griffin_export.storage.sources import (
     LoadedModel,
     SourceRef,
     fingerprint_samples,

@@ -19,7 +19,7 @@ from griffin_export.formats.manifest import (
     is_export as is_export,  # re-exported: callers open exports from here
 )
 from griffin_export.formats.verify import check_export_files, check_original_model
-from griffin_export.storage.checkpoint import (
+from griffin_export.storage.sources import (
     LoadedModel,
     SourceRef,
     load_model,

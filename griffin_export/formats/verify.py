@@ -38,7 +38,7 @@ from griffin_export.formats.manifest import (
     SIZES_KEY,
     manifest_problems,
 )
-from griffin_export.storage.checkpoint import (
+from griffin_export.storage.sources import (
     DTYPES,
     check_safetensors_files,
     ff_tensors,
@@ -218,7 +218,7 @@ def check_original_model(export_dir: str | Path, model: nn.Module) -> None:
 def original_fingerprint(spec: ArchSpec, manifest: dict[str, Any], tensors: LazyTensors) -> str:
     """The export-time fingerprint recomputed from an original's safetensors: only the
     sampled elements of each FF tensor are read and cast to the export's dtype (as
-    :func:`~griffin_export.storage.checkpoint.weights_fingerprint` of the cast tensors)."""
+    :func:`~griffin_export.storage.sources.weights_fingerprint` of the cast tensors)."""
     dtype = _torch_dtype(manifest["dtype"])
     n_layers = len(manifest["k_per_layer"])
     entries = []
