@@ -9,7 +9,8 @@ import torch
 
 from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_corpus
 from griffin_export.evaluation.protocols import Window, make_windows
-from griffin_export.storage.sources import LoadedModel, load_model, resolve_source
+from griffin_export.storage.loading import LoadedModel, load_model
+from griffin_export.storage.sources import resolve_source
 
 
 def add_window_args(ap: argparse.ArgumentParser) -> None:

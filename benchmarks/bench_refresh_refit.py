@@ -38,7 +38,8 @@ from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_cor
 from griffin_export.evaluation.ppl import evaluate
 from griffin_export.evaluation.protocols import Setting, make_windows
 from griffin_export.runtime.refresh import GriffinRuntime
-from griffin_export.storage.sources import load_model, resolve_source
+from griffin_export.storage.loading import load_model
+from griffin_export.storage.sources import resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = (ROOT / "examples" / "prompt.txt").read_text(encoding="utf-8")

@@ -35,8 +35,8 @@ def build(directory: Path) -> int:
     """Write the synthetic checkpoint (tensor by tensor) unless it exists; return its bytes."""
     from transformers import AutoTokenizer, LlamaConfig
 
-    from griffin_export.storage.sources import resolve_source
     from griffin_export.storage.safetensors_io import ShardWriter
+    from griffin_export.storage.sources import resolve_source
 
     done = directory / "config.json"
     if not done.is_file():

@@ -163,7 +163,8 @@ def _flocking(
     as_json: bool,
 ) -> None:
     from griffin_export.build.prompts import read_prompt_file
-    from griffin_export.storage.sources import load_model, resolve_source
+    from griffin_export.storage.loading import load_model
+    from griffin_export.storage.sources import resolve_source
 
     if plot is None and not as_json:
         raise UsageError("the flocking view is a picture: add --plot FILE.png (or --json)")

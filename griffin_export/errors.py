@@ -56,3 +56,10 @@ class ConverterError(GriffinError):
     def __init__(self, message: str, output: list[str]) -> None:
         super().__init__(message)
         self.output = output
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type's
+    name when the message is empty: what a one-line error quotes from a lower-level one."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__

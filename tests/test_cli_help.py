@@ -18,7 +18,7 @@ from griffin_export.core.budgets import BUDGETS, check_budget
 from griffin_export.core.compensation import METHODS
 from griffin_export.engines.llamacpp import OUTTYPES
 from griffin_export.errors import UsageError
-from griffin_export.storage.sources import DTYPES, parse_dtype
+from griffin_export.storage.loading import DTYPES, parse_dtype
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "GRIFFIN_DEBUG": None}

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from griffin_export import ARCHITECTURES, export, keep_count, prune_model, select_experts, spec_for
 from griffin_export.errors import UnsupportedArchitectureError
 from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
-from griffin_export.storage.sources import state_dict_bytes
+from griffin_export.storage.loading import state_dict_bytes
 from griffin_export.storage.safetensors_io import payload_bytes
 
 from tiny import MODEL_TYPES, loop_statistic, plain_top_k, random_ids, save_tiny, tiny_model

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from griffin_export.errors import ModelLoadError, UsageError
-from griffin_export.storage import sources as checkpoint
+from griffin_export.storage import atomic
 from griffin_export.storage.safetensors_io import (
     INDEX_NAME,
     LazyTensors,
@@ -141,7 +141,7 @@ def test_atomic_directory_fsyncs_before_the_rename(
     rename that publishes the export, and the parent again after it. Catches a commit that
     renames without syncing (a crash then leaves the name pointing at empty files)."""
     events: list[tuple[str, str]] = []
-    real_fsync, real_commit = os.fsync, checkpoint._commit
+    real_fsync, real_commit = os.fsync, atomic._commit
 
     def fsync(fd: int) -> None:
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -152,9 +152,9 @@ def test_atomic_directory_fsyncs_before_the_rename(
         real_commit(tmp, target)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(checkpoint, "_commit", commit)
+    monkeypatch.setattr(atomic, "_commit", commit)
     target = tmp_path / "out"
-    with checkpoint.atomic_directory(target) as tmp:
+    with atomic.atomic_directory(target) as tmp:
         (tmp / "sub").mkdir()
         (tmp / "a.bin").write_bytes(b"a")
         (tmp / "sub" / "b.bin").write_bytes(b"b")

@@ -22,12 +22,8 @@ from griffin_export.evaluation.corpora import bos_token
 from griffin_export.evaluation.ppl import evaluate, perplexity
 from griffin_export.evaluation.protocols import Setting, make_windows
 from griffin_export.formats.exports import open_export, open_export_with_original
-from griffin_export.storage.sources import (
-    TOKENIZER_FILES,
-    load_model,
-    resolve_source,
-    save_tokenizer,
-)
+from griffin_export.storage.loading import load_model
+from griffin_export.storage.sources import TOKENIZER_FILES, resolve_source, save_tokenizer
 
 from tiny import D_FF, char_tokenizer, random_ids, save_tiny, tiny_model
 

@@ -26,7 +26,7 @@ from griffin_export.formats.verify import (
     check_original_model,
     verify_export,
 )
-from griffin_export.storage.sources import file_sha256
+from griffin_export.storage.fingerprint import file_sha256
 
 from tiny import save_tiny
 

@@ -60,22 +60,21 @@ from griffin_export.formats.manifest import (
     SourceInfo,
     write_manifest,
 )
-from griffin_export.storage.sources import (
+from griffin_export.storage.atomic import atomic_directory
+from griffin_export.storage.fingerprint import file_sha256, model_fingerprint
+from griffin_export.storage.loading import (
     LoadedModel,
-    atomic_directory,
     check_source,
     copy_tokenizer_files,
     dtype_name,
-    file_sha256,
     load_model,
     load_tokenizer,
-    model_fingerprint,
     parse_dtype,
     read_model_type,
-    resolve_source,
     state_dict_bytes,
 )
 from griffin_export.storage.safetensors_io import list_shards, parse_size, save_file
+from griffin_export.storage.sources import resolve_source
 
 __all__ = ["EXPERTS_FILE", "MANIFEST", "ExportResult", "Progress", "export", "write_export"]
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from griffin_export.errors import UsageError
-from griffin_export.storage.sources import LoadedModel
+from griffin_export.storage.loading import LoadedModel
 
 
 def read_prompt_file(path: str) -> str:

@@ -23,7 +23,7 @@ from griffin_export.errors import OriginalMismatchError
 from griffin_export.formats.exports import load_original
 from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
 from griffin_export.formats.verify import VerifyReport, verify_export, weight_files
-from griffin_export.storage.sources import DTYPES
+from griffin_export.storage.loading import DTYPES
 from griffin_export.storage.safetensors_io import LazyTensors
 
 

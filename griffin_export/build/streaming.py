@@ -50,13 +50,10 @@ from griffin_export.core.scoring import (
 from griffin_export.core.selection import Selection, check_finite_scores
 from griffin_export.core.slicing import slice_bias, slice_weight
 from griffin_export.errors import ModelLoadError, UsageError
-from griffin_export.storage.sources import (
-    LoadedModel,
-    SourceRef,
-    fingerprint_samples,
-    samples_fingerprint,
-)
+from griffin_export.storage.fingerprint import fingerprint_samples, samples_fingerprint
+from griffin_export.storage.loading import LoadedModel
 from griffin_export.storage.safetensors_io import Chunks, ShardWriter, SourceTensors
+from griffin_export.storage.sources import SourceRef
 
 # -- the skeleton -----------------------------------------------------------------------------
 

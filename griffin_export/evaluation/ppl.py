@@ -48,7 +48,8 @@ from griffin_export.evaluation.protocols import (
 )
 from griffin_export.formats.exports import is_export, load_original, open_export_with_original
 from griffin_export.formats.verify import check_export_files
-from griffin_export.storage.sources import load_model, parse_dtype, resolve_source
+from griffin_export.storage.loading import load_model, parse_dtype
+from griffin_export.storage.sources import resolve_source
 
 # -- baselines ---------------------------------------------------------------------------------
 

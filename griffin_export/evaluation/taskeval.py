@@ -53,7 +53,8 @@ from griffin_export.evaluation.eval_modes import (
 from griffin_export.evaluation.tasks import LOCAL_TASKS, prepare
 from griffin_export.formats.exports import is_export, load_original, open_export
 from griffin_export.formats.verify import check_original_model
-from griffin_export.storage.sources import cache_dir, load_model, parse_dtype, resolve_source
+from griffin_export.storage.loading import load_model, parse_dtype
+from griffin_export.storage.sources import cache_dir, resolve_source
 
 INSTALL_HINT = "pip install 'griffin-export[eval]'"
 #: What to use instead, per mode, when a task asks for a request type the mode cannot serve.

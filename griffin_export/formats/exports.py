@@ -19,15 +19,9 @@ from griffin_export.formats.manifest import (
     is_export as is_export,  # re-exported: callers open exports from here
 )
 from griffin_export.formats.verify import check_export_files, check_original_model
-from griffin_export.storage.sources import (
-    LoadedModel,
-    SourceRef,
-    load_model,
-    load_tokenizer,
-    parse_dtype,
-    resolve_source,
-)
+from griffin_export.storage.loading import LoadedModel, load_model, load_tokenizer, parse_dtype
 from griffin_export.storage.safetensors_io import SourceTensors
+from griffin_export.storage.sources import SourceRef, resolve_source
 
 
 def require_export_dir(path: str | Path) -> Path:

@@ -38,18 +38,17 @@ from griffin_export.formats.manifest import (
     SIZES_KEY,
     manifest_problems,
 )
-from griffin_export.storage.sources import (
-    DTYPES,
-    check_safetensors_files,
+from griffin_export.storage.fingerprint import (
     ff_tensors,
     file_sha256,
     fingerprint_samples,
-    resolve_source,
     sample_ranges,
     samples_as_float,
     samples_fingerprint,
 )
+from griffin_export.storage.loading import DTYPES, check_safetensors_files
 from griffin_export.storage.safetensors_io import INDEX_NAME, LazyTensors, list_shards
+from griffin_export.storage.sources import resolve_source
 
 #: Files that a loader would read: an unlisted one was added after the export was written.
 _LOADABLE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".py", ".gguf")
