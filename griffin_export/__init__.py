@@ -18,7 +18,7 @@ from griffin_export.engines.llamacpp import write_gguf
 from griffin_export.errors import GriffinError
 from griffin_export.evaluation.ppl import perplexity
 from griffin_export.evaluation.taskeval import evaluate_tasks
-from griffin_export.formats.loader import load_pretrained
+from griffin_export.formats.layout import load_pretrained
 from griffin_export.formats.manifest import Manifest, read_manifest
 from griffin_export.formats.verify import VerifyReport, verify_export
 from griffin_export.runtime.refresh import GriffinRuntime

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from griffin_cli.main import app
 from griffin_export import load_pretrained, spec_for
 from griffin_export.build.export import EXPERTS_FILE
-from griffin_export.formats.loader import prune_model_per_layer
+from griffin_export.formats.layout import prune_model_per_layer
 from griffin_export.storage.sources import resolve_source
 
 from tiny import save_tiny

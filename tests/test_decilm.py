@@ -21,8 +21,8 @@ from griffin_export import export, load_pretrained
 from griffin_export.core.architectures import LLAMA_GRAPH, llama_graph_problem
 from griffin_export.core.budgets import layer_sizes
 from griffin_export.errors import ExportFormatError, UsageError
+from griffin_export.formats.decilm import ffn_mult_for
 from griffin_export.formats.exports import open_export
-from griffin_export.formats.loader import ffn_mult_for
 from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
 from griffin_export.formats.verify import verify_export
 

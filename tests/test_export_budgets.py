@@ -21,7 +21,7 @@ from griffin_export.errors import UsageError
 from griffin_export.evaluation.ppl import evaluate
 from griffin_export.evaluation.protocols import Setting, make_windows
 from griffin_export.formats.exports import open_export
-from griffin_export.formats.loader import prune_model_per_layer
+from griffin_export.formats.layout import prune_model_per_layer
 from griffin_export.formats.manifest import MANIFEST
 from griffin_export.formats.verify import verify_export
 

@@ -1,4 +1,4 @@
-"""Non-uniform exports (griffin_export.formats.loader): round trip, stock refusal, uniform
+"""Non-uniform exports (griffin_export.formats.layout): round trip, stock refusal, uniform
 unchanged."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from griffin_export.core.architectures import spec_for
 from griffin_export.core.budgets import layer_sizes
 from griffin_export.core.selection import select_experts
 from griffin_export.errors import ExportFormatError
-from griffin_export.formats.loader import (
+from griffin_export.formats.layout import (
     checkpoint_ff_sizes,
     load_pretrained,
     per_layer_sizes,

@@ -42,12 +42,8 @@ from griffin_export.engines.llamacpp import (
     write_gguf,
 )
 from griffin_export.errors import OutputError, UsageError
-from griffin_export.formats.loader import (
-    check_decilm_export,
-    decilm_config,
-    prune_model_per_layer,
-    set_per_layer_sizes,
-)
+from griffin_export.formats.decilm import check_decilm_export, decilm_config
+from griffin_export.formats.layout import prune_model_per_layer, set_per_layer_sizes
 from griffin_export.formats.manifest import (
     CHECKPOINT_FORMATS,
     DEFAULT_CHECKPOINT_FORMAT,
@@ -179,7 +175,7 @@ def export(
             CHECKPOINT_FORMATS`): ``hf`` (the source family's own; per-layer widths under
             ``griffin.intermediate_sizes``) or ``decilm`` (DeciLM / Nemotron-NAS
             ``block_configs``, which vLLM and llama.cpp's converter read; Llama-graph families
-            only, every width a multiple of 256; :mod:`griffin_export.formats.loader`).
+            only, every width a multiple of 256; :mod:`griffin_export.formats.decilm`).
         gguf: also write the export as ``model-<gguf>.gguf`` inside it, through llama.cpp's
             converter (:func:`griffin_export.engines.llamacpp.write_gguf`); one of
             :data:`~griffin_export.engines.llamacpp.OUTTYPES`. Refused before the model loads
@@ -356,7 +352,7 @@ def _check_format(
     checkpoint_format: str, source: Any, budget: str, ratio: float, multiple_of: int
 ) -> None:
     """Refuse an unknown ``checkpoint_format``, and a ``decilm`` export the layout cannot
-    state (:func:`~griffin_export.formats.loader.check_decilm_export`), from the source's
+    state (:func:`~griffin_export.formats.decilm.check_decilm_export`), from the source's
     config alone (before any weights load)."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise UsageError(

@@ -46,8 +46,9 @@ from griffin_export.errors import (
     UnsupportedArchitectureError,
     UsageError,
 )
+from griffin_export.formats.decilm import is_decilm
 from griffin_export.formats.exports import require_export_dir
-from griffin_export.formats.loader import export_config, is_decilm, per_layer_sizes
+from griffin_export.formats.layout import export_config, per_layer_sizes
 
 #: Output types offered: llama.cpp's converter writes them directly (no separate quantize step).
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -169,7 +170,7 @@ def check_per_layer_gguf(config: Any, budget: str) -> None:
 
 def gguf_widths(export_dir: Path, config: Any) -> list[int] | None:
     """The per-layer FF widths to state in a ``deci`` GGUF of the export in ``export_dir``
-    (its :func:`~griffin_export.formats.loader.export_config` is ``config``), or ``None`` when the
+    (its :func:`~griffin_export.formats.layout.export_config` is ``config``), or ``None`` when the
     converter's own architecture for the family applies (a uniform export in the family's
     layout).
 

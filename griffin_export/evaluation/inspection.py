@@ -14,7 +14,7 @@ from griffin_export.core.activations import capture_down_inputs
 from griffin_export.core.architectures import INPUT_ROLES, spec_for
 from griffin_export.core.scoring import griffin_statistic
 from griffin_export.errors import ExportFormatError, UsageError
-from griffin_export.formats.loader import export_shards
+from griffin_export.formats.layout import export_shards
 from griffin_export.formats.manifest import MANIFEST, read_manifest
 from griffin_export.storage.safetensors_io import DTYPES, LazyTensors
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from griffin_export.core.architectures import ArchSpec, spec_for
 from griffin_export.core.slicing import _sync_shape_attributes
 from griffin_export.errors import ExportFormatError, ModelLoadError, UsageError
-from griffin_export.formats.loader import export_config, load_pretrained
+from griffin_export.formats.layout import export_config, load_pretrained
 from griffin_export.formats.manifest import (
     is_export as is_export,  # re-exported: callers open exports from here
 )
@@ -50,7 +50,7 @@ class OpenedExport:
 def open_export(export_dir: str | Path, device: str = "cpu") -> OpenedExport:
     """Load an export after checking every file against its manifest (a missing shard or a
     modified tensor is refused with the reason). Exports with per-layer FF sizes (a budget
-    other than uniform) load through :func:`~griffin_export.formats.loader.load_pretrained`."""
+    other than uniform) load through :func:`~griffin_export.formats.layout.load_pretrained`."""
     directory = require_export_dir(export_dir)
     manifest = check_export_files(directory)
     source = SourceRef(str(directory), "directory", directory, str(directory))

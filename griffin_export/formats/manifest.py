@@ -24,7 +24,7 @@ SIZES_KEY = "intermediate_sizes"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 #: checkpoint layouts of ``griffin export --format``: ``hf`` (the source family's own config,
 #: per-layer widths under ``griffin.intermediate_sizes``) or ``decilm`` (DeciLM / Nemotron-NAS
-#: ``block_configs``, :mod:`griffin_export.formats.loader`)
+#: ``block_configs``, :mod:`griffin_export.formats.decilm`)
 CHECKPOINT_FORMATS = ("hf", "decilm")
 DEFAULT_CHECKPOINT_FORMAT = "hf"
 

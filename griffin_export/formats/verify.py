@@ -30,7 +30,8 @@ from griffin_export.errors import (
     OriginalMismatchError,
     VerificationError,
 )
-from griffin_export.formats.loader import export_config, source_config
+from griffin_export.formats.decilm import source_config
+from griffin_export.formats.layout import export_config
 from griffin_export.formats.manifest import (
     EXPERTS_FILE,
     FORMAT_NAME,
