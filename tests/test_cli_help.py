@@ -18,7 +18,7 @@ from griffin_export.core.budgets import BUDGETS, check_budget
 from griffin_export.core.compensation import METHODS
 from griffin_export.engines.llamacpp import OUTTYPES
 from griffin_export.errors import UsageError
-from griffin_export.storage.loading import DTYPES, parse_dtype
+from griffin_export.storage.loading import DTYPE_OPTIONS, parse_dtype
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "GRIFFIN_DEBUG": None}
@@ -150,7 +150,7 @@ def test_cli_choices_are_the_library_tables() -> None:
     accepted by the library's own parser, and every library dtype and budget is offered.
     Catches the two drifting apart (a library dtype the CLI refuses, or a CLI choice the
     library then rejects with exit 2 after loading the model)."""
-    assert set(get_args(Dtype)) == {"auto", *DTYPES}
+    assert set(get_args(Dtype)) == {"auto", *DTYPE_OPTIONS}
     for name in get_args(Dtype):
         parse_dtype(name)
     assert get_args(Budget) == tuple(BUDGETS)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -17,7 +17,7 @@ from griffin_export.errors import ModelLoadError, UsageError
 from griffin_export.storage import atomic
 from griffin_export.storage.safetensors_io import (
     INDEX_NAME,
-    LazyTensors,
+    SafetensorsReader,
     ShardWriter,
     list_shards,
     parse_size,
@@ -73,7 +73,7 @@ def test_subset_reads_equal_slicing_the_full_tensor(tmp_path: Path) -> None:
     save_file({"w": full, "b": torch.randn(37, generator=g)}, tmp_path / "model.safetensors", {})
     whole = load_file(str(tmp_path / "model.safetensors"))
     index = torch.tensor([3, 4, 9, 20, 36])
-    with LazyTensors.open(tmp_path) as tensors:
+    with SafetensorsReader.open(tmp_path) as tensors:
         assert torch.equal(tensors.select("w", index, 0), whole["w"][index])
         assert torch.equal(
             tensors.select("w", torch.tensor([1, 7, 10]), 1), whole["w"][:, [1, 7, 10]]
@@ -81,7 +81,61 @@ def test_subset_reads_equal_slicing_the_full_tensor(tmp_path: Path) -> None:
         assert torch.equal(tensors.select("b", index, 0), whole["b"][index])
         for start, stop in [(0, 5), (10, 30), (200, 407), (406, 407)]:
             assert torch.equal(tensors.flat("w", start, stop), whole["w"].reshape(-1)[start:stop])
-        assert tensors.shape("w") == (37, 11) and tensors.dtype_name("w") == "BF16"
+        assert tensors.shape("w") == (37, 11) and tensors.dtype_code("w") == "BF16"
+
+
+def test_reader_reads_only_the_bytes_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``get``, ``flat`` and ``chunks`` read exactly the bytes of what they return (counted at
+    ``os.preadv``), and ``get``/``map``/``chunks`` give ``load_file``'s values. Catches a
+    reader that loads a whole tensor (or file) to return a range of it, or a wrong offset."""
+    g = torch.Generator().manual_seed(1)
+    state = {"a": torch.randn(64, 8, generator=g), "b": torch.randn(5, 3, generator=g)}
+    save_file(state, tmp_path / "model.safetensors", {"format": "pt"})
+    whole = load_file(str(tmp_path / "model.safetensors"))
+    read: list[int] = []
+    real = os.preadv
+
+    def counting(fd: int, buffers: list[memoryview], offset: int) -> int:
+        n = real(fd, buffers, offset)
+        read.append(n)
+        return n
+
+    monkeypatch.setattr(os, "preadv", counting)
+    with SafetensorsReader.open(tmp_path) as reader:
+        assert torch.equal(reader.get("b"), whole["b"]) and sum(read) == 5 * 3 * 4
+        read.clear()
+        assert torch.equal(reader.flat("a", 100, 110), whole["a"].reshape(-1)[100:110])
+        assert sum(read) == 10 * 4
+        read.clear()
+        pieces = b"".join(bytes(piece) for piece in reader.chunks("a", chunk_bytes=100).read())
+        assert pieces == whole["a"].numpy().tobytes() and sum(read) == 64 * 8 * 4
+        assert torch.equal(reader.map("a"), whole["a"]) and reader.mapped_bytes >= 64 * 8 * 4
+        assert reader.metadata(tmp_path / "model.safetensors") == {"format": "pt"}
+
+
+def test_reader_refuses_what_it_cannot_read(tmp_path: Path) -> None:
+    """A truncated file fails when opened (safetensors' own check); a dtype griffin does not
+    read is listed with its code but refused, naming it, when its values are asked for; a
+    directory without weights is refused by ``open``. Catches a reader that opens truncated
+    files and fails later with an obscure read error, or reads F8 bytes as something else."""
+    save_file({"w": torch.ones(4, 4)}, tmp_path / "model.safetensors", {})
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])
+    with pytest.raises(SafetensorError, match="not fully covered"):
+        SafetensorsReader.open(tmp_path)
+    header = json.dumps({"f8": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}})
+    header += " " * (-len(header) % 8)
+    raw = len(header).to_bytes(8, "little") + header.encode() + b"\x00\x00"
+    (tmp_path / "model.safetensors").write_bytes(raw)
+    with SafetensorsReader.open(tmp_path) as reader:
+        assert reader.keys() == ["f8"] and reader.dtype_code("f8") == "F8_E4M3"
+        with pytest.raises(ModelLoadError, match="F8_E4M3"):
+            reader.get("f8")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="no safetensors weights"):
+        SafetensorsReader.open(tmp_path)
 
 
 def test_save_file_bytes_do_not_depend_on_insertion_order(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from griffin_export import export
 from griffin_export.build import streaming
 from griffin_export.errors import ModelLoadError
 from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
-from griffin_export.storage.safetensors_io import ShardWriter, SourceTensors
+from griffin_export.storage.safetensors_io import SafetensorsReader, ShardWriter
 
 from tiny import MODEL_TYPES, char_tokenizer, save_tiny, tiny_model
 
@@ -119,9 +119,9 @@ def test_shard_writer_round_trip(tmp_path: Path) -> None:
     writer.close()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    reader = SourceTensors(tmp_path)
+    reader = SafetensorsReader.open(tmp_path)
     for key, value in values.items():
-        assert torch.equal(reader.read(key), value)
+        assert torch.equal(reader.get(key), value)
         assert torch.equal(reader.map(key), value)
     copy = tmp_path / "copy"
     copy.mkdir()

@@ -316,19 +316,19 @@ def test_original_check_reads_only_samples_and_kept_rows(
     """Verifying against the original never loads a whole FF weight of the original (only
     the fingerprint's samples and the kept rows/column range), and still passes. Catches a
     verify that casts or reads whole original tensors (issue 13, item 8)."""
-    from griffin_export.storage.safetensors_io import LazyTensors
+    from griffin_export.storage.safetensors_io import SafetensorsReader
 
     whole: list[str] = []
-    real_get = LazyTensors.get
+    real_get = SafetensorsReader.get
     original = made[model_type]
 
-    def get(self: LazyTensors, key: str) -> torch.Tensor:
-        from_original = any(path.parent == original for path in self._files)
+    def get(self: SafetensorsReader, key: str) -> torch.Tensor:
+        from_original = any(path.parent == original for path in self.paths)
         if from_original and ".mlp." in key and key.endswith("weight"):
             whole.append(key)
         return real_get(self, key)
 
-    monkeypatch.setattr(LazyTensors, "get", get)
+    monkeypatch.setattr(SafetensorsReader, "get", get)
     report = verify_export(made["root"] / f"{model_type}-out", original, hash_files=False)
     assert report.ok, report.problems
     assert "pruned tensors against the original" in report.checked

@@ -23,8 +23,8 @@ from griffin_export.errors import OriginalMismatchError
 from griffin_export.formats.exports import load_original
 from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
 from griffin_export.formats.verify import VerifyReport, verify_export, weight_files
-from griffin_export.storage.loading import DTYPES
-from griffin_export.storage.safetensors_io import LazyTensors
+from griffin_export.storage.loading import DTYPE_OPTIONS
+from griffin_export.storage.safetensors_io import SafetensorsReader
 
 
 def verify_with_prompt(
@@ -48,7 +48,7 @@ def verify_with_prompt(
         return report
     where = None if original is None else str(original)
     files, _ = weight_files(Path(export_dir))
-    with LazyTensors(files) as exported:
+    with SafetensorsReader(files) as exported:
         _check_prompt(
             Path(export_dir),
             report.manifest,
@@ -76,7 +76,7 @@ def refit_tolerance(dtype: torch.dtype) -> tuple[float, float]:
 def _check_prompt(
     export_dir: Path,
     manifest: dict[str, Any],
-    exported: LazyTensors,
+    exported: SafetensorsReader,
     keep: list[Tensor],
     original: str | None,
     prompts: Sequence[str],
@@ -131,7 +131,7 @@ def _check_prompt(
         return
     refit_in_place(spec, model, selection.keep, selection.grams, how)
     axis = spec.neuron_axis("down")
-    dtype = DTYPES[manifest["dtype"]]
+    dtype = DTYPE_OPTIONS[manifest["dtype"]]
     rtol, scale_tol = refit_tolerance(dtype)
     for layer, block in enumerate(spec.blocks(model)):
         down = spec.down_module(block)

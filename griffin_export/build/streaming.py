@@ -52,7 +52,7 @@ from griffin_export.core.slicing import slice_bias, slice_weight
 from griffin_export.errors import ModelLoadError, UsageError
 from griffin_export.storage.fingerprint import fingerprint_samples, samples_fingerprint
 from griffin_export.storage.loading import LoadedModel
-from griffin_export.storage.safetensors_io import Chunks, ShardWriter, SourceTensors
+from griffin_export.storage.safetensors_io import Chunks, SafetensorsReader, ShardWriter
 from griffin_export.storage.sources import SourceRef
 
 # -- the skeleton -----------------------------------------------------------------------------
@@ -74,7 +74,7 @@ class StreamedModel:
     """
 
     loaded: LoadedModel
-    reader: SourceTensors
+    reader: SafetensorsReader
     checkpoint_key: dict[str, str]
     plan: dict[str, tuple[tuple[int, ...], torch.dtype]]
     device: torch.device
@@ -103,7 +103,7 @@ def load_streamed(
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     assert source.directory is not None
-    reader = SourceTensors(source.directory)
+    reader = SafetensorsReader.open(source.directory)
     config = AutoConfig.from_pretrained(source.load_id, trust_remote_code=False)
     if dtype is None:  # dtype="auto", as from_pretrained resolves it
         dtype = getattr(config, "dtype", None) or reader.first_float_dtype() or torch.float32
@@ -194,7 +194,7 @@ def _assign(owner: nn.Module, attr: str, value: Tensor) -> None:
 MAP_AT_BYTES = 16 << 20
 
 
-def _mappable(reader: SourceTensors, key: str, like: Tensor, device: torch.device) -> bool:
+def _mappable(reader: SafetensorsReader, key: str, like: Tensor, device: torch.device) -> bool:
     return (
         device.type == "cpu"
         and reader.dtype(key) == like.dtype
@@ -215,10 +215,10 @@ def _checked_shape(key: str, value: Tensor, like: Tensor) -> Tensor:
     return value
 
 
-def _read_as(reader: SourceTensors, key: str, like: Tensor, device: torch.device) -> Tensor:
+def _read_as(reader: SafetensorsReader, key: str, like: Tensor, device: torch.device) -> Tensor:
     """Source tensor ``key`` as the model holds it: floating tensors cast to the model's dtype
     (on the CPU, as ``from_pretrained`` casts), then moved to ``device``."""
-    value = _checked_shape(key, reader.read(key), like)
+    value = _checked_shape(key, reader.get(key), like)
     if value.is_floating_point() and value.dtype != like.dtype:
         value = value.to(like.dtype)
     return value.to(device)
@@ -506,10 +506,12 @@ def select_and_write(
     return StreamResult(selection, fingerprint, dict(writer.sha256))
 
 
-def _from_source(reader: SourceTensors, key: str, like: Tensor) -> Callable[[], Tensor | Chunks]:
+def _from_source(
+    reader: SafetensorsReader, key: str, like: Tensor
+) -> Callable[[], Tensor | Chunks]:
     """What the writer needs to write source tensor ``key`` as the model holds it: its bytes
     copied through in pieces when no dtype conversion is needed, else the converted tensor."""
-    _check_shape(key, reader.entries[key].shape, like)
+    _check_shape(key, reader.shape(key), like)
     if reader.dtype(key) == like.dtype:
         return partial(reader.chunks, key)
     return partial(_read_as, reader, key, like, torch.device("cpu"))

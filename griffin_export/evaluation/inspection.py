@@ -16,7 +16,7 @@ from griffin_export.core.scoring import griffin_statistic
 from griffin_export.errors import ExportFormatError, UsageError
 from griffin_export.formats.layout import export_shards
 from griffin_export.formats.manifest import MANIFEST, read_manifest
-from griffin_export.storage.safetensors_io import DTYPES, LazyTensors
+from griffin_export.storage.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader
 
 
 @dataclass(frozen=True)
@@ -70,16 +70,16 @@ def summarize_export(export_dir: str | Path) -> ExportSummary:
         if kind == "weight" or role in INPUT_ROLES
     }
     per_neuron = [0] * len(ks)  # bytes of one kept neuron, per layer
-    with LazyTensors(export_shards(directory)) as tensors:
+    with SafetensorsReader(export_shards(directory)) as tensors:
         for key in tensors.keys():  # noqa: SIM118 (not a mapping)
             layer = shrinking.get(key)
             if layer is None:
                 continue
             numel = math.prod(tensors.shape(key))
-            dtype = DTYPES.get(tensors.dtype_name(key))
+            dtype = SAFETENSORS_DTYPES.get(tensors.dtype_code(key))
             if dtype is None:
                 raise ExportFormatError(
-                    f"'{directory}' holds {key} as {tensors.dtype_name(key)}, a dtype griffin "
+                    f"'{directory}' holds {key} as {tensors.dtype_code(key)}, a dtype griffin "
                     f"does not write; re-run griffin export (see {MANIFEST})"
                 )
             per_neuron[layer] += numel * dtype.itemsize // max(int(ks[layer]), 1)

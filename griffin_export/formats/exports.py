@@ -20,7 +20,7 @@ from griffin_export.formats.manifest import (
 )
 from griffin_export.formats.verify import check_export_files, check_original_model
 from griffin_export.storage.loading import LoadedModel, load_model, load_tokenizer, parse_dtype
-from griffin_export.storage.safetensors_io import SourceTensors
+from griffin_export.storage.safetensors_io import SafetensorsReader
 from griffin_export.storage.sources import SourceRef, resolve_source
 
 
@@ -114,7 +114,7 @@ def open_export_with_original(
     source = SourceRef(str(directory), "directory", directory, str(directory))
     full = load_original(directory, manifest, original, device)
     spec = full.spec
-    reader = SourceTensors(directory)
+    reader = SafetensorsReader.open(directory)
     ff_keys = {
         spec.param_name(layer, role, kind)
         for layer in range(len(spec.blocks(full.model)))
@@ -141,7 +141,7 @@ def open_export_with_original(
                 raise ExportFormatError(
                     f"'{directory}' has no tensor '{name}'; re-run griffin export"
                 )
-            value = reader.read(name).to(device=device, dtype=current.dtype)
+            value = reader.get(name).to(device=device, dtype=current.dtype)
             setattr(module, attr, nn.Parameter(value, requires_grad=False))
     reader.close()
     for block in spec.blocks(model):
@@ -158,7 +158,7 @@ def _all_tensors(model: nn.Module) -> list[Tensor]:
 
 def _same_bytes(reader: Any, key: str, tensor: Tensor) -> bool:
     """Whether checkpoint tensor ``key`` holds exactly ``tensor``'s bytes (read in chunks)."""
-    if reader.dtype(key) != tensor.dtype or tuple(reader.entries[key].shape) != tuple(tensor.shape):
+    if reader.dtype(key) != tensor.dtype or tuple(reader.shape(key)) != tuple(tensor.shape):
         return False
     flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
     done = 0

@@ -37,7 +37,12 @@ from griffin_export.core.slicing import check_keep, prune_block
 from griffin_export.errors import ExportFormatError, ModelLoadError, UsageError
 from griffin_export.formats.decilm import is_decilm, source_config
 from griffin_export.formats.manifest import SIZES_KEY
-from griffin_export.storage.safetensors_io import SINGLE_NAME, LazyTensors, list_shards, load_state
+from griffin_export.storage.safetensors_io import (
+    SINGLE_NAME,
+    SafetensorsReader,
+    list_shards,
+    load_state,
+)
 
 
 def per_layer_sizes(config: Any) -> list[int] | None:
@@ -217,7 +222,7 @@ def export_shards(directory: Path) -> list[Path]:
 
 def _header_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
-    with LazyTensors(export_shards(directory)) as tensors:
+    with SafetensorsReader(export_shards(directory)) as tensors:
         for key in tensors.keys():  # noqa: SIM118 (not a mapping)
             shapes[key] = tensors.shape(key)
     return shapes

@@ -47,8 +47,8 @@ from griffin_export.storage.fingerprint import (
     samples_as_float,
     samples_fingerprint,
 )
-from griffin_export.storage.loading import DTYPES, check_safetensors_files
-from griffin_export.storage.safetensors_io import INDEX_NAME, LazyTensors, list_shards
+from griffin_export.storage.loading import DTYPE_OPTIONS, check_safetensors_files
+from griffin_export.storage.safetensors_io import INDEX_NAME, SafetensorsReader, list_shards
 from griffin_export.storage.sources import resolve_source
 
 #: Files that a loader would read: an unlisted one was added after the export was written.
@@ -148,7 +148,7 @@ def verify_export(
         files, found = weight_files(export_dir)
         problems.extend(found)
         try:
-            exported = stack.enter_context(LazyTensors(files))
+            exported = stack.enter_context(SafetensorsReader(files))
         except (SafetensorError, OSError) as exc:
             problems.append(f"weights unreadable ({_first_line(exc)}); re-export")
             return report
@@ -215,7 +215,9 @@ def check_original_model(export_dir: str | Path, model: nn.Module) -> None:
     _compare_fingerprint(export_dir, getattr(model, "name_or_path", "model"), manifest, found)
 
 
-def original_fingerprint(spec: ArchSpec, manifest: dict[str, Any], tensors: LazyTensors) -> str:
+def original_fingerprint(
+    spec: ArchSpec, manifest: dict[str, Any], tensors: SafetensorsReader
+) -> str:
     """The export-time fingerprint recomputed from an original's safetensors: only the
     sampled elements of each FF tensor are read and cast to the export's dtype (as
     :func:`~griffin_export.storage.sources.weights_fingerprint` of the cast tensors)."""
@@ -380,7 +382,7 @@ def _check_experts(
         problems.append(f"{EXPERTS_FILE}: missing (the kept-index map); re-export")
         return None
     try:
-        with LazyTensors([path]) as handle:
+        with SafetensorsReader([path]) as handle:
             metadata = handle.metadata(path)
             tensors = {key: handle.get(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as exc:
@@ -430,7 +432,7 @@ def _check_experts(
 
 def _check_shapes(
     spec: ArchSpec,
-    tensors: LazyTensors,
+    tensors: SafetensorsReader,
     k_per_layer: list[int],
     hidden: int | None,
     problems: list[str],
@@ -472,7 +474,7 @@ def _expected_shape(
 def _check_against_original(
     spec: ArchSpec,
     manifest: dict[str, Any],
-    exported: LazyTensors,
+    exported: SafetensorsReader,
     keep: list[Tensor],
     original: str,
     stack: contextlib.ExitStack,
@@ -543,8 +545,8 @@ def _check_against_original(
 
 
 def _check_untouched(
-    exported: LazyTensors,
-    tensors: LazyTensors,
+    exported: SafetensorsReader,
+    tensors: SafetensorsReader,
     ff_keys: set[str],
     dtype: torch.dtype,
     problems: list[str],
@@ -572,7 +574,7 @@ def _check_untouched(
 
 def _sliced_original(
     spec: ArchSpec,
-    tensors: LazyTensors,
+    tensors: SafetensorsReader,
     key: str,
     role: str,
     kind: str,
@@ -591,7 +593,7 @@ def _original_directory(original: str) -> Path:
     return resolve_source(original).directory
 
 
-def _open_original(directory: Path, stack: contextlib.ExitStack) -> LazyTensors:
+def _open_original(directory: Path, stack: contextlib.ExitStack) -> SafetensorsReader:
     check_safetensors_files(directory)
     files = list_shards(directory).files
     if not files:
@@ -600,7 +602,7 @@ def _open_original(directory: Path, stack: contextlib.ExitStack) -> LazyTensors:
             "only (convert pickle checkpoints first)"
         )
     try:
-        return stack.enter_context(LazyTensors(files))
+        return stack.enter_context(SafetensorsReader(files))
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(
             f"the original's weights in '{directory}' are unreadable ({_first_line(exc)}); "
@@ -608,7 +610,7 @@ def _open_original(directory: Path, stack: contextlib.ExitStack) -> LazyTensors:
         ) from exc
 
 
-def _ff_keys(spec: ArchSpec, n_layers: int, tensors: LazyTensors) -> Iterator[str]:
+def _ff_keys(spec: ArchSpec, n_layers: int, tensors: SafetensorsReader) -> Iterator[str]:
     for layer in range(n_layers):
         for role in spec.roles():
             for kind in ("weight", "bias"):
@@ -650,7 +652,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    return DTYPES.get(name, torch.float32)
+    return DTYPE_OPTIONS.get(name, torch.float32)
 
 
 def _is_int(value: object) -> bool:

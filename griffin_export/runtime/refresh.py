@@ -57,7 +57,7 @@ from griffin_export.errors import UsageError
 from griffin_export.formats.exports import OpenedExport, open_export, original_source
 from griffin_export.formats.manifest import EXPERTS_FILE
 from griffin_export.formats.verify import check_original
-from griffin_export.storage.safetensors_io import MappedSafetensors, load_state
+from griffin_export.storage.safetensors_io import SafetensorsReader, load_state
 
 
 @dataclass
@@ -216,7 +216,7 @@ class GriffinRuntime:
     def __init__(
         self,
         export: OpenedExport,
-        original: MappedSafetensors,
+        original: SafetensorsReader,
         *,
         original_device: str | torch.device = "cpu",
         refit_on_refresh: bool | None = None,
@@ -238,7 +238,7 @@ class GriffinRuntime:
                 for kind, suffix in (("weight", ""), ("bias", ".bias")):
                     key = self.spec.param_name(layer, role, kind)
                     if key in original:
-                        tensors[role + suffix] = original.get(key).to(original_device)
+                        tensors[role + suffix] = original.map(key).to(original_device)
             self._full.append(tensors)
         self._acts = [getattr(self.spec.mlp_module(b), self.spec.act) for b in blocks]
         self._rings: list[_Ring] = []
@@ -297,7 +297,7 @@ class GriffinRuntime:
         export = open_export(export_dir, device)
         source = original_source(export.manifest, original)
         check_original(export.directory, source.directory)
-        mapped = MappedSafetensors(source.directory)
+        mapped = SafetensorsReader.open(source.directory)
         return cls(
             export,
             mapped,

@@ -17,10 +17,12 @@ from torch import nn
 
 from griffin_export.core.architectures import ArchSpec, spec_for
 from griffin_export.errors import ModelLoadError, UsageError, first_line
-from griffin_export.storage.safetensors_io import INDEX_NAME, LazyTensors, list_shards
+from griffin_export.storage.safetensors_io import INDEX_NAME, SafetensorsReader, list_shards
 from griffin_export.storage.sources import TOKENIZER_FILES, SourceRef, save_tokenizer
 
-DTYPES: dict[str, torch.dtype] = {
+#: ``--dtype`` names (and the manifest's ``dtype``) -> torch dtypes; safetensors' own dtype
+#: codes are :data:`~griffin_export.storage.safetensors_io.SAFETENSORS_DTYPES`
+DTYPE_OPTIONS: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -31,11 +33,11 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
-    """``None``/``"auto"`` keeps the source's dtype; otherwise one of :data:`DTYPES`."""
+    """``None``/``"auto"`` keeps the source's dtype; otherwise one of :data:`DTYPE_OPTIONS`."""
     if name is None or name == "auto":
         return None
     try:
-        return DTYPES[name.lower()]
+        return DTYPE_OPTIONS[name.lower()]
     except KeyError:
         raise UsageError(
             f"--dtype '{name}' is not known; use one of auto, float32, bfloat16, float16"
@@ -206,7 +208,7 @@ def check_safetensors_files(directory: Path) -> None:
         )
     for path in shards.files:
         try:
-            LazyTensors([path]).close()
+            SafetensorsReader([path]).close()
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(
                 f"'{path}' is truncated or corrupted ({first_line(exc)}); re-download or "

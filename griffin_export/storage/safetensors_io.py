@@ -1,11 +1,13 @@
 """Safetensors checkpoints in and out: the one place that lists a checkpoint's shards, reads
 headers and tensors (whole, in pieces, or row/column subsets) and writes shards.
 
-Reading goes through ``safetensors.safe_open`` where a tensor (or a slice of one, with
-``get_slice``) is all that is needed. The streaming export and the runtime also need where a
-tensor's bytes lie in its file (plain ``preadv`` reads, page-cache hints, copying bytes
-through unchanged, memory maps of one tensor), which ``safe_open`` does not expose: those come
-from :func:`read_header`, the package's only header parser.
+Reading: one class, :class:`SafetensorsReader`, serves every reader (verify, inspect, the
+streaming export, opening an export, the refresh runtime). It opens each file with
+``safetensors.safe_open`` (its checks, ``get_slice`` for row and column subsets) and reads the
+header with :func:`read_header`, the package's only header parser, for where each tensor's
+bytes lie: whole tensors and ranges are read with plain ``preadv`` reads of just those bytes,
+large unchanged tensors are copied through in chunks, and single tensors are memory-mapped
+where only the touched pages should be read.
 
 Writing: :func:`encode_header` is the package's only header writer. Tensors are laid out in
 the order given (:func:`save_file`: sorted by name), metadata in insertion order, so two
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import mmap
 import os
 import re
@@ -35,13 +38,13 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
-from griffin_export.errors import ModelLoadError, UsageError
+from griffin_export.errors import ModelLoadError, UsageError, first_line
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-#: safetensors dtype names -> torch dtypes
-DTYPES: dict[str, torch.dtype] = {
+#: safetensors dtype codes -> torch dtypes (the codes griffin reads and writes)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -53,7 +56,10 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+#: torch dtypes -> safetensors dtype codes
+SAFETENSORS_CODES: dict[torch.dtype, str] = {
+    dtype: code for code, dtype in SAFETENSORS_DTYPES.items()
+}
 
 
 # -- listing ------------------------------------------------------------------------------------
@@ -88,7 +94,7 @@ def list_shards(directory: str | Path) -> Shards:
                 raise ValueError("weight_map names a path that is not a file name")
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelLoadError(
-                f"'{index}' is unreadable or malformed ({_first_line(e)}); re-download, "
+                f"'{index}' is unreadable or malformed ({first_line(e)}); re-download, "
                 "re-convert or re-export the model"
             ) from e
         missing = [n for n in names if not (directory / n).is_file()]
@@ -103,10 +109,11 @@ def list_shards(directory: str | Path) -> Shards:
 
 @dataclass(frozen=True)
 class Entry:
-    """Where one tensor lies: file, dtype, shape, absolute byte offset and length."""
+    """Where one tensor lies: file, safetensors dtype code (``"BF16"``...), shape, absolute
+    byte offset and length."""
 
     path: Path
-    dtype: torch.dtype
+    code: str
     shape: tuple[int, ...]
     offset: int
     nbytes: int
@@ -130,126 +137,13 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
-def entries(paths: Iterable[Path]) -> dict[str, Entry]:
-    """Every tensor of ``paths`` by key, from their headers (no tensor data is read)."""
-    found: dict[str, Entry] = {}
-    for path in paths:
-        header, base = read_header(path)
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ModelLoadError(
-                    f"'{path}' stores '{key}' as {info['dtype']}, which griffin does not read; "
-                    "convert the checkpoint to a float dtype"
-                )
-            begin, end = info["data_offsets"]
-            found[key] = Entry(path, dtype, tuple(info["shape"]), base + begin, end - begin)
-    return found
-
-
 def payload_bytes(path: Path) -> int:
     """Bytes of tensor data in one safetensors file (file size minus its header)."""
     _, base = read_header(path)
     return Path(path).stat().st_size - base
 
 
-# -- reading through safe_open ---------------------------------------------------------------
-
-
-class LazyTensors:
-    """Checkpoint key -> tensor over safetensors files, opened with ``safe_open`` (memory
-    mapped; nothing is read until asked). Use as a context manager, or call :meth:`close`."""
-
-    def __init__(self, files: Iterable[Path]) -> None:
-        from safetensors import safe_open
-
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[str, Any] = {}
-        self._files: dict[Path, Any] = {}
-        try:
-            for path in files:
-                handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-                self._files[Path(path)] = handle
-                for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                    self._handles[key] = handle
-        except BaseException:
-            self._stack.close()
-            raise
-
-    @classmethod
-    def open(cls, directory: str | Path) -> LazyTensors:
-        """The tensors of a checkpoint directory (its shards, :func:`list_shards`)."""
-        return cls(list_shards(directory).files)
-
-    def __enter__(self) -> LazyTensors:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stack.close()
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._handles
-
-    def metadata(self, path: Path) -> dict[str, str]:
-        """The ``__metadata__`` of one of the files (empty if it has none)."""
-        return dict(self._files[Path(path)].metadata() or {})
-
-    def keys(self) -> list[str]:
-        return list(self._handles)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[key].get_slice(key).get_shape())
-
-    def dtype_name(self, key: str) -> str:
-        """The safetensors dtype name (``"BF16"``...)."""
-        return str(self._handles[key].get_slice(key).get_dtype())
-
-    def get(self, key: str) -> Tensor:
-        """The whole tensor (CPU, the file's dtype)."""
-        tensor: Tensor = self._handles[key].get_tensor(key)
-        return tensor
-
-    def flat(self, key: str, start: int, stop: int) -> Tensor:
-        """Elements ``start:stop`` of the tensor flattened (only those are read)."""
-        shape = self.shape(key)
-        if not shape:
-            return self.get(key).reshape(-1)[start:stop]
-        inner = 1
-        for n in shape[1:]:
-            inner *= n
-        first, last = start // max(inner, 1), -(-stop // max(inner, 1))
-        rows = self._handles[key].get_slice(key)[first:last]
-        return rows.reshape(-1)[start - first * inner : stop - first * inner]
-
-    def select(self, key: str, index: Tensor, axis: int) -> Tensor:
-        """``tensor.index_select(axis, index)`` reading only the rows (``axis=0``) or the
-        column range spanned by ``index`` (``axis=1``), not the whole tensor."""
-        if index.numel() == 0:
-            shape = list(self.shape(key))
-            shape[axis] = 0
-            return torch.empty(shape, dtype=DTYPES[self.dtype_name(key)])
-        lo, hi = int(index.min()), int(index.max()) + 1
-        part = self._handles[key].get_slice(key)
-        block: Tensor = part[lo:hi] if axis == 0 else part[:, lo:hi]
-        return block.index_select(axis, index.long() - lo)
-
-
-def load_state(files: Iterable[Path]) -> dict[str, Tensor]:
-    """Every tensor of ``files`` (a checkpoint's shards), loaded into memory."""
-    from safetensors.torch import load_file
-
-    state: dict[str, Tensor] = {}
-    for path in files:
-        state.update(load_file(str(path)))
-    return state
-
-
-# -- reading by byte offset --------------------------------------------------------------
+# -- reading ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -262,57 +156,162 @@ class Chunks:
     read: Callable[[], Iterator[memoryview]]
 
 
-class SourceTensors:
-    """The tensors of a safetensors checkpoint directory, read one at a time on demand.
+class SafetensorsReader:
+    """The tensors of safetensors files by checkpoint key, read only as far as asked.
 
-    Reads use plain file I/O into a fresh tensor, not a memory map: the pages pass through the
-    page cache but never count as the process's memory, so only the tensors asked for (and
-    still referenced) do. Thread-safe (the streaming export reads on two threads).
+    Every file is opened with ``safetensors.safe_open`` (which checks that its header parses
+    and covers the file exactly: a truncated or corrupted file fails here, with
+    ``SafetensorError``), and its header is read for where each tensor's bytes lie. Then:
+
+    * :meth:`get`: a whole tensor, read with plain file I/O (``preadv``) into a fresh tensor,
+      not through a memory map: the pages pass through the page cache but never count as the
+      process's memory, so only the tensors asked for (and still referenced) do;
+    * :meth:`flat`: a range of the flattened tensor (only those bytes are read);
+      :meth:`select`: rows, or the column range spanned by an index (``get_slice``);
+    * :meth:`chunks`: the bytes in pieces through one reused buffer (copying a tensor through
+      costs the buffer, not the tensor); :meth:`read_ahead`: page-cache hints;
+    * :meth:`map`: a view of a private memory map of one tensor's bytes, read (and counted
+      as the process's memory) only where touched.
+
+    Use as a context manager or call :meth:`close`; tensors from :meth:`map` stay valid after
+    it. Reads are thread-safe (the streaming export reads on two threads).
     """
 
-    def __init__(self, directory: Path) -> None:
-        self.paths = list_shards(directory).files
-        self.entries = entries(self.paths)
+    def __init__(self, files: Iterable[Path]) -> None:
+        from safetensors import safe_open
+
+        self.paths = [Path(path) for path in files]
+        self._stack = contextlib.ExitStack()
+        self._slices: dict[Path, Any] = {}
+        self._entries: dict[str, Entry] = {}
+        self._keys: list[str] = []
+        self._metadata: dict[Path, dict[str, str]] = {}
         self._files: dict[Path, IO[bytes]] = {}
         self._lock = threading.Lock()
+        self.mapped_bytes = 0  #: bytes of the memory maps :meth:`map` made
+        try:
+            for path in self.paths:
+                handle = self._stack.enter_context(safe_open(str(path), "pt"))
+                self._slices[path] = handle
+                self._keys.extend(handle.keys())  # safe_open's order: sorted by name
+                header, base = read_header(path)
+                self._metadata[path] = dict(header.pop("__metadata__", None) or {})
+                for key, info in header.items():  # the file's order
+                    begin, end = info["data_offsets"]
+                    self._entries[key] = Entry(
+                        path, str(info["dtype"]), tuple(info["shape"]), base + begin, end - begin
+                    )
+        except BaseException:
+            self._stack.close()
+            raise
+
+    @classmethod
+    def open(cls, directory: str | Path) -> SafetensorsReader:
+        """The tensors of a checkpoint directory (its shards, :func:`list_shards`);
+        ``ModelLoadError`` when it has none."""
+        files = list_shards(directory).files
+        if not files:
+            raise ModelLoadError(
+                f"'{directory}' has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME}); "
+                "pass a directory holding *.safetensors weights"
+            )
+        return cls(files)
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        with self._lock:
+            for handle in self._files.values():
+                handle.close()
+            self._files.clear()
+
+    # -- what the headers say
 
     def __contains__(self, key: str) -> bool:
-        return key in self.entries
+        return key in self._entries
 
-    def read(self, key: str) -> Tensor:
-        """The tensor ``key`` as stored (CPU, the file's dtype)."""
-        entry = self.entries[key]
-        raw = torch.empty(entry.nbytes, dtype=torch.uint8)
-        if entry.nbytes:
-            self._read_into(entry, key, memoryview(raw.numpy()), entry.offset)  # type: ignore[arg-type]
-        return raw.view(entry.dtype).reshape(entry.shape)
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def metadata(self, path: Path) -> dict[str, str]:
+        """The ``__metadata__`` of one of the files (empty if it has none)."""
+        return dict(self._metadata[Path(path)])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key].shape
+
+    def nbytes(self, key: str) -> int:
+        return self._entries[key].nbytes
+
+    def dtype_code(self, key: str) -> str:
+        """The safetensors dtype code (``"BF16"``...), also one griffin does not read."""
+        return self._entries[key].code
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The torch dtype of ``key``; ``ModelLoadError`` for one griffin does not read."""
+        entry = self._entries[key]
+        dtype = SAFETENSORS_DTYPES.get(entry.code)
+        if dtype is None:
+            raise ModelLoadError(
+                f"'{entry.path}' stores '{key}' as {entry.code}, which griffin does not read; "
+                "convert the checkpoint to a float dtype"
+            )
+        return dtype
+
+    def first_float_dtype(self) -> torch.dtype | None:
+        """dtype of the first floating-point tensor of the first file (``dtype="auto"`` when
+        the config names none, as ``from_pretrained`` decides it)."""
+        for entry in self._entries.values():
+            dtype = SAFETENSORS_DTYPES.get(entry.code)
+            if entry.path == self.paths[0] and dtype is not None and dtype.is_floating_point:
+                return dtype
+        return None
+
+    # -- reading tensors
+
+    def get(self, key: str) -> Tensor:
+        """The whole tensor ``key`` as stored (CPU, the file's dtype)."""
+        return self._read(key, 0, self._entries[key].nbytes).reshape(self.shape(key))
+
+    def flat(self, key: str, start: int, stop: int) -> Tensor:
+        """Elements ``start:stop`` of the tensor flattened (only those are read)."""
+        size = self.dtype(key).itemsize
+        numel = math.prod(self.shape(key))
+        start, stop = min(max(start, 0), numel), min(max(stop, 0), numel)
+        return self._read(key, start * size, max(stop - start, 0) * size)
+
+    def select(self, key: str, index: Tensor, axis: int) -> Tensor:
+        """``tensor.index_select(axis, index)`` reading only the rows (``axis=0``) or the
+        column range spanned by ``index`` (``axis=1``), not the whole tensor."""
+        dtype = self.dtype(key)
+        if index.numel() == 0:
+            shape = list(self.shape(key))
+            shape[axis] = 0
+            return torch.empty(shape, dtype=dtype)
+        lo, hi = int(index.min()), int(index.max()) + 1
+        part = self._slices[self._entries[key].path].get_slice(key)
+        block: Tensor = part[lo:hi] if axis == 0 else part[:, lo:hi]
+        return block.index_select(axis, index.long() - lo)
 
     def chunks(self, key: str, chunk_bytes: int = 16 << 20) -> Chunks:
         """The bytes of ``key`` as :class:`Chunks`: read piece by piece into one reused
         buffer when written, so copying a large unchanged tensor (an embedding, a head)
         through costs ``chunk_bytes`` of memory, not the tensor."""
-        entry = self.entries[key]
+        entry = self._entries[key]
 
         def pieces() -> Iterator[memoryview]:
             buffer = memoryview(bytearray(min(chunk_bytes, entry.nbytes)))
             for start in range(0, entry.nbytes, chunk_bytes):
                 n = min(chunk_bytes, entry.nbytes - start)
-                self._read_into(entry, key, buffer[:n], entry.offset + start)
+                self._read_into(key, buffer[:n], entry.offset + start)
                 yield buffer[:n]
 
-        return Chunks(entry.shape, entry.dtype, pieces)
-
-    def _read_into(self, entry: Entry, key: str, view: memoryview, offset: int) -> None:
-        handle = self._handle(entry.path)
-        done = 0
-        while done < len(view):
-            n = os.preadv(handle.fileno(), [view[done:]], offset + done)
-            if n <= 0:
-                raise ModelLoadError(
-                    f"'{entry.path}' ends inside tensor '{key}'; the file is truncated: "
-                    "re-download or re-convert the model"
-                )
-            done += n
+        return Chunks(entry.shape, self.dtype(key), pieces)
 
     def read_ahead(self, keys: Sequence[str]) -> None:
         """Ask the kernel to start reading ``keys``' bytes into the page cache now
@@ -321,23 +320,19 @@ class SourceTensors:
         if advise is None:
             return
         for key in keys:
-            entry = self.entries[key]
+            entry = self._entries[key]
             if entry.nbytes:
                 with contextlib.suppress(OSError):
-                    advise(
-                        self._handle(entry.path).fileno(),
-                        entry.offset,
-                        entry.nbytes,
-                        os.POSIX_FADV_WILLNEED,
-                    )
+                    fd = self._handle(entry.path).fileno()
+                    advise(fd, entry.offset, entry.nbytes, os.POSIX_FADV_WILLNEED)
 
     def map(self, key: str) -> Tensor:
         """The tensor ``key`` as a view of a private memory map of its bytes: pages are read
         (and count as the process's memory) only where touched, e.g. the embedding rows of
-        the prompt's tokens."""
-        entry = self.entries[key]
+        the prompt's tokens, or the original's neurons a refresh copies."""
+        entry, dtype = self._entries[key], self.dtype(key)
         if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=entry.dtype)
+            return torch.empty(entry.shape, dtype=dtype)
         start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
         length = entry.offset + entry.nbytes - start
         # ACCESS_COPY: torch needs a writable buffer; nothing writes to it, and a write
@@ -345,19 +340,37 @@ class SourceTensors:
         mapped = mmap.mmap(
             self._handle(entry.path).fileno(), length, offset=start, access=mmap.ACCESS_COPY
         )
+        self.mapped_bytes += length
         flat = torch.frombuffer(
             mapped,  # the tensor keeps the map alive
-            dtype=entry.dtype,
-            count=entry.nbytes // entry.dtype.itemsize,
+            dtype=dtype,
+            count=entry.nbytes // dtype.itemsize,
             offset=entry.offset - start,
         )
         return flat.reshape(entry.shape)
 
-    def nbytes(self, key: str) -> int:
-        return self.entries[key].nbytes
+    def _read(self, key: str, start: int, nbytes: int) -> Tensor:
+        """Bytes ``start:start + nbytes`` of tensor ``key``'s data, as a 1-D tensor of its
+        dtype (a fresh tensor, read with ``preadv``)."""
+        dtype, entry = self.dtype(key), self._entries[key]
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(raw.numpy())  # type: ignore[arg-type]
+            self._read_into(key, view, entry.offset + start)
+        return raw.view(dtype)
 
-    def dtype(self, key: str) -> torch.dtype:
-        return self.entries[key].dtype
+    def _read_into(self, key: str, view: memoryview, offset: int) -> None:
+        path = self._entries[key].path
+        handle = self._handle(path)
+        done = 0
+        while done < len(view):
+            n = os.preadv(handle.fileno(), [view[done:]], offset + done)
+            if n <= 0:
+                raise ModelLoadError(
+                    f"'{path}' ends inside tensor '{key}'; the file is truncated: "
+                    "re-download or re-convert the model"
+                )
+            done += n
 
     def _handle(self, path: Path) -> IO[bytes]:
         with self._lock:
@@ -366,57 +379,15 @@ class SourceTensors:
                 handle = self._files[path] = path.open("rb", buffering=0)
             return handle
 
-    def first_float_dtype(self) -> torch.dtype | None:
-        """dtype of the first floating-point tensor of the first file (``dtype="auto"`` when
-        the config names none, as ``from_pretrained`` decides it)."""
-        for entry in self.entries.values():
-            if entry.path == self.paths[0] and entry.dtype.is_floating_point:
-                return entry.dtype
-        return None
 
-    def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+def load_state(files: Iterable[Path]) -> dict[str, Tensor]:
+    """Every tensor of ``files`` (a checkpoint's shards), loaded into memory."""
+    from safetensors.torch import load_file
 
-
-class MappedSafetensors:
-    """Tensors of a safetensors checkpoint as zero-copy views of memory-mapped files.
-
-    Pages are read from disk only when touched, and belong to the page cache (shared,
-    reclaimable), not to the process's own memory.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        paths = list_shards(directory).files
-        if not paths:
-            raise ModelLoadError(f"the original '{directory}' has no *.safetensors weights")
-        self._where = entries(paths)
-        self._maps: dict[Path, mmap.mmap] = {}
-        for path in paths:
-            with path.open("rb") as handle:
-                # ACCESS_COPY: private copy-on-write pages, so torch gets a writable buffer
-                # without ever writing the file (nothing here writes to them).
-                self._maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def get(self, key: str) -> Tensor:
-        entry = self._where[key]
-        if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=entry.dtype)
-        flat = torch.frombuffer(
-            self._maps[entry.path],
-            dtype=entry.dtype,
-            count=entry.nbytes // entry.dtype.itemsize,
-            offset=entry.offset,
-        )
-        return flat.reshape(entry.shape)
-
-    @property
-    def mapped_bytes(self) -> int:
-        return sum(len(m) for m in self._maps.values())
+    state: dict[str, Tensor] = {}
+    for path in files:
+        state.update(load_file(str(path)))
+    return state
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -431,9 +402,9 @@ def encode_header(
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for key, dtype, shape in layout:
-        size = _numel(shape) * dtype.itemsize
+        size = math.prod(shape) * dtype.itemsize
         header[key] = {
-            "dtype": DTYPE_NAMES[dtype],
+            "dtype": SAFETENSORS_CODES[dtype],
             "shape": [int(n) for n in shape],
             "data_offsets": [offset, offset + size],
         }
@@ -546,7 +517,7 @@ class ShardWriter:
     ) -> None:
         self.directory = directory
         self.entries = {key: (shape, dtype) for key, shape, dtype in layout}
-        sizes = {key: _numel(shape) * dtype.itemsize for key, shape, dtype in layout}
+        sizes = {key: math.prod(shape) * dtype.itemsize for key, shape, dtype in layout}
         self.plan = plan_shards(sizes, max_shard_size)
         self.files = self.plan.files
         self.order = [key for _, keys in self.files for key in keys]
@@ -637,15 +608,3 @@ class ShardWriter:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
