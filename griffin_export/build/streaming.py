@@ -27,6 +27,7 @@ result is bit-identical to it (``tests/test_streaming.py`` checks every architec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
@@ -290,13 +291,6 @@ def output_shape(
     return tuple(shape)
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
-
-
 # -- the streamed forward ---------------------------------------------------------------------
 
 
@@ -422,7 +416,7 @@ def select_and_write(
         for key, (_, dtype) in streamed.plan.items()
     ]
     buffers = {streamed.checkpoint_key[n] for n, o, a, _ in _tensors(model) if a in o._buffers}
-    params = sum(_numel(shape) for key, shape, _ in entries if key not in buffers)
+    params = sum(math.prod(shape) for key, shape, _ in entries if key not in buffers)
     block_keys = {key for key in streamed.plan if key.startswith(spec.layers + ".")}
     inverse = {key: name for name, key in streamed.checkpoint_key.items()}
     deferred: list[str] = []  # still on meta (an untied head): read from the source at the end
@@ -550,6 +544,6 @@ def plan_sizes(
     count = size = 0
     for key, (shape, dtype) in streamed.plan.items():
         out = shape if k is None else output_shape(streamed, key, k, d_ff)
-        count += _numel(out)
-        size += _numel(out) * dtype.itemsize
+        count += math.prod(out)
+        size += math.prod(out) * dtype.itemsize
     return count, size

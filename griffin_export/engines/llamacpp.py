@@ -49,6 +49,7 @@ from griffin_export.errors import (
 from griffin_export.formats.decilm import is_decilm
 from griffin_export.formats.exports import require_export_dir
 from griffin_export.formats.layout import export_config, per_layer_sizes
+from griffin_export.storage.jsonfile import read_json_object
 
 #: Output types offered: llama.cpp's converter writes them directly (no separate quantize step).
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -177,7 +178,11 @@ def gguf_widths(export_dir: Path, config: Any) -> list[int] | None:
     Per-layer exports and exports in the DeciLM layout (``--format decilm``) get exact widths;
     per-layer exports whose graph is not Llama's are refused in one line."""
     sizes = per_layer_sizes(config)
-    decilm = is_decilm(_read_json(export_dir / "config.json"))
+    path = export_dir / "config.json"
+    try:
+        decilm = is_decilm(read_json_object(path))
+    except ValueError as exc:
+        raise ExportFormatError(f"'{path}' is {exc}; re-run griffin export") from exc
     if sizes is None and not decilm:
         return None
     check_per_layer_gguf(config, "protect" if sizes else "uniform")
@@ -405,13 +410,3 @@ def _last_error(lines: list[str]) -> str:
         if line.startswith("ERROR:"):
             return line.split(":", 2)[-1].strip()
     return lines[-1] if lines else "no output"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ExportFormatError(f"cannot read '{path}' ({exc}); re-run griffin export") from exc
-    if not isinstance(data, dict):
-        raise ExportFormatError(f"'{path}' is not a JSON object; re-run griffin export")
-    return data

@@ -24,7 +24,6 @@ The DeciLM / Nemotron-NAS layout of the same weights (``--format decilm``) is
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from griffin_export.core.slicing import check_keep, prune_block
 from griffin_export.errors import ExportFormatError, ModelLoadError, UsageError
 from griffin_export.formats.decilm import is_decilm, source_config
 from griffin_export.formats.manifest import SIZES_KEY
+from griffin_export.storage.jsonfile import read_json_object
 from griffin_export.storage.safetensors_io import (
     SINGLE_NAME,
     SafetensorsReader,
@@ -237,10 +237,10 @@ def export_config(directory: str | Path) -> Any:
 
     path = Path(directory) / "config.json"
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ExportFormatError(f"'{path}' is unreadable or not JSON ({exc}); re-export") from exc
-    if not isinstance(raw, dict) or not is_decilm(raw):
+        raw = read_json_object(path)
+    except ValueError as exc:
+        raise ExportFormatError(f"'{path}' is {exc}; re-export") from exc
+    if not is_decilm(raw):
         return AutoConfig.from_pretrained(directory, trust_remote_code=False)
     data = source_config(raw)
     spec_for(data["model_type"])  # names an unsupported family in one line

@@ -162,14 +162,14 @@ def manifest_problems(data: Any) -> list[str]:
     if not isinstance(source, dict):
         bad.append("source")
     else:
-        if not _is_int(source.get("d_ff")) or source["d_ff"] < 1:
+        if not is_int(source.get("d_ff")) or source["d_ff"] < 1:
             bad.append("source.d_ff")
         if not isinstance(source.get("model_type"), str):
             bad.append("source.model_type")
         if not isinstance(source.get("fingerprint"), str):
             bad.append("source.fingerprint")
     ks = data.get("k_per_layer")
-    if not isinstance(ks, list) or not ks or not all(_is_int(k) and k > 0 for k in ks):
+    if not isinstance(ks, list) or not ks or not all(is_int(k) and k > 0 for k in ks):
         bad.append("k_per_layer")
     files = data.get("files")
     if not isinstance(files, dict) or not all(
@@ -218,5 +218,6 @@ def is_export(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """Whether a JSON value is an integer (``True``/``False`` are not)."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -9,7 +9,6 @@ shapes, one tensor at a time for values); no model is built.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from griffin_export.errors import (
     ModelLoadError,
     OriginalMismatchError,
     VerificationError,
+    first_line,
 )
 from griffin_export.formats.decilm import source_config
 from griffin_export.formats.layout import export_config
@@ -37,6 +37,7 @@ from griffin_export.formats.manifest import (
     FORMAT_NAME,
     MANIFEST,
     SIZES_KEY,
+    is_int,
     manifest_problems,
 )
 from griffin_export.storage.fingerprint import (
@@ -47,6 +48,7 @@ from griffin_export.storage.fingerprint import (
     samples_as_float,
     samples_fingerprint,
 )
+from griffin_export.storage.jsonfile import read_json_object
 from griffin_export.storage.loading import DTYPE_OPTIONS, check_safetensors_files
 from griffin_export.storage.safetensors_io import INDEX_NAME, SafetensorsReader, list_shards
 from griffin_export.storage.sources import resolve_source
@@ -150,7 +152,7 @@ def verify_export(
         try:
             exported = stack.enter_context(SafetensorsReader(files))
         except (SafetensorError, OSError) as exc:
-            problems.append(f"weights unreadable ({_first_line(exc)}); re-export")
+            problems.append(f"weights unreadable ({first_line(exc)}); re-export")
             return report
         _check_shapes(spec, exported, k_per_layer, hidden, problems)
         report.checked.append("FF tensor shapes")
@@ -181,7 +183,7 @@ def check_export_files(export_dir: str | Path, *, hash_files: bool = True) -> di
             f"'griffin verify {export_dir}' for the full list",
             report.problems,
         )
-    return _read_json(Path(export_dir) / MANIFEST)
+    return read_json_object(Path(export_dir) / MANIFEST)
 
 
 def check_original(export_dir: str | Path, original: str | Path) -> None:
@@ -246,7 +248,7 @@ def _check_manifest(export_dir: Path, problems: list[str]) -> dict[str, Any] | N
         )
         return None
     try:
-        manifest = _read_json(path)
+        manifest = read_json_object(path)
     except ValueError as exc:
         problems.append(f"{MANIFEST}: {exc}; re-export")
         return None
@@ -284,7 +286,7 @@ def _check_config(
 ) -> tuple[ArchSpec, int | None] | None:
     path = export_dir / "config.json"
     try:
-        raw = source_config(_read_json(path))  # a DeciLM layout as its family's config
+        raw = source_config(read_json_object(path))  # a DeciLM layout as its family's config
     except (ValueError, ExportFormatError) as exc:
         problems.append(f"config.json: {exc}; re-export")
         return None
@@ -310,7 +312,7 @@ def _check_config(
         width: int | None = spec.d_ff(config)
     except GriffinError as exc:
         problems.append(
-            f"config.json: the FF width could not be read ({_first_line(exc)}), so it was not "
+            f"config.json: the FF width could not be read ({first_line(exc)}), so it was not "
             f"checked against the {MANIFEST}'s k; re-export"
         )
         width = None
@@ -353,7 +355,7 @@ def _config_sizes(directory: Path, problems: list[str]) -> tuple[int | None, int
     except Exception as exc:  # transformers' config classes raise many types (validation...)
         problems.append(
             f"config.json: transformers cannot read it ({type(exc).__name__}: "
-            f"{_first_line(exc)}), so the layer count and hidden size were not checked; fix "
+            f"{first_line(exc)}), so the layer count and hidden size were not checked; fix "
             "config.json or re-export"
         )
         return None, None
@@ -363,7 +365,7 @@ def _config_sizes(directory: Path, problems: list[str]) -> tuple[int | None, int
         ("hidden_size", "the FF tensors' hidden dimension"),
     ):
         value = getattr(config, name, None)
-        if not _is_int(value):
+        if not is_int(value):
             problems.append(
                 f"config.json: {name} is {value!r}, not an integer, so {check} was not checked; "
                 "re-export"
@@ -386,7 +388,7 @@ def _check_experts(
             metadata = handle.metadata(path)
             tensors = {key: handle.get(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as exc:
-        problems.append(f"{EXPERTS_FILE}: unreadable ({_first_line(exc)}); re-export")
+        problems.append(f"{EXPERTS_FILE}: unreadable ({first_line(exc)}); re-export")
         return None
     if metadata.get("d_ff") not in (None, str(d_ff)):
         problems.append(
@@ -484,7 +486,7 @@ def _check_against_original(
     tensors = _open_original(directory, stack)
     source = manifest["source"]
     try:
-        model_type = _read_json(directory / "config.json").get("model_type")
+        model_type = read_json_object(directory / "config.json").get("model_type")
     except ValueError as exc:
         problems.append(
             f"original '{original}': config.json {exc}, so its family could not be compared "
@@ -605,7 +607,7 @@ def _open_original(directory: Path, stack: contextlib.ExitStack) -> SafetensorsR
         return stack.enter_context(SafetensorsReader(files))
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(
-            f"the original's weights in '{directory}' are unreadable ({_first_line(exc)}); "
+            f"the original's weights in '{directory}' are unreadable ({first_line(exc)}); "
             "re-download or re-convert it"
         ) from exc
 
@@ -638,27 +640,5 @@ def _require_manifest(export_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; ``ValueError`` with a short reason otherwise."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError("missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"unreadable or not JSON ({_first_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    return data
-
-
 def _torch_dtype(name: str) -> torch.dtype:
     return DTYPE_OPTIONS.get(name, torch.float32)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__

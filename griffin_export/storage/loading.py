@@ -6,7 +6,6 @@ architecture, whole safetensors files, no pickles), the model, its tokenizer, ``
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 
 from griffin_export.core.architectures import ArchSpec, spec_for
 from griffin_export.errors import ModelLoadError, UsageError, first_line
+from griffin_export.storage.jsonfile import read_json_object
 from griffin_export.storage.safetensors_io import INDEX_NAME, SafetensorsReader, list_shards
 from griffin_export.storage.sources import TOKENIZER_FILES, SourceRef, save_tokenizer
 
@@ -176,13 +176,10 @@ def _require_safetensors(directory: Path) -> None:
 def _raw_model_type(config_path: Path) -> str:
     """``model_type`` from a ``config.json`` read as plain JSON (no transformers involved)."""
     try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(
-            f"'{config_path}' is unreadable or not JSON ({first_line(exc)}); restore the model's "
-            "config.json"
-        ) from exc
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+        raw = read_json_object(config_path)
+    except ValueError as exc:
+        raise ModelLoadError(f"'{config_path}' is {exc}; restore the model's config.json") from exc
+    model_type = raw.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise ModelLoadError(
             f"'{config_path}' has no model_type; it is not a transformers model config, so "
