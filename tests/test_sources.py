@@ -22,7 +22,7 @@ from griffin_export.evaluation.corpora import bos_token
 from griffin_export.evaluation.ppl import evaluate, perplexity
 from griffin_export.evaluation.protocols import Setting, make_windows
 from griffin_export.formats.exports import open_export, open_export_with_original
-from griffin_export.storage.loading import load_model
+from griffin_export.storage.loading import load_model, load_tokenizer
 from griffin_export.storage.sources import TOKENIZER_FILES, resolve_source, save_tokenizer
 
 from tiny import D_FF, char_tokenizer, random_ids, save_tiny, tiny_model
@@ -328,3 +328,32 @@ def test_gguf_cache_key_follows_content_not_path(tmp_path: Path, size: int) -> N
     data[-1] ^= 1
     b.write_bytes(data)
     assert gguf_cache_key(a) != gguf_cache_key(b)
+
+
+def test_unreadable_tokenizer_files_are_named_not_called_missing(tmp_path: Path) -> None:
+    """Tokenizer files that are present but do not load are a ModelLoadError naming them and
+    the loader's reason; ``None`` is kept for a directory without any. Catches a loader that
+    swallows the failure, so the model reads as "has no tokenizer files"."""
+    src = save_tiny("llama", tmp_path / "src")
+    (src / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json.*does not load: Expecting"):
+        load_tokenizer(resolve_source(str(src)))
+    for name in TOKENIZER_FILES:
+        (src / name).unlink(missing_ok=True)
+    assert load_tokenizer(resolve_source(str(src))) is None
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_unreadable_generation_config_is_a_warning(streaming: bool, tmp_path: Path) -> None:
+    """An unreadable generation_config.json (its end tokens lost) is reported among the
+    export's warnings, on both load paths. Catches passing over it in silence, as
+    ``from_pretrained`` and a ``suppress(Exception)`` around GenerationConfig do."""
+    src = save_tiny("llama", tmp_path / "src")
+    (src / "generation_config.json").write_text("{not json", encoding="utf-8")
+    assert any("generation_config.json" in w for w in load_model(resolve_source(str(src))).warnings)
+    result = export(
+        str(src), ["Words of a prompt."], 0.5, out=tmp_path / "out", streaming=streaming
+    )
+    assert [w for w in result.warnings if "generation_config.json" in w and "eos" in w]
+    clean = save_tiny("llama", tmp_path / "clean")
+    assert load_model(resolve_source(str(clean))).warnings == []

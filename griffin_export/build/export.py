@@ -225,6 +225,7 @@ def export(
         loaded = load_model(source, torch_dtype, device, allow_pickle, trust_remote_code)
     report("load", 1, 1)
     ids, warnings = tokenize_prompts(loaded, texts, max_prompt_tokens)
+    warnings = [*loaded.warnings, *warnings]
     d_ff = loaded.spec.d_ff(loaded.model.config)
     how.check_model(_has_down_bias(loaded), loaded.model_type)
     ks = layer_sizes(budget, len(loaded.spec.blocks(loaded.model)), d_ff, ratio, multiple_of)

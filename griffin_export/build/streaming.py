@@ -52,7 +52,7 @@ from griffin_export.core.selection import Selection, check_finite_scores
 from griffin_export.core.slicing import slice_bias, slice_weight
 from griffin_export.errors import ModelLoadError, UsageError
 from griffin_export.storage.fingerprint import fingerprint_samples, samples_fingerprint
-from griffin_export.storage.loading import LoadedModel
+from griffin_export.storage.loading import LoadedModel, device_for, load_generation_config
 from griffin_export.storage.safetensors_io import Chunks, SafetensorsReader, ShardWriter
 from griffin_export.storage.sources import SourceRef
 
@@ -101,7 +101,7 @@ def load_streamed(
 ) -> StreamedModel:
     """Build the skeleton of ``source`` (a safetensors directory) with only its non-block
     tensors in memory, on ``device``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     assert source.directory is not None
     reader = SafetensorsReader.open(source.directory)
@@ -110,17 +110,13 @@ def load_streamed(
         dtype = getattr(config, "dtype", None) or reader.first_float_dtype() or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-    try:
-        target = torch.device(device)
-        if target.type != "cpu":
-            torch.empty(0, device=target)
-    except Exception as exc:
-        raise UsageError(f"--device '{device}' is not usable here ({exc}); use cpu") from exc
+    target = device_for(device)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    with suppress(Exception):  # as from_pretrained: a missing generation_config.json is fine
-        model.generation_config = GenerationConfig.from_pretrained(source.load_id)
+    generation, warnings = load_generation_config(source.directory)
+    if generation is not None:
+        model.generation_config = generation
 
     _init_buffers(model, target)
     checkpoint_key = _checkpoint_keys(model)
@@ -159,7 +155,7 @@ def load_streamed(
             f"'{missing[0]}'); the checkpoint is incomplete or does not match config.json: "
             "re-download or re-convert it"
         )
-    loaded = LoadedModel(model, tokenizer, spec, model_type, source)
+    loaded = LoadedModel(model, tokenizer, spec, model_type, source, warnings=warnings)
     streamed = StreamedModel(loaded, reader, checkpoint_key, plan, target, mapped=mapped)
     loaded.streamed = streamed
     for layer in range(len(blocks)):

@@ -19,7 +19,13 @@ from griffin_export.formats.manifest import (
     is_export as is_export,  # re-exported: callers open exports from here
 )
 from griffin_export.formats.verify import check_export_files, check_original_model
-from griffin_export.storage.loading import LoadedModel, load_model, load_tokenizer, parse_dtype
+from griffin_export.storage.loading import (
+    LoadedModel,
+    load_generation_config,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+)
 from griffin_export.storage.safetensors_io import SafetensorsReader
 from griffin_export.storage.sources import SourceRef, resolve_source
 
@@ -60,8 +66,14 @@ def open_export(export_dir: str | Path, device: str = "cpu") -> OpenedExport:
     else:
         model_type = manifest["source"]["model_type"]
         model = load_pretrained(directory, dtype=dtype, device=device)
+        _, warnings = load_generation_config(directory)
         loaded = LoadedModel(
-            model, load_tokenizer(source), spec_for(model_type), model_type, source
+            model,
+            load_tokenizer(source),
+            spec_for(model_type),
+            model_type,
+            source,
+            warnings=warnings,
         )
     return OpenedExport(directory, manifest, loaded)
 

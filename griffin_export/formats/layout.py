@@ -33,10 +33,11 @@ from torch import Tensor, nn
 
 from griffin_export.core.architectures import ArchSpec, spec_for
 from griffin_export.core.slicing import check_keep, prune_block
-from griffin_export.errors import ExportFormatError, ModelLoadError, UsageError
+from griffin_export.errors import ExportFormatError, ModelLoadError
 from griffin_export.formats.decilm import is_decilm, source_config
 from griffin_export.formats.manifest import SIZES_KEY
 from griffin_export.storage.jsonfile import read_json_object
+from griffin_export.storage.loading import load_generation_config, move_to_device
 from griffin_export.storage.safetensors_io import (
     SINGLE_NAME,
     SafetensorsReader,
@@ -141,7 +142,7 @@ def load_pretrained(
         stock: nn.Module = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, use_safetensors=True
         )
-        return _to_device(stock, device)
+        return move_to_device(stock, device).eval()
 
     spec = spec_for(config.model_type)
     n_layers = getattr(config, "num_hidden_layers", len(sizes))
@@ -177,14 +178,12 @@ def load_pretrained(
         model.tie_weights()
     spec.set_d_ff(model.config, max(sizes))
     model.config.griffin = dict(config.griffin)
-    return _to_device(model, device)
-
-
-def _to_device(model: nn.Module, device: str | torch.device) -> nn.Module:
-    try:
-        return model.to(device).eval()
-    except Exception as exc:
-        raise UsageError(f"--device '{device}' is not usable here ({exc}); use cpu") from exc
+    # from_config made a generation config from config.json alone; the export's own file
+    # (its end tokens) is what from_pretrained would have used.
+    generation, _ = load_generation_config(path)
+    if generation is not None:
+        model.generation_config = generation
+    return move_to_device(model, device).eval()
 
 
 def _resize_block(spec: ArchSpec, block: nn.Module, k: int, dtype: torch.dtype) -> None:

@@ -6,10 +6,12 @@ architecture, whole safetensors files, no pickles), the model, its tokenizer, ``
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +21,8 @@ from griffin_export.errors import ModelLoadError, UsageError, first_line
 from griffin_export.storage.jsonfile import read_json_object
 from griffin_export.storage.safetensors_io import INDEX_NAME, SafetensorsReader, list_shards
 from griffin_export.storage.sources import TOKENIZER_FILES, SourceRef, save_tokenizer
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 #: ``--dtype`` names (and the manifest's ``dtype``) -> torch dtypes; safetensors' own dtype
 #: codes are :data:`~griffin_export.storage.safetensors_io.SAFETENSORS_DTYPES`
@@ -59,6 +63,8 @@ class LoadedModel:
     source: SourceRef
     #: a ``streaming.StreamedModel`` when the decoder blocks stay in the source files
     streamed: Any = None
+    #: what loading noticed but did not refuse (an unreadable ``generation_config.json``)
+    warnings: list[str] = field(default_factory=list)
 
 
 def read_model_type(source: SourceRef) -> str:
@@ -126,14 +132,58 @@ def load_model(
             f"'{missing[0]}'); the checkpoint is incomplete or does not match config.json: "
             "re-download or re-convert it"
         )
-    model.eval()
+    move_to_device(model.eval(), device)
+    _, warnings = load_generation_config(source.directory)
+    return LoadedModel(model, load_tokenizer(source), spec, model_type, source, warnings=warnings)
+
+
+#: What torch says when a device cannot be used at all: not built in, no driver or no such
+#: device, or a device string it does not know.
+_UNUSABLE_DEVICE = re.compile(
+    r"not compiled with|no nvidia driver|no cuda gpus|invalid device ordinal|device string|"
+    r"not linked with support|driver initiali[sz]ation|backend is supported|"
+    r"with arguments from the '\w+' backend|no (?:cuda|xpu|mps|hip) device|is not available",
+    re.IGNORECASE,
+)
+
+
+@contextlib.contextmanager
+def _device_errors(device: str | torch.device) -> Iterator[None]:
+    """Turn torch's errors that mean "this device cannot take the model" into one line:
+    out of memory (a smaller ``--dtype`` or cpu), or a device that is not usable here at all
+    (cpu). Any other error is a bug or a broken model and propagates unchanged."""
     try:
-        model.to(device)
-    except Exception as exc:
+        yield
+    except torch.OutOfMemoryError as exc:
         raise UsageError(
-            f"--device '{device}' is not usable here ({first_line(exc)}); use cpu"
+            f"out of memory on --device '{device}' ({first_line(exc, 200)}); use a smaller "
+            "--dtype (bfloat16 or float16) or --device cpu"
         ) from exc
-    return LoadedModel(model, load_tokenizer(source), spec, model_type, source)
+    except (RuntimeError, AssertionError) as exc:
+        if not _UNUSABLE_DEVICE.search(str(exc)):
+            raise
+        raise UsageError(
+            f"--device '{device}' is not usable here ({first_line(exc, 200)}); use --device cpu"
+        ) from exc
+
+
+def device_for(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` after checking that a tensor can be put there
+    (``UsageError`` naming the fix when it cannot; see :func:`move_to_device`)."""
+    with _device_errors(device):
+        target = torch.device(device)
+        if target.type not in ("cpu", "meta"):
+            torch.empty(0, device=target)
+    return target
+
+
+def move_to_device(module: ModuleT, device: str | torch.device) -> ModuleT:
+    """``module.to(device)``, with the errors that mean the device cannot take it (out of
+    memory, no such device, torch built without it) as one ``UsageError`` line naming the
+    fix; every other error propagates."""
+    with _device_errors(device):
+        module.to(device)
+    return module
 
 
 def check_source(source: SourceRef, allow_pickle: bool = False) -> tuple[str, ArchSpec]:
@@ -150,12 +200,45 @@ def check_source(source: SourceRef, allow_pickle: bool = False) -> tuple[str, Ar
 
 
 def load_tokenizer(source: SourceRef) -> Any | None:
-    """The source's tokenizer, or ``None`` (a bare weights directory may have none)."""
+    """The source's tokenizer; ``None`` only when its directory holds no tokenizer files
+    (:data:`~griffin_export.storage.sources.TOKENIZER_FILES`; a bare weights directory). Files
+    that are there but do not load are a ``ModelLoadError`` naming them and why."""
     from transformers import AutoTokenizer
 
-    with contextlib.suppress(Exception):
+    present = [name for name in TOKENIZER_FILES if (source.directory / name).is_file()]
+    if not present:
+        return None
+    try:
         return AutoTokenizer.from_pretrained(source.load_id, trust_remote_code=False)
-    return None
+    except Exception as exc:  # transformers and tokenizers raise many types for bad files
+        raise ModelLoadError(
+            f"the tokenizer of '{source.name}' ({', '.join(present)}) does not load: "
+            f"{first_line(exc, 200)}; restore or re-download those files"
+        ) from exc
+
+
+#: The file whose end tokens (``eos_token_id``) and sampling defaults generation uses.
+GENERATION_CONFIG = "generation_config.json"
+
+
+def load_generation_config(directory: Path) -> tuple[Any | None, list[str]]:
+    """The ``GenerationConfig`` in ``directory`` and warnings: ``(None, [])`` when it has no
+    :data:`GENERATION_CONFIG` (the model config's end tokens apply, as in
+    ``from_pretrained``); ``(None, [why])`` when the file is there but does not load, which
+    ``from_pretrained`` passes over in silence although its end tokens are then lost."""
+    from transformers import GenerationConfig
+
+    path = directory / GENERATION_CONFIG
+    if not path.is_file():
+        return None, []
+    try:
+        return GenerationConfig.from_pretrained(directory), []
+    except Exception as exc:  # OSError for bad JSON, ValueError/TypeError for bad values
+        return None, [
+            f"'{path}' does not load ({first_line(exc, 200)}), so its end tokens and "
+            "generation defaults are not used (the model config's eos_token_id is); fix or "
+            "remove the file"
+        ]
 
 
 def _require_safetensors(directory: Path) -> None:
