@@ -9,6 +9,7 @@ shapes, one tensor at a time for values); no model is built.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,16 +223,13 @@ def original_fingerprint(
 ) -> str:
     """The export-time fingerprint recomputed from an original's safetensors: only the
     sampled elements of each FF tensor are read and cast to the export's dtype (as
-    :func:`~griffin_export.storage.sources.weights_fingerprint` of the cast tensors)."""
+    :func:`~griffin_export.storage.fingerprint.weights_fingerprint` of the cast tensors)."""
     dtype = _torch_dtype(manifest["dtype"])
     n_layers = len(manifest["k_per_layer"])
     entries = []
     for key in _ff_keys(spec, n_layers, tensors):
         shape = tensors.shape(key)
-        numel = 1
-        for n in shape:
-            numel *= n
-        parts = [tensors.flat(key, a, b) for a, b in sample_ranges(numel)]
+        parts = [tensors.flat(key, a, b) for a, b in sample_ranges(math.prod(shape))]
         entries.append((key, shape, samples_as_float(parts, dtype)))
     return samples_fingerprint(entries)
 
