@@ -31,7 +31,7 @@ from griffin_export.core.budgets import layer_sizes
 from griffin_export.core.compensation import LayerGrams, refit_down, regression
 from griffin_export.errors import ModelLoadError, UsageError
 from griffin_export.evaluation.corpora import load_corpus
-from griffin_export.formats.loader import prune_model_per_layer
+from griffin_export.formats.layout import prune_model_per_layer
 from griffin_export.runtime.refresh import GriffinRuntime
 
 from tiny import save_tiny, tiny_model
@@ -554,10 +554,10 @@ def test_runtime_refresh_before_generate_is_refused(src: Path, tmp_path: Path) -
 
 #: Raise sites of built-in exceptions that no caller can reach with bad input: each is caught
 #: in the function that raises it, or by its caller and turned into a problem line or a
-#: GriffinError (``_read_json``, ``list_shards``), or guards an invariant of the streaming
+#: GriffinError (``read_json_object``, ``list_shards``), or guards an invariant of the streaming
 #: writer or the refresh ring itself. Everything else raises a GriffinError subclass.
 INTERNAL_RAISES = {
-    ("formats/verify.py", "_read_json"),
+    ("storage/jsonfile.py", "read_json_object"),
     ("storage/safetensors_io.py", "list_shards"),
     ("storage/safetensors_io.py", "_write"),
     ("storage/safetensors_io.py", "close"),

@@ -79,7 +79,7 @@ def prune_model(spec: ArchSpec, model: nn.Module, keep: Sequence[Tensor]) -> Non
     if len(sizes) != 1:
         raise UsageError(
             f"prune_model keeps one FF width in every layer, got {sorted(sizes)}; keep the same "
-            "number per layer, or use griffin_export.formats.loader.prune_model_per_layer"
+            "number per layer, or use griffin_export.formats.layout.prune_model_per_layer"
         )
     for block, idx in zip(blocks, keep, strict=True):
         prune_block(spec, block, idx, d_ff)
