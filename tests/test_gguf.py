@@ -16,7 +16,7 @@ import llama_cpp  # a test dependency: make test installs it (Makefile)
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from griffin_cli.main import app
@@ -32,7 +32,7 @@ from griffin_export.errors import ConverterError, UnsupportedArchitectureError, 
 from griffin_export.evaluation.corpora import load_corpus
 from griffin_export.formats.manifest import read_manifest
 from griffin_export.formats.verify import verify_export
-from griffin_export.storage.sources import ensure_embedded
+from griffin_export.storage.sources import ensure_converted_gguf, ensure_embedded
 
 from tiny import save_sentencepiece_tokenizer, save_tiny
 
@@ -562,3 +562,33 @@ def test_export_gguf_timeout_leaves_no_export(
     result = runner.invoke(app, [*args, "--timeout", "2"])
     assert result.exit_code == 2 and "--timeout limits the --gguf conversion" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake-converter"]
+
+
+def test_a_gguf_source_converts_with_progress_and_no_stream_swapped(
+    spm_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``.gguf`` source is dequantised once (the real transformers path) and reports its
+    tensors as ``convert`` progress, while ``sys.stderr`` stays the process's own. Catches the
+    old ``redirect_stderr`` (every warning of the process hidden meanwhile, not thread-safe) and
+    a bar that reports nothing; the converted model must compute what the GGUF's source did."""
+    import gguf as gguf_package
+
+    monkeypatch.setenv("GRIFFIN_CACHE", str(tmp_path / "cache"))
+    source = _tiny_source(tmp_path, "llama", spm_tokenizer)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(source, path, "f32")
+    stderr = sys.stderr
+    seen: list[tuple[str, int, int, bool]] = []
+    target = ensure_converted_gguf(
+        path,
+        progress=lambda stage, done, total: seen.append((stage, done, total, sys.stderr is stderr)),
+    )
+    n_tensors = len(gguf_package.GGUFReader(path).tensors)
+    steps = [(done, total) for stage, done, total, _ in seen if stage == "convert" and total > 1]
+    assert steps == [(i, n_tensors) for i in range(n_tensors)]
+    assert all(same for *_, same in seen)
+    ids = torch.tensor([_ids()])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))

@@ -9,11 +9,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,8 +218,7 @@ def ensure_converted_gguf(
     report("convert", 0, 1)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        # transformers draws its own tqdm bar while dequantising; the library never prints.
-        with contextlib.redirect_stderr(io.StringIO()):
+        with _gguf_tensor_progress(report):
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types for unreadable GGUF
@@ -241,6 +239,28 @@ def ensure_converted_gguf(
         save_tokenizer(tokenizer, tmp)
     report("convert", 1, 1)
     return target
+
+
+@contextlib.contextmanager
+def _gguf_tensor_progress(report: Callable[[str, int, int], None]) -> Iterator[None]:
+    """Route the bar transformers draws over a GGUF's tensors while dequantising to
+    ``report("convert", done, total)`` (the library never prints). Only the name ``tqdm`` in
+    transformers' GGUF module is replaced, and only for the call: no stream is swapped, so
+    warnings still reach the user."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    def tensors(iterable: Iterable[Any], *args: Any, **kwargs: Any) -> Iterator[Any]:
+        items = list(iterable)
+        for done, item in enumerate(items):
+            report("convert", done, len(items))
+            yield item
+
+    drawn = gguf_utils.tqdm
+    gguf_utils.tqdm = tensors
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = drawn
 
 
 _KEY_SPAN = 1 << 22  # bytes hashed at each end of a GGUF file for its cache key
