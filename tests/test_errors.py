@@ -28,7 +28,7 @@ from griffin_export import export, prune_model, top_k_indices
 from griffin_export.build.prompts import read_prompt_file
 from griffin_export.core.architectures import spec_for
 from griffin_export.core.budgets import layer_sizes
-from griffin_export.core.compensation import LayerGrams, refit_down, regression
+from griffin_export.core.compensation import refit_down, regression
 from griffin_export.errors import ModelLoadError, UsageError
 from griffin_export.evaluation.corpora import load_corpus
 from griffin_export.formats.layout import prune_model_per_layer
@@ -524,15 +524,7 @@ def test_layer_sizes_refuses_an_empty_model(
 
 def test_refit_math_refuses_mismatched_input() -> None:
     """The refit's public math with inputs that do not fit together: UsageError each, naming
-    the shapes or the missing argument. Catches the old ValueErrors and a KeyError-style
-    IndexError from LayerGrams."""
-    grams = LayerGrams(2, 4)
-    grams.add(0, torch.rand(3, 4))
-    with pytest.raises(UsageError, match=r"layer 1 saw no prompt tokens.*--compensate none"):
-        grams.take(1)
-    with pytest.raises(UsageError, match=r"layer 2 is not one of 0\.\.1"):
-        grams.take(2)
-    assert grams.take(0).tokens == 3
+    the shapes or the missing argument. Catches the old ValueErrors."""
     with pytest.raises(UsageError, match=r"the Gram matrix is \(4, 3\), not square"):
         regression(torch.rand(4, 3), torch.arange(2))
     with pytest.raises(UsageError, match="bias=True needs sums="):

@@ -14,20 +14,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from torch import Tensor, nn
+from torch import Tensor
 
 from griffin_export._version import __version__
 from griffin_export.build.prompts import prompt_sha256, tokenize_prompts
 from griffin_export.build.streaming import load_streamed, plan_sizes, select_and_write
-from griffin_export.core.architectures import ArchSpec, spec_for
+from griffin_export.core.architectures import spec_for
 from griffin_export.core.budgets import DEFAULT_BUDGET, check_budget, layer_sizes
-from griffin_export.core.compensation import (
-    DEFAULT_METHOD,
-    Compensation,
-    LayerGrams,
-    default_alpha,
-    refit_stored,
-)
+from griffin_export.core.compensation import DEFAULT_METHOD, Compensation, default_alpha
 from griffin_export.core.scoring import STATISTIC_NAME, check_multiple_of, check_ratio
 from griffin_export.core.selection import Selection, select_experts
 from griffin_export.core.slicing import prune_model
@@ -283,20 +277,18 @@ def export(
             return done.selection, manifest
 
     else:
+        # Of the source: the refit below writes over the kept down columns as it goes.
+        params_before, bytes_before = state_dict_bytes(loaded.model)
+        fingerprint = model_fingerprint(loaded.spec, loaded.model)
         selection = select_experts(
             loaded.spec,
             loaded.model,
             ids,
             on_prompt=lambda i: report("score", i + 1, len(ids)),
             k_per_layer=ks,
-            gram=how.active,
+            compensation=how,
         )
         report("slice", 0, 1)
-        params_before, bytes_before = state_dict_bytes(loaded.model)
-        fingerprint = model_fingerprint(loaded.spec, loaded.model)
-        if selection.grams is not None:
-            refit_in_place(loaded.spec, loaded.model, selection.keep, selection.grams, how)
-            selection.grams = None
         if len(set(ks)) == 1:
             prune_model(loaded.spec, loaded.model, selection.keep)
         else:
@@ -366,24 +358,6 @@ def _check_format(
         spec = spec_for(read_model_type(source))
         config = AutoConfig.from_pretrained(source.load_id, trust_remote_code=False)
         check_decilm_export(config, spec, budget, ratio, multiple_of)
-
-
-def refit_in_place(
-    spec: ArchSpec, model: nn.Module, keep: Sequence[Tensor], grams: LayerGrams, how: Compensation
-) -> None:
-    """Write every layer's refitted down columns (:func:`~griffin_export.core.compensation.
-    refit_stored`) over the kept columns of the full-width down weight (and add the refit's
-    bias to the down bias), one layer at a time; slicing then keeps exactly those values."""
-    for layer, block in enumerate(spec.blocks(model)):
-        down = spec.down_module(block)
-        weight = down.weight
-        assert isinstance(weight, Tensor)
-        refit = refit_stored(weight.data, keep[layer], grams.take(layer), how, spec.transposed)
-        index = keep[layer].to(weight.device)
-        weight.data.index_copy_(spec.neuron_axis("down"), index, refit.weight)
-        bias = getattr(down, "bias", None)
-        if refit.bias is not None and isinstance(bias, Tensor):
-            bias.data.copy_(bias.data + refit.bias)
 
 
 def _has_down_bias(loaded: LoadedModel) -> bool:

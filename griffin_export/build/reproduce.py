@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from griffin_export.build.export import refit_in_place
 from griffin_export.build.prompts import prompt_sha256, tokenize_prompts
 from griffin_export.core.compensation import Compensation
 from griffin_export.core.selection import select_experts
@@ -113,8 +112,8 @@ def _check_prompt(
         else None
     )
     spec, model = loaded.spec, loaded.model
-    selection = select_experts(
-        spec, model, ids, k_per_layer=manifest["k_per_layer"], gram=how is not None
+    selection = select_experts(  # with compensation, refits the down weights in place
+        spec, model, ids, k_per_layer=manifest["k_per_layer"], compensation=how
     )
     differ = [
         layer
@@ -127,9 +126,8 @@ def _check_prompt(
             "selects from the original; re-export"
         )
         return
-    if how is None or selection.grams is None:
+    if how is None:
         return
-    refit_in_place(spec, model, selection.keep, selection.grams, how)
     axis = spec.neuron_axis("down")
     dtype = DTYPE_OPTIONS[manifest["dtype"]]
     rtol, scale_tol = refit_tolerance(dtype)

@@ -30,25 +30,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from griffin_export.core.activations import _StopForward, capture_down_inputs
+from griffin_export.core.activations import run_layer_major
 from griffin_export.core.architectures import ArchSpec
-from griffin_export.core.compensation import Compensation, LayerGrams, Refit, refit_stored
-from griffin_export.core.scoring import (
-    check_sizes,
-    griffin_statistic,
-    normalized_square_sum,
-    top_k_indices,
-)
-from griffin_export.core.selection import Selection, check_finite_scores
+from griffin_export.core.compensation import Compensation, Refit
+from griffin_export.core.scoring import check_sizes
+from griffin_export.core.selection import LayerSelector, Selection
 from griffin_export.core.slicing import slice_bias, slice_weight
 from griffin_export.errors import ModelLoadError, UsageError
 from griffin_export.storage.fingerprint import fingerprint_samples, samples_fingerprint
@@ -300,10 +295,13 @@ class StreamResult:
 
 
 @contextmanager
-def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tuple[str, Tensor]]]]:
+def _blocks_from_source(
+    streamed: StreamedModel, passes: int = 1
+) -> Iterator[dict[int, list[tuple[str, Tensor]]]]:
     """While active, every decoder block loads its tensors from the source just before it
-    runs and drops them after. Yields ``{layer: [(checkpoint key, tensor)]}`` of the blocks
-    currently loaded.
+    first runs and drops them after it has run ``passes`` times (once per prompt: the
+    prompts pass each block one after the other, layer-major). Yields ``{layer: [(checkpoint
+    key, tensor)]}`` of the blocks currently loaded.
 
     While block ``l`` computes, a background thread reads block ``l + 1`` (file reads
     release the GIL) and the kernel is asked to fetch block ``l + 2`` from disk
@@ -314,6 +312,7 @@ def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tupl
     live: dict[int, list[tuple[str, Tensor]]] = {}
     placeholders: dict[int, list[tuple[nn.Module, str, Tensor]]] = {}
     ahead: dict[int, Future[list[Tensor]]] = {}
+    runs = [0] * len(blocks)
     handles = []
     reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="griffin-read")
 
@@ -336,7 +335,8 @@ def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tupl
         live.pop(layer, None)
 
     def load(_module: nn.Module, _args: Any, layer: int) -> None:
-        release(layer)
+        if layer in live:
+            return
         places = slots(layer)
         pending = ahead.pop(layer, None)
         values = pending.result() if pending is not None else read(places)
@@ -349,11 +349,16 @@ def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tupl
         placeholders[layer] = [(owner, attr, meta) for owner, attr, meta, _ in places]
         live[layer] = [(key, value) for (*_, key), value in zip(places, values, strict=True)]
 
+    def ran(_module: nn.Module, _args: Any, _output: Any, layer: int) -> None:
+        runs[layer] += 1
+        if runs[layer] >= passes:
+            release(layer)
+
     for layer, block in enumerate(blocks):
         handles.append(
             block.register_forward_pre_hook(lambda _m, _a, layer=layer: load(_m, _a, layer))
         )
-        handles.append(block.register_forward_hook(lambda _m, _a, _o, layer=layer: release(layer)))
+        handles.append(block.register_forward_hook(partial(ran, layer=layer)))
     try:
         yield live
     finally:
@@ -365,20 +370,44 @@ def _blocks_from_source(streamed: StreamedModel) -> Iterator[dict[int, list[tupl
             release(layer)
 
 
+@cache
+def _libc() -> Any:
+    """glibc, or ``None`` off Linux (or where it cannot be loaded)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _return_freed_blocks_to_the_os() -> None:
     """Make glibc serve every allocation over 4 MiB with its own ``mmap`` (the default
     threshold grows with each large free, up to 32 MiB, after which freed blocks' tensors stay
     in the heap). Streaming allocates and frees one block's tensors per layer; without this,
     freed blocks accumulate in the process's resident memory. Affects only where memory comes
     from, never values; a no-op off glibc."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    with suppress(OSError, AttributeError):
+    libc = _libc()
+    with suppress(AttributeError):
         m_mmap_threshold = -3
-        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 4 << 20)
+        if libc is not None:
+            libc.mallopt(m_mmap_threshold, 4 << 20)
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """glibc's ``malloc_trim(0)``: give the free pages inside the heap back to the OS. The
+    per-layer work under the 4 MiB ``mmap`` threshold (a refit's prompt rows and products:
+    tokens x d_ff floats) is freed in the heap between small allocations that outlive it
+    (each layer's kept indices, scores, fingerprint samples), so without this the freed pages
+    stay resident and peak memory grows by a few MB per layer (benchmarks/bench_streaming.py,
+    depth part). Called once per layer; never changes values; a no-op off glibc."""
+    libc = _libc()
+    with suppress(AttributeError):
+        if libc is not None:
+            libc.malloc_trim(0)
 
 
 @torch.inference_mode()
@@ -416,14 +445,7 @@ def select_and_write(
     block_keys = {key for key in streamed.plan if key.startswith(spec.layers + ".")}
     inverse = {key: name for name, key in streamed.checkpoint_key.items()}
     deferred: list[str] = []  # still on meta (an untied head): read from the source at the end
-    sums: list[Tensor] = [torch.zeros(0)] * n_layers
-    keep: list[Tensor] = [torch.zeros(0, dtype=torch.long)] * n_layers
-    scores: list[Tensor] = [torch.zeros(0)] * n_layers
     samples: dict[str, tuple[tuple[int, ...], Tensor]] = {}
-    tokens = 0
-    last = False
-    how = compensation if compensation is not None and compensation.active else None
-    grams = LayerGrams(n_layers, d_ff) if how is not None else None
     writer = ShardWriter(directory, entries, max_shard_size, params)
     try:
         # Non-block tensors: already in memory; the writer holds them until their turn.
@@ -436,51 +458,28 @@ def select_and_write(
                     writer.put_lazy(key, _from_source(streamed.reader, key, value))
                 else:
                     writer.put(key, value)
-        with ExitStack() as stack:
-            live = stack.enter_context(_blocks_from_source(streamed))
+        with _blocks_from_source(streamed, passes=len(prompts)) as live:
 
-            def sink(layer: int, z: Tensor) -> None:
-                part = normalized_square_sum(z)
-                current = sums[layer]
-                sums[layer] = part if current.numel() == 0 else current + part
-                if grams is not None:
-                    grams.add(layer, z)
-                if last:
-                    scores[layer] = griffin_statistic(sums[layer], accumulated=True)
-                    check_finite_scores(scores[layer], layer, model.dtype)
-                    keep[layer] = top_k_indices(scores[layer], ks[layer])
-                    refit = None
-                    if grams is not None and how is not None:
-                        down = next(
-                            v
-                            for k, v in live[layer]
-                            if streamed.ff.get(k) == (layer, "down", "weight")
-                        )
-                        # On the forward thread: refitting in the writer's thread costs no
-                        # wall time but tens of MB of peak RSS (a second malloc arena).
-                        refit = refit_stored(
-                            down, keep[layer], grams.take(layer), how, spec.transposed
-                        )
-                    for key, value in live[layer]:
-                        writer.put_lazy(
-                            key,
-                            partial(
-                                _pruned, streamed, key, value, keep[layer], d_ff, samples, refit
-                            ),
-                        )
-                    if on_layer is not None:
-                        on_layer(layer)
-                if layer == n_layers - 1:
-                    raise _StopForward
+            def down_weight(layer: int) -> Tensor:
+                return next(
+                    v for k, v in live[layer] if streamed.ff.get(k) == (layer, "down", "weight")
+                )
 
-            stack.enter_context(capture_down_inputs(spec, model, sink))
-            for i, ids in enumerate(prompts):
-                last = i == len(prompts) - 1
-                with suppress(_StopForward):
-                    model(input_ids=ids.reshape(1, -1).to(streamed.device), use_cache=False)
-                tokens += int(ids.numel())
-                if on_prompt is not None:
-                    on_prompt(i)
+            def chosen(layer: int, keep: Tensor, refit: Refit | None) -> None:
+                # Refitted on the forward thread (in LayerSelector): refitting in the writer's
+                # thread costs no wall time but tens of MB of peak RSS (a second malloc arena).
+                for key, value in live[layer]:
+                    writer.put_lazy(
+                        key, partial(_pruned, streamed, key, value, keep, d_ff, samples, refit)
+                    )
+                _return_freed_memory_to_the_os()
+                if on_layer is not None:
+                    on_layer(layer)
+
+            selector = LayerSelector(
+                spec, ks, len(prompts), model.dtype, chosen, compensation, down_weight
+            )
+            tokens = run_layer_major(spec, model, prompts, selector.add, streamed.device, on_prompt)
         for key in deferred:
             like = model.get_parameter_or_buffer(inverse[key])
             writer.put_lazy(key, _from_source(streamed.reader, key, like))
@@ -492,8 +491,7 @@ def select_and_write(
     fingerprint = samples_fingerprint(
         (key, shape, parts) for key, (shape, parts) in samples.items()
     )
-    selection = Selection(keep=keep, scores=scores, d_ff=d_ff, tokens=tokens)
-    return StreamResult(selection, fingerprint, dict(writer.sha256))
+    return StreamResult(selector.selection(d_ff, tokens), fingerprint, dict(writer.sha256))
 
 
 def _from_source(

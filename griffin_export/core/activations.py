@@ -1,29 +1,21 @@
-"""Capture the inputs of every layer's down projection while a prompt runs through the model.
+"""Capture the inputs of every layer's down projection while prompts run through the model.
 
-One hook for every job that looks at them: selection observes and accumulates (choosing neurons
-is :mod:`griffin_export.core.scoring`'s job); the evaluation protocols also replace them (a
-masked or refitted input is exactly a pruned layer).
+One hook for every job that looks at them: selection observes (pooling them and choosing
+neurons is :class:`~griffin_export.core.selection.LayerSelector`'s job, fed layer-major by
+:func:`run_layer_major`); the evaluation protocols also replace them (a masked or refitted
+input is exactly a pruned layer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from griffin_export.core.architectures import ArchSpec
-from griffin_export.core.scoring import normalized_square_sum
-
-
-@dataclass
-class LayerStatistics:
-    """Per-layer running ``sum_t z~_t^2`` (float32, ``[d_ff]`` each) and the token count."""
-
-    sums: list[Tensor]
-    tokens: int = 0
 
 
 @contextmanager
@@ -57,42 +49,141 @@ class _StopForward(Exception):
     """Raised by the last layer's hook to end a forward early."""
 
 
-@torch.inference_mode()
-def collect_statistics(
+def run_layer_major(
     spec: ArchSpec,
     model: nn.Module,
-    prompts: Iterable[Tensor],
+    prompts: Sequence[Tensor],
+    sink: Callable[[int, Tensor], None],
+    device: torch.device,
     on_prompt: Callable[[int], None] | None = None,
-    also: Callable[[int, Tensor], None] | None = None,
-) -> LayerStatistics:
-    """Run each prompt (``[seq]`` or ``[1, seq]`` token ids) through ``model`` and pool the
-    normalised squared down-projection inputs of all their tokens, per layer.
+) -> int:
+    """Run each prompt (``[seq]`` or ``[1, seq]`` token ids, none empty) through ``model``'s
+    own forward and call ``sink(layer, z)`` with every layer's down-projection input,
+    **layer-major**: all prompts at layer ``l`` (in prompt order) before any prompt at layer
+    ``l + 1``. So whatever ``sink`` pools for layer ``l`` is complete, and can be used and
+    freed, before layer ``l + 1`` starts: memory held per layer never adds up over depth.
 
-    Prompts run one at a time (no padding enters the statistic). ``on_prompt(i)`` is called
-    after prompt ``i`` so callers can show progress; ``also(layer, z)`` sees every layer's
-    down-projection input too (compensation accumulates its Gram matrices there).
+    Each prompt is its own forward (no padding, no attention across prompts). Several prompts
+    run as forwards on threads that take turns at every decoder block, exactly one computing
+    at a time (:class:`_Turns`); one prompt runs on the calling thread. Every forward stops at
+    the last layer's down-projection input (nothing after it matters for selection: not the
+    last FF output, not the vocabulary-sized logits). ``on_prompt(i)`` is called when prompt
+    ``i`` is done. Returns the number of tokens.
     """
     n_layers = len(spec.blocks(model))
-    stats = LayerStatistics(sums=[torch.zeros(0)] * n_layers)
-    device = next(model.parameters()).device
 
-    def sink(index: int, z: Tensor) -> None:
-        part = normalized_square_sum(z)
-        current = stats.sums[index]
-        stats.sums[index] = part if current.numel() == 0 else current + part
-        if also is not None:
-            also(index, z)
-        if index == n_layers - 1:
-            # Nothing after the last down projection's input matters for selection: skip the
-            # rest of the forward (the last FF output and the vocabulary-sized logits).
+    def capture(layer: int, z: Tensor) -> None:
+        sink(layer, z)
+        if layer == n_layers - 1:
             raise _StopForward
 
-    with capture_down_inputs(spec, model, sink):
-        for i, ids in enumerate(prompts):
-            ids = ids.reshape(1, -1).to(device)
-            with suppress(_StopForward):
-                model(input_ids=ids, use_cache=False)
-            stats.tokens += ids.shape[1]
-            if on_prompt is not None:
-                on_prompt(i)
-    return stats
+    def forward(index: int, ids: Tensor) -> None:
+        with torch.inference_mode(), suppress(_StopForward):
+            model(input_ids=ids.reshape(1, -1).to(device), use_cache=False)
+        if on_prompt is not None:
+            on_prompt(index)
+
+    with capture_down_inputs(spec, model, capture):
+        if len(prompts) == 1:
+            forward(0, prompts[0])
+        else:
+            _take_turns(spec, model, prompts, forward)
+    return sum(int(ids.numel()) for ids in prompts)
+
+
+class _Abandoned(Exception):
+    """Raised in a forward whose turn will not come: another one failed."""
+
+
+class _Turns:
+    """Turns among ``n`` forwards: exactly one runs; :meth:`pass_on` hands the turn to the
+    next unfinished one (round robin) and waits for it to come back. The first failure ends
+    every other forward at its next turn."""
+
+    def __init__(self, n: int) -> None:
+        self.cond = threading.Condition()
+        self.turn = 0
+        self.finished = [False] * n
+        self.failure: BaseException | None = None
+
+    def _advance(self, index: int) -> None:
+        n = len(self.finished)
+        for step in range(1, n + 1):
+            if not self.finished[(index + step) % n]:
+                self.turn = (index + step) % n
+                break
+        self.cond.notify_all()
+
+    def wait(self, index: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == index or self.failure is not None)
+            if self.failure is not None:
+                raise _Abandoned
+
+    def pass_on(self, index: int) -> None:
+        with self.cond:
+            self._advance(index)
+        self.wait(index)
+
+    def finish(self, index: int, failure: BaseException | None = None) -> None:
+        with self.cond:
+            self.finished[index] = True
+            if failure is not None and self.failure is None:
+                self.failure = failure
+            self._advance(index)
+
+
+def _take_turns(
+    spec: ArchSpec,
+    model: nn.Module,
+    prompts: Sequence[Tensor],
+    forward: Callable[[int, Tensor], None],
+) -> None:
+    """``forward(i, prompts[i])`` for every prompt, each on its own thread, the threads taking
+    turns before every decoder block: prompt 0 runs up to block 0, then prompt 1 does, ...,
+    then prompt 0 runs block 0, prompt 1 runs block 0, ... Raises the first failure."""
+    turns = _Turns(len(prompts))
+    local = threading.local()
+
+    def before_block(_module: nn.Module, _args: object) -> None:
+        turns.pass_on(local.index)
+
+    def work(index: int, ids: Tensor) -> None:
+        local.index = index
+        try:
+            turns.wait(index)
+            forward(index, ids)
+        except _Abandoned:
+            turns.finish(index)
+        except BaseException as exc:  # handed to the calling thread, raised there
+            turns.finish(index, exc)
+        else:
+            turns.finish(index)
+
+    # First among a block's pre-hooks: a forward holds its turn for everything the block does
+    # (the streaming export loads the block's tensors in its own pre-hook).
+    handles = [
+        block.register_forward_pre_hook(before_block, prepend=True) for block in spec.blocks(model)
+    ]
+    threads = [
+        threading.Thread(target=work, args=(i, ids), name=f"griffin-prompt-{i}", daemon=True)
+        for i, ids in enumerate(prompts)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                thread.join()
+        except BaseException as exc:  # Ctrl-C while waiting: end every forward at its turn
+            with turns.cond:
+                turns.failure = turns.failure or exc
+                turns.cond.notify_all()
+            for thread in threads:
+                thread.join()
+            raise
+    finally:
+        for handle in handles:
+            handle.remove()
+    if turns.failure is not None:
+        raise turns.failure

@@ -154,7 +154,9 @@ class GramStats:
         self.sums += flat.sum(dim=0, dtype=torch.float64)
         self.tokens += int(flat.shape[0])
         if self.gram is None and self.tokens <= self.rows_limit:
-            self.rows.append(flat.clone())
+            # Own copy of the rows; ``to`` already made one unless z was in ``dtype`` here.
+            shared = flat.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
+            self.rows.append(flat.clone() if shared else flat)
             return
         if self.gram is None:
             self.gram = torch.zeros(self.d_ff, self.d_ff, dtype=self.dtype, device=self.device)
@@ -180,37 +182,7 @@ class GramStats:
     def _stacked(self) -> Tensor:
         if not self.rows:
             return torch.zeros(0, self.d_ff, dtype=self.dtype, device=self.device)
-        return torch.cat(self.rows)
-
-
-class LayerGrams:
-    """One :class:`GramStats` per layer, created on the activations' device when the layer's
-    first tokens arrive; :meth:`take` hands one over and forgets it (so its memory goes as
-    soon as the layer is refitted)."""
-
-    def __init__(self, n_layers: int, d_ff: int) -> None:
-        self.d_ff = d_ff
-        self.stats: list[GramStats | None] = [None] * n_layers
-
-    def add(self, layer: int, z: Tensor) -> None:
-        stats = self.stats[layer]
-        if stats is None:
-            stats = self.stats[layer] = GramStats.zeros(self.d_ff, z.device)
-        stats.add(z)
-
-    def take(self, layer: int) -> GramStats:
-        if not 0 <= layer < len(self.stats):
-            raise UsageError(
-                f"layer {layer} is not one of 0..{len(self.stats) - 1}; pass a layer index"
-            )
-        stats = self.stats[layer]
-        if stats is None:
-            raise UsageError(
-                f"layer {layer} saw no prompt tokens, so its down projection cannot be refitted; "
-                "run the prompt through the model first, or export with --compensate none"
-            )
-        self.stats[layer] = None
-        return stats
+        return self.rows[0] if len(self.rows) == 1 else torch.cat(self.rows)
 
 
 @dataclass

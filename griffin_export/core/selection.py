@@ -12,11 +12,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from griffin_export.core.activations import collect_statistics
+from griffin_export.core.activations import run_layer_major
 from griffin_export.core.architectures import ArchSpec
 from griffin_export.core.budgets import layer_sizes
-from griffin_export.core.compensation import LayerGrams
-from griffin_export.core.scoring import check_sizes, griffin_statistic, top_k_indices
+from griffin_export.core.compensation import Compensation, GramStats, Refit, refit_stored
+from griffin_export.core.scoring import (
+    check_sizes,
+    griffin_statistic,
+    normalized_square_sum,
+    top_k_indices,
+)
 from griffin_export.errors import UsageError
 
 
@@ -29,18 +34,94 @@ class Selection:
         scores: per layer, the ``[d_ff]`` float32 GRIFFIN statistic.
         d_ff: full FF width.
         tokens: prompt tokens the statistic pooled.
-        grams: per layer, the prompt's Gram matrix (``gram=True``; compensation's input).
     """
 
     keep: list[Tensor]
     scores: list[Tensor]
     d_ff: int
     tokens: int
-    grams: LayerGrams | None = None
 
     @property
     def k_per_layer(self) -> list[int]:
         return [int(k.numel()) for k in self.keep]
+
+
+#: ``on_layer(layer, keep, refit)``: layer ``layer``'s experts are chosen (and its down
+#: projection refitted, ``refit``, with compensation; else ``None``).
+LayerDone = Callable[[int, Tensor, Refit | None], None]
+
+
+class LayerSelector:
+    """Selection (and compensation's refit) of every layer from its down-projection inputs,
+    fed layer-major (:func:`~griffin_export.core.activations.run_layer_major`): the one
+    statistic path of the in-memory and the streaming export.
+
+    :meth:`add` takes one prompt's ``z`` for one layer. When a layer has seen all ``prompts``,
+    its statistic is finished and checked, its ``ks[layer]`` experts chosen, with an active
+    ``compensation`` its down projection refitted on the pooled tokens (``down_weight(layer)``
+    is the full weight as the module stores it), and ``on_layer`` called; that layer's
+    activations (and Gram statistics) are then dropped. Nothing is kept per layer beyond the
+    scores and the kept indices.
+    """
+
+    def __init__(
+        self,
+        spec: ArchSpec,
+        ks: Sequence[int],
+        prompts: int,
+        dtype: torch.dtype,
+        on_layer: LayerDone,
+        compensation: Compensation | None = None,
+        down_weight: Callable[[int], Tensor] | None = None,
+    ) -> None:
+        if compensation is not None and compensation.active and down_weight is None:
+            raise ValueError("a refit needs down_weight")
+        self.spec = spec
+        self.ks = list(ks)
+        self.prompts = prompts
+        self.dtype = dtype
+        self.on_layer = on_layer
+        self.how = compensation if compensation is not None and compensation.active else None
+        self.down_weight = down_weight
+        n_layers = len(self.ks)
+        self.keep: list[Tensor] = [torch.zeros(0, dtype=torch.long)] * n_layers
+        self.scores: list[Tensor] = [torch.zeros(0)] * n_layers
+        self._sums: dict[int, Tensor] = {}
+        self._seen: dict[int, int] = {}
+        self._grams: dict[int, GramStats] = {}
+
+    def add(self, layer: int, z: Tensor) -> None:
+        """One prompt's down-projection inputs ``z`` (``[..., d_ff]``) of ``layer``."""
+        part = normalized_square_sum(z)
+        current = self._sums.get(layer)
+        self._sums[layer] = part if current is None else current + part
+        if self.how is not None:
+            stats = self._grams.get(layer)
+            if stats is None:
+                stats = self._grams[layer] = GramStats.zeros(z.shape[-1], z.device)
+            stats.add(z)
+        self._seen[layer] = self._seen.get(layer, 0) + 1
+        if self._seen[layer] == self.prompts:
+            self._finish(layer)
+
+    def _finish(self, layer: int) -> None:
+        scores = griffin_statistic(self._sums.pop(layer), accumulated=True)
+        check_finite_scores(scores, layer, self.dtype)
+        keep = top_k_indices(scores, self.ks[layer])
+        self.scores[layer], self.keep[layer] = scores, keep
+        refit = None
+        stats = self._grams.pop(layer, None)
+        if self.how is not None and stats is not None and self.down_weight is not None:
+            weight = self.down_weight(layer)
+            refit = refit_stored(weight, keep, stats, self.how, self.spec.transposed)
+        del stats
+        self.on_layer(layer, keep, refit)
+
+    def selection(self, d_ff: int, tokens: int) -> Selection:
+        """The finished :class:`Selection` (every layer must be done)."""
+        if any(self._seen.get(layer, 0) < self.prompts for layer in range(len(self.ks))):
+            raise ValueError("not every layer saw every prompt")
+        return Selection(keep=list(self.keep), scores=list(self.scores), d_ff=d_ff, tokens=tokens)
 
 
 def select_experts(
@@ -51,32 +132,86 @@ def select_experts(
     multiple_of: int = 1,
     on_prompt: Callable[[int], None] | None = None,
     k_per_layer: Sequence[int] | None = None,
-    gram: bool = False,
+    compensation: Compensation | None = None,
 ) -> Selection:
     """Run ``prompts`` (token-id tensors) through the full ``model`` and keep, in layer
     ``l``, the ``k_per_layer[l]`` neurons with the largest statistic pooled over all prompt
     tokens. Without ``k_per_layer``, ``ratio`` (and ``multiple_of``) give the uniform
     per-layer widths (:func:`griffin_export.core.budgets.layer_sizes`, the one place where a
-    ratio becomes widths). With ``gram`` also accumulate every layer's Gram matrix of
-    down-projection inputs (``d_ff^2`` floats per layer), compensation's input.
+    ratio becomes widths).
+
+    With an active ``compensation`` every layer's down projection is also refitted on the
+    prompt, in place: the refitted columns are written over the kept columns of the
+    full-width weight (:func:`write_refit`; slicing then keeps exactly those values), each
+    layer as soon as all prompts have passed it, so only one layer's prompt activations are
+    held at a time. Later layers are still selected on the unrefitted model.
     """
     d_ff = spec.d_ff(model.config)
-    n_layers = len(spec.blocks(model))
+    blocks = spec.blocks(model)
+    n_layers = len(blocks)
     if k_per_layer is None:
         if ratio is None:
             raise UsageError("select_experts needs k_per_layer or a ratio; e.g. ratio=0.5")
         k_per_layer = layer_sizes("uniform", n_layers, d_ff, ratio, multiple_of)
     ks = check_sizes(k_per_layer, n_layers, d_ff)
-    if not prompts or all(p.numel() == 0 for p in prompts):
+    ids = [p for p in prompts if p.numel()]
+    if not ids:
         raise UsageError("the prompt has no tokens; pass a non-empty --prompt or --prompt-text")
-    grams = LayerGrams(n_layers, d_ff) if gram else None
-    also = None if grams is None else grams.add
-    stats = collect_statistics(spec, model, [p for p in prompts if p.numel()], on_prompt, also)
-    scores = [griffin_statistic(s, accumulated=True) for s in stats.sums]
-    for layer, layer_scores in enumerate(scores):
-        check_finite_scores(layer_scores, layer, next(model.parameters()).dtype)
-    keep = [top_k_indices(s, k) for s, k in zip(scores, ks, strict=True)]
-    return Selection(keep=keep, scores=scores, d_ff=d_ff, tokens=stats.tokens, grams=grams)
+    first = next(model.parameters())
+    # A refit is written once its layer's down projection has run for the last prompt (the
+    # forward must see the full model): after that module's forward, or after the run.
+    pending: dict[int, tuple[Tensor, Refit]] = {}
+
+    def on_layer(layer: int, keep: Tensor, refit: Refit | None) -> None:
+        if refit is not None:
+            pending[layer] = (keep, refit)
+
+    def write_pending(layer: int) -> None:
+        if layer in pending:
+            write_refit(spec, model, layer, *pending.pop(layer))
+
+    selector = LayerSelector(
+        spec,
+        ks,
+        len(ids),
+        first.dtype,
+        on_layer,
+        compensation,
+        lambda layer: _down_weight(spec, blocks[layer]).data,
+    )
+    handles = [
+        spec.down_module(block).register_forward_hook(
+            lambda _m, _a, _o, layer=layer: write_pending(layer)
+        )
+        for layer, block in enumerate(blocks)
+    ]
+    try:
+        tokens = run_layer_major(spec, model, ids, selector.add, first.device, on_prompt)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in list(pending):
+        write_pending(layer)
+    return selector.selection(d_ff, tokens)
+
+
+def _down_weight(spec: ArchSpec, block: nn.Module) -> Tensor:
+    weight = spec.down_module(block).weight
+    assert isinstance(weight, Tensor)
+    return weight
+
+
+@torch.no_grad()
+def write_refit(spec: ArchSpec, model: nn.Module, layer: int, keep: Tensor, refit: Refit) -> None:
+    """Write layer ``layer``'s refitted down columns over the kept columns of its full-width
+    down weight (and add the refit's bias to the down bias)."""
+    down = spec.down_module(spec.blocks(model)[layer])
+    weight = _down_weight(spec, spec.blocks(model)[layer])
+    index = keep.to(weight.device)
+    weight.data.index_copy_(spec.neuron_axis("down"), index, refit.weight.to(weight.device))
+    bias = getattr(down, "bias", None)
+    if refit.bias is not None and isinstance(bias, Tensor):
+        bias.data.copy_(bias.data + refit.bias.to(bias.device))
 
 
 def check_finite_scores(scores: Tensor, layer: int, dtype: torch.dtype) -> None:
