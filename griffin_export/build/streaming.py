@@ -7,22 +7,25 @@ norm; not an untied head, which the forward never reaches) come from the source;
 non-persistent buffers (rotary ``inv_freq``...) are initialised by the model's own
 ``initialize_weights``, exactly as ``from_pretrained`` does.
 
-The prompt then runs through the model's ordinary forward. A pre-hook on every decoder block
-reads that block's tensors from the source shards (plain file reads, converted to the model's
-dtype as ``from_pretrained`` converts them), asks the kernel to read the next block ahead, and
-a post-hook puts them back to ``meta``. On the last prompt, the down projection's pre-hook of
-block ``l`` completes layer ``l``'s statistic, so its experts are chosen right there and the
-block's tensors are handed to :class:`ShardWriter`, which slices the FF ones and appends them
-to the output shards on a background thread while the next block computes. The embedding is a
-memory map of the source (the forward touches only the prompt's rows) and is copied to the
-output in pieces, like an untied head. The source is read once (once per prompt with several
-prompts) and the output written once; peak memory is the block computing, the block read
-ahead, the write queue (at most 16 tensors, i.e. up to about two more blocks' worth) and the
-prompt's activations.
+The prompts then run through the model's ordinary forward, layer-major
+(:func:`~griffin_export.core.activations.run_layer_major`: every prompt passes block ``l``
+before any passes block ``l + 1``). A pre-hook on every decoder block reads that block's
+tensors from the source shards when the first prompt reaches it (plain file reads, converted
+to the model's dtype as ``from_pretrained`` converts them) and asks the kernel to read the next
+block ahead; a post-hook puts them back to ``meta`` after the last prompt. When the last
+prompt reaches block ``l``'s down projection, layer ``l``'s statistic is complete, so its
+experts are chosen (and its down projection refitted) right there, its prompt activations
+dropped, and the block's tensors handed to :class:`ShardWriter`, which slices the FF ones and
+appends them to the output shards on a background thread while the next block computes. The
+embedding is a memory map of the source (the forward touches only the prompt's rows) and is
+copied to the output in pieces, like an untied head. The source is read once and the output
+written once; peak memory is the block computing, the block read ahead, the write queue (at
+most 16 tensors, i.e. up to about two more blocks' worth), the prompts' activations and one
+layer's refit statistics, whatever the depth.
 
-Selection uses the same functions as the in-memory path (``capture_down_inputs``,
-``normalized_square_sum``, ``griffin_statistic``, ``top_k_indices``, ``slice_weight``), so the
-result is bit-identical to it (``tests/test_streaming.py`` checks every architecture).
+Selection is the in-memory path's own (:class:`~griffin_export.core.selection.LayerSelector`:
+statistic, finite check, top-k, refit; ``slice_weight`` for the slices), so the result is
+bit-identical to it (``tests/test_streaming.py`` checks every architecture).
 """
 
 from __future__ import annotations
@@ -425,9 +428,9 @@ def select_and_write(
     neurons by the same statistic as :func:`~griffin_export.core.selection.select_experts`, and
     write the pruned weights into ``directory`` (sets the config's FF width to the largest
     layer's). ``on_prompt(i)`` is called after prompt ``i``; ``on_layer(l)`` when layer ``l``'s
-    experts are chosen and its tensors handed to the writer (on the last prompt). With an
-    active ``compensation`` every layer's prompt statistics are accumulated too and its down
-    projection refitted (when its experts are chosen) as the in-memory path refits it."""
+    experts are chosen and its tensors handed to the writer (when the last prompt reaches
+    it). With an active ``compensation`` each layer's down projection is refitted on the
+    prompts' activations when its experts are chosen, as the in-memory path refits it."""
     spec, model = streamed.spec, streamed.model
     d_ff = spec.d_ff(model.config)
     prompts = [p for p in prompts if p.numel()]
