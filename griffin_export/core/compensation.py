@@ -349,19 +349,34 @@ def refit_down(
     return apply_regression(reg, weight)
 
 
+#: :func:`apply_regression` works through the down weight in pieces of about this many bytes
+#: of float32 (its temporaries: a few such pieces, not copies of the whole weight).
+APPLY_PIECE_BYTES = 8 << 20
+
+
 def apply_regression(reg: Regression, weight: Tensor) -> Refit:
     """The refitted down projection from a :class:`Regression` and the full down weight
-    (``[out, in]``): ``W' = W_S + W_D coef^T``, ``b = W_D offset``."""
+    (``[out, in]``): ``W' = W_S + W_D coef^T``, ``b = W_D offset``, computed a block of output
+    rows at a time (:data:`APPLY_PIECE_BYTES`)."""
     dtype = reg.coef.dtype
-    w = weight.detach().to(reg.dropped.device, dtype)
-    dropped = w[:, reg.dropped]
-    if reg.factors is None:
-        new = w[:, reg.keep] + dropped @ reg.coef.T
-    else:  # W_D (L R)^T = (W_D R^T) L^T: T instead of k inner products per output
-        left, right = reg.factors
-        new = w[:, reg.keep] + (dropped @ right.T) @ left.T
-    offset = None if reg.offset is None else (dropped @ reg.offset).to(weight.dtype)
-    return Refit(weight=new.to(weight.dtype), bias=offset)
+    w = weight.detach().to(reg.dropped.device)
+    out, width = w.shape
+    new = torch.empty(out, reg.keep.numel(), dtype=weight.dtype, device=w.device)
+    offset = None if reg.offset is None else torch.empty(out, dtype=dtype, device=w.device)
+    step = max(1, APPLY_PIECE_BYTES // (4 * max(width, 1)))
+    for start in range(0, out, step):
+        piece = w[start : start + step]
+        dropped = piece[:, reg.dropped].to(dtype)
+        kept = piece[:, reg.keep].to(dtype)
+        if reg.factors is None:
+            kept += dropped @ reg.coef.T
+        else:  # W_D (L R)^T = (W_D R^T) L^T: T instead of k inner products per output
+            left, right = reg.factors
+            kept += (dropped @ right.T) @ left.T
+        new[start : start + step] = kept
+        if offset is not None and reg.offset is not None:
+            offset[start : start + step] = dropped @ reg.offset
+    return Refit(weight=new, bias=None if offset is None else offset.to(weight.dtype))
 
 
 def _finite(tensor: Tensor) -> bool:
