@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from griffin_export.core.activations import run_layer_major
 from griffin_export.core.architectures import ArchSpec
-from griffin_export.core.compensation import Compensation, Refit
+from griffin_export.core.compensation import Compensation, Refit, Regression, apply_stored
 from griffin_export.core.scoring import check_sizes
 from griffin_export.core.selection import LayerSelector, Selection
 from griffin_export.core.slicing import slice_bias, slice_weight
@@ -463,14 +463,13 @@ def select_and_write(
                     writer.put(key, value)
         with _blocks_from_source(streamed, passes=len(prompts)) as live:
 
-            def down_weight(layer: int) -> Tensor:
-                return next(
-                    v for k, v in live[layer] if streamed.ff.get(k) == (layer, "down", "weight")
-                )
-
-            def chosen(layer: int, keep: Tensor, refit: Refit | None) -> None:
-                # Refitted on the forward thread (in LayerSelector): refitting in the writer's
-                # thread costs no wall time but tens of MB of peak RSS (a second malloc arena).
+            def chosen(layer: int, keep: Tensor, regression: Regression | None) -> None:
+                refit = None
+                if regression is not None:
+                    down = next(
+                        v for k, v in live[layer] if streamed.ff.get(k) == (layer, "down", "weight")
+                    )
+                    refit = _LazyRefit(regression, down, spec.transposed)
                 for key, value in live[layer]:
                     writer.put_lazy(
                         key, partial(_pruned, streamed, key, value, keep, d_ff, samples, refit)
@@ -479,9 +478,7 @@ def select_and_write(
                 if on_layer is not None:
                     on_layer(layer)
 
-            selector = LayerSelector(
-                spec, ks, len(prompts), model.dtype, chosen, compensation, down_weight
-            )
+            selector = LayerSelector(ks, len(prompts), model.dtype, chosen, compensation)
             tokens = run_layer_major(spec, model, prompts, selector.add, streamed.device, on_prompt)
         for key in deferred:
             like = model.get_parameter_or_buffer(inverse[key])
@@ -508,6 +505,19 @@ def _from_source(
     return partial(_read_as, reader, key, like, torch.device("cpu"))
 
 
+class _LazyRefit:
+    """A layer's refitted down projection, computed when the writer first needs it (on its
+    thread, just before writing it: the refitted weight is not held in the write queue) and
+    kept for the down bias, which follows the weight."""
+
+    def __init__(self, regression: Regression, weight: Tensor, transposed: bool) -> None:
+        self.regression, self.weight, self.transposed = regression, weight, transposed
+
+    @cached_property
+    def refit(self) -> Refit:
+        return apply_stored(self.regression, self.weight, self.transposed)
+
+
 def _pruned(
     streamed: StreamedModel,
     key: str,
@@ -515,16 +525,17 @@ def _pruned(
     keep: Tensor,
     d_ff: int,
     samples: dict[str, tuple[tuple[int, ...], Tensor]],
-    refit: Refit | None = None,
+    lazy: _LazyRefit | None = None,
 ) -> Tensor:
     """The output tensor of block tensor ``key``: FF tensors sliced to ``keep`` (their
-    full-width fingerprint samples recorded on the way), the down projection refitted with
-    ``refit``, others unchanged."""
+    full-width fingerprint samples recorded on the way), the down projection refitted
+    (``lazy``), others unchanged."""
     if key not in streamed.ff:
         return value
     samples[key] = (tuple(value.shape), fingerprint_samples(value))
     _, role, kind = streamed.ff[key]
-    if refit is not None and role == "down":
+    if lazy is not None and role == "down":
+        refit = lazy.refit
         if kind == "weight":
             return refit.weight
         return value if refit.bias is None else value + refit.bias

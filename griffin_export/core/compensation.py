@@ -351,7 +351,7 @@ def refit_down(
 
 #: :func:`apply_regression` works through the down weight in pieces of about this many bytes
 #: of float32 (its temporaries: a few such pieces, not copies of the whole weight).
-APPLY_PIECE_BYTES = 8 << 20
+APPLY_PIECE_BYTES = 2 << 20
 
 
 def apply_regression(reg: Regression, weight: Tensor) -> Refit:
@@ -405,8 +405,14 @@ def refit_stored(
     """:func:`refit_down` for a down weight as a module stores it (``transposed``: GPT-2's
     ``Conv1D``, ``[in, out]``); the refitted weight comes back in the same layout, its
     columns (rows) in ``keep``'s order, contiguous."""
-    out_in = weight.T if transposed else weight
     reg = stats.regression(keep.to(stats.device), how.alpha, how.bias)
+    return apply_stored(reg, weight, transposed)
+
+
+def apply_stored(reg: Regression, weight: Tensor, transposed: bool) -> Refit:
+    """:func:`apply_regression` for a down weight as a module stores it (``transposed``:
+    ``[in, out]``), the refitted weight in the same layout, contiguous."""
+    out_in = weight.T if transposed else weight
     refit = apply_regression(reg, out_in)
     stored = refit.weight.T if transposed else refit.weight
     return Refit(weight=stored.contiguous(), bias=refit.bias)

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 from griffin_export.core.activations import run_layer_major
 from griffin_export.core.architectures import ArchSpec
 from griffin_export.core.budgets import layer_sizes
-from griffin_export.core.compensation import Compensation, GramStats, Refit, refit_stored
+from griffin_export.core.compensation import (
+    Compensation,
+    GramStats,
+    Refit,
+    Regression,
+    apply_stored,
+)
 from griffin_export.core.scoring import (
     check_sizes,
     griffin_statistic,
@@ -46,43 +52,38 @@ class Selection:
         return [int(k.numel()) for k in self.keep]
 
 
-#: ``on_layer(layer, keep, refit)``: layer ``layer``'s experts are chosen (and its down
-#: projection refitted, ``refit``, with compensation; else ``None``).
-LayerDone = Callable[[int, Tensor, Refit | None], None]
+#: ``on_layer(layer, keep, regression)``: layer ``layer``'s experts are chosen; with
+#: compensation, ``regression`` is its refit's weight-independent part (the dropped neurons
+#: regressed on the kept ones over the prompts' tokens; :func:`~griffin_export.core.
+#: compensation.apply_stored` turns it and the down weight into the refit), else ``None``.
+LayerDone = Callable[[int, Tensor, Regression | None], None]
 
 
 class LayerSelector:
-    """Selection (and compensation's refit) of every layer from its down-projection inputs,
-    fed layer-major (:func:`~griffin_export.core.activations.run_layer_major`): the one
-    statistic path of the in-memory and the streaming export.
+    """Selection (and compensation's regression) of every layer from its down-projection
+    inputs, fed layer-major (:func:`~griffin_export.core.activations.run_layer_major`): the
+    one statistic path of the in-memory and the streaming export.
 
     :meth:`add` takes one prompt's ``z`` for one layer. When a layer has seen all ``prompts``,
     its statistic is finished and checked, its ``ks[layer]`` experts chosen, with an active
-    ``compensation`` its down projection refitted on the pooled tokens (``down_weight(layer)``
-    is the full weight as the module stores it), and ``on_layer`` called; that layer's
-    activations (and Gram statistics) are then dropped. Nothing is kept per layer beyond the
-    scores and the kept indices.
+    ``compensation`` the refit's regression solved on the pooled tokens, and ``on_layer``
+    called; that layer's activations (and Gram statistics) are then dropped. Nothing is kept
+    per layer beyond the scores and the kept indices.
     """
 
     def __init__(
         self,
-        spec: ArchSpec,
         ks: Sequence[int],
         prompts: int,
         dtype: torch.dtype,
         on_layer: LayerDone,
         compensation: Compensation | None = None,
-        down_weight: Callable[[int], Tensor] | None = None,
     ) -> None:
-        if compensation is not None and compensation.active and down_weight is None:
-            raise ValueError("a refit needs down_weight")
-        self.spec = spec
         self.ks = list(ks)
         self.prompts = prompts
         self.dtype = dtype
         self.on_layer = on_layer
         self.how = compensation if compensation is not None and compensation.active else None
-        self.down_weight = down_weight
         n_layers = len(self.ks)
         self.keep: list[Tensor] = [torch.zeros(0, dtype=torch.long)] * n_layers
         self.scores: list[Tensor] = [torch.zeros(0)] * n_layers
@@ -109,13 +110,12 @@ class LayerSelector:
         check_finite_scores(scores, layer, self.dtype)
         keep = top_k_indices(scores, self.ks[layer])
         self.scores[layer], self.keep[layer] = scores, keep
-        refit = None
         stats = self._grams.pop(layer, None)
-        if self.how is not None and stats is not None and self.down_weight is not None:
-            weight = self.down_weight(layer)
-            refit = refit_stored(weight, keep, stats, self.how, self.spec.transposed)
-        del stats
-        self.on_layer(layer, keep, refit)
+        regression = None
+        if self.how is not None and stats is not None:
+            regression = stats.regression(keep.to(stats.device), self.how.alpha, self.how.bias)
+        del stats  # the layer's rows (or Gram matrix) go here
+        self.on_layer(layer, keep, regression)
 
     def selection(self, d_ff: int, tokens: int) -> Selection:
         """The finished :class:`Selection` (every layer must be done)."""
@@ -160,25 +160,19 @@ def select_experts(
     first = next(model.parameters())
     # A refit is written once its layer's down projection has run for the last prompt (the
     # forward must see the full model): after that module's forward, or after the run.
-    pending: dict[int, tuple[Tensor, Refit]] = {}
+    pending: dict[int, tuple[Tensor, Regression]] = {}
 
-    def on_layer(layer: int, keep: Tensor, refit: Refit | None) -> None:
-        if refit is not None:
-            pending[layer] = (keep, refit)
+    def on_layer(layer: int, keep: Tensor, regression: Regression | None) -> None:
+        if regression is not None:
+            pending[layer] = (keep, regression)
 
     def write_pending(layer: int) -> None:
         if layer in pending:
-            write_refit(spec, model, layer, *pending.pop(layer))
+            keep, regression = pending.pop(layer)
+            weight = _down_weight(spec, blocks[layer]).data
+            write_refit(spec, model, layer, keep, apply_stored(regression, weight, spec.transposed))
 
-    selector = LayerSelector(
-        spec,
-        ks,
-        len(ids),
-        first.dtype,
-        on_layer,
-        compensation,
-        lambda layer: _down_weight(spec, blocks[layer]).data,
-    )
+    selector = LayerSelector(ks, len(ids), first.dtype, on_layer, compensation)
     handles = [
         spec.down_module(block).register_forward_hook(
             lambda _m, _a, _o, layer=layer: write_pending(layer)
