@@ -120,7 +120,10 @@ class LayerSelector:
     def selection(self, d_ff: int, tokens: int) -> Selection:
         """The finished :class:`Selection` (every layer must be done)."""
         if any(self._seen.get(layer, 0) < self.prompts for layer in range(len(self.ks))):
-            raise ValueError("not every layer saw every prompt")
+            raise UsageError(
+                f"selection() before every layer saw all {self.prompts} prompt(s); feed every "
+                "layer's down-projection inputs to add() first (run_layer_major)"
+            )
         return Selection(keep=list(self.keep), scores=list(self.scores), d_ff=d_ff, tokens=tokens)
 
 
