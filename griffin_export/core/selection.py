@@ -1,4 +1,5 @@
-"""Choose the experts (kept FF neurons) of every layer from a prompt: hooks + statistic + top-k.
+"""Choose the experts (kept FF neurons) of every layer from prompts: statistic, top-k and
+compensation's refit, one layer at a time (:class:`LayerSelector`).
 
 This is the one selection routine shared by ``griffin export``, ``griffin ppl`` and the
 refresh runtime, so they all measure the same product.
@@ -202,8 +203,8 @@ def _down_weight(spec: ArchSpec, block: nn.Module) -> Tensor:
 def write_refit(spec: ArchSpec, model: nn.Module, layer: int, keep: Tensor, refit: Refit) -> None:
     """Write layer ``layer``'s refitted down columns over the kept columns of its full-width
     down weight (and add the refit's bias to the down bias)."""
-    down = spec.down_module(spec.blocks(model)[layer])
-    weight = _down_weight(spec, spec.blocks(model)[layer])
+    block = spec.blocks(model)[layer]
+    down, weight = spec.down_module(block), _down_weight(spec, block)
     index = keep.to(weight.device)
     weight.data.index_copy_(spec.neuron_axis("down"), index, refit.weight.to(weight.device))
     bias = getattr(down, "bias", None)
