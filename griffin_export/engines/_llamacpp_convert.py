@@ -5,7 +5,9 @@ process whose ``sys.path`` begins with the converter's install directory: the co
 its own ``gguf`` module, newer than (and clashing with) the ``gguf`` package that transformers
 reads GGUF files with, so the two never share a process. It imports nothing from griffin.
 
-Usage: ``python _llamacpp_convert.py EXPORT_DIR OUT_FILE OUTTYPE [WIDTHS_JSON]``
+Usage: ``python _llamacpp_convert.py EXPORT_DIR OUT_FILE OUTTYPE [WIDTHS_JSON]``; with
+``$GRIFFIN_GGUF_NAMES`` set, it also writes there, as JSON, the GGUF name of every checkpoint
+tensor (the converter's own mapping), which griffin keys importance matrices by.
 
 Without ``WIDTHS_JSON`` the converter's own class for the family runs as its command line
 would run it (every tokenizer, metadata, Q/K permutation and quantisation step is its own),
@@ -23,6 +25,7 @@ rounded up to a multiple of 256.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,6 +139,19 @@ def _deci_class(widths: list[int]) -> Any:
     return ExactWidthDeci
 
 
+def _record_names(model: Any, names: dict[str, list[str]]) -> None:
+    """Record, into ``names``, the GGUF tensors each checkpoint tensor becomes (several where
+    the converter splits it), as the converter's own ``modify_tensors`` maps it."""
+    convert = model.modify_tensors
+
+    def recording(data_torch: Any, name: str, bid: Any) -> list[Any]:
+        out = list(convert(data_torch, name, bid))
+        names.setdefault(name, []).extend(new_name for new_name, _ in out)
+        return out
+
+    model.modify_tensors = recording
+
+
 def main(argv: list[str]) -> int:
     import logging
 
@@ -158,7 +174,13 @@ def main(argv: list[str]) -> int:
                 return 1
         else:
             model = _deci_class([int(k) for k in widths])(export_dir, ftype, out_file)
+        names: dict[str, list[str]] = {}
+        names_file = os.environ.get("GRIFFIN_GGUF_NAMES")
+        if names_file:
+            _record_names(model, names)
         model.write()
+    if names_file:
+        Path(names_file).write_text(json.dumps(names), encoding="utf-8")
     return 0
 
 

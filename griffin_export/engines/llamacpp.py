@@ -59,6 +59,9 @@ CONVERTER_VERSION = "0.1.1"
 CONVERTER_ENV = "GRIFFIN_LLAMA_CONVERTER"
 _DRIVER = Path(__file__).with_name("_llamacpp_convert.py")
 _WRITING = re.compile(r"Writing:\s+(\d+)%")
+#: Environment variable naming the JSON file where the converter child writes its name map
+#: (checkpoint tensor -> GGUF tensor; :func:`convert_with_names`).
+NAMES_ENV = "GRIFFIN_GGUF_NAMES"
 #: Seconds the converter may run before it is stopped (``timeout=``, ``--timeout``): generous,
 #: since a 7B model converts in minutes on a laptop; raise it for very large models.
 DEFAULT_TIMEOUT = 3600.0
@@ -81,6 +84,9 @@ class GgufResult:
     file_bytes: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    #: a quantizer type's importance matrix (``{"source": "prompt" | "file" | "none", ...}``,
+    #: :mod:`griffin_export.engines.quantize`); ``None`` for the converter's own types
+    imatrix: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +97,7 @@ class GgufResult:
             "ff_widths": self.ff_widths,
             "file_bytes": self.file_bytes,
             "seconds": round(self.seconds, 2),
+            **({} if self.imatrix is None else {"imatrix": self.imatrix}),
         }
 
 
@@ -215,7 +222,8 @@ def write_gguf(
         export_dir: the export directory (``griffin export --out``).
         out: the GGUF file (default :func:`default_gguf_path`); written to a temporary file
             beside it and renamed when complete, so a failed run leaves nothing.
-        outtype: one of :data:`OUTTYPES`.
+        outtype: one of :data:`OUTTYPES` (the quantizer's types:
+            :func:`griffin_export.engines.quantize.write_gguf_typed`).
         force: replace an existing ``out``.
         progress: optional ``(stage, done, total)`` callback; stage ``"gguf"``, percent done.
         on_line: optional callback given each line the converter writes to its standard
@@ -227,6 +235,25 @@ def write_gguf(
     Raises :class:`~griffin_export.errors.ConverterError` when the converter fails (its
     reason and last :data:`TAIL_LINES` lines of output in one line) or runs out of time.
     """
+    return convert_with_names(
+        export_dir, out, outtype, force=force, progress=progress, on_line=on_line, timeout=timeout
+    )[0]
+
+
+def convert_with_names(
+    export_dir: str | Path,
+    out: str | Path | None = None,
+    outtype: str = "f16",
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_line: Callable[[str], None] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[GgufResult, dict[str, list[str]]]:
+    """:func:`write_gguf`, also returning the converter's own name map: every checkpoint
+    tensor name (``model.layers.0.mlp.down_proj.weight``) -> the GGUF tensors it wrote from it
+    (``[blk.0.ffn_down.weight]``; several where it splits one), as its ``modify_tensors``
+    mapped them."""
     started = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
     check_outtype(outtype)
@@ -251,23 +278,28 @@ def write_gguf(
         raise OutputError(f"--out '{target}': directory '{target.parent}' does not exist")
     tool = converter_dir()
     tmp = target.with_name(f".{target.name}.griffin-tmp-{os.getpid()}")
+    names_file = target.with_name(f".{target.name}.griffin-names-{os.getpid()}.json")
     command = [sys.executable, str(_DRIVER), str(directory), str(tmp), outtype]
     if widths is not None:
         command.append(json.dumps(widths))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tool), env.get("PYTHONPATH", "")) if p)
+    env[NAMES_ENV] = str(names_file)
     report("gguf", 0, 100)
     try:
-        _run(command, env, limit, lambda pct: report("gguf", pct, 100), on_line)
+        run_child(command, env, limit, lambda pct: report("gguf", pct, 100), on_line)
         if not tmp.is_file():
             raise ExportFormatError(f"llama.cpp's converter wrote no file for '{directory}'")
         architecture, ff_widths = read_gguf_widths(tmp)
+        names = _read_json(names_file) if names_file.is_file() else {}
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        names_file.unlink(missing_ok=True)
     report("gguf", 100, 100)
-    return GgufResult(
+    result = GgufResult(
         warnings=_block_warnings(outtype, ff_widths),
         path=target,
         outtype=outtype,
@@ -276,6 +308,7 @@ def write_gguf(
         file_bytes=target.stat().st_size,
         seconds=time.perf_counter() - started,
     )
+    return result, {str(k): [str(n) for n in v] for k, v in names.items()}
 
 
 #: llama.cpp quantises rows in blocks of this many values (q8_0's block size).
@@ -315,16 +348,38 @@ def read_gguf_widths(path: Path) -> tuple[str, list[int]]:
     return arch, widths
 
 
-def _run(
+def gguf_tensors(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor of a GGUF file: name -> (its type as llama.cpp wrote it, e.g. ``Q4_K``,
+    and its shape in GGUF order: ``shape[0]`` is the row length)."""
+    from gguf import GGUFReader
+
+    return {
+        t.name: (t.tensor_type.name, [int(n) for n in t.shape])
+        for t in GGUFReader(str(path)).tensors
+    }
+
+
+def _writing_percent(line: str) -> int | None:
+    match = _WRITING.search(line)
+    return int(match.group(1)) if match else None
+
+
+def run_child(
     command: list[str],
     env: dict[str, str],
     timeout: float,
     on_percent: Callable[[int], None],
     on_line: Callable[[str], None] | None,
+    *,
+    tool: str = "llama.cpp's converter",
+    percent: Callable[[str], int | None] = _writing_percent,
+    stdin: bytes | None = None,
 ) -> None:
-    """Run the converter for at most ``timeout`` seconds, following its "Writing: NN%" bar
-    and handing each line of its standard error to ``on_line``; one-line
-    :class:`ConverterError` (reason and last lines) on failure or timeout.
+    """Run one of llama.cpp's tools (``tool``, as messages name it) for at most ``timeout``
+    seconds, following its progress lines (``percent`` of a line, or ``None``; default the
+    converter's "Writing: NN%" bar), handing each line of its standard error to ``on_line``
+    and ``stdin`` to its standard input; one-line :class:`ConverterError` (reason and last
+    lines) on failure or timeout.
 
     The child runs in its own session: on timeout, an error or Ctrl-C here, it and anything
     it started are killed, never left running."""
@@ -333,7 +388,7 @@ def _run(
     child = subprocess.Popen(
         command,
         env=env,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -343,16 +398,28 @@ def _run(
         expired.set()
         _kill(child)
 
+    def feed() -> None:
+        assert child.stdin is not None  # narrows the type: stdin=PIPE above
+        try:
+            child.stdin.write(stdin or b"")
+            child.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass  # the child stopped early: its exit code and output say why
+
     timer = threading.Timer(timeout, expire)
     timer.daemon = True
     timer.start()
+    writer = None
+    if stdin is not None:
+        writer = threading.Thread(target=feed, daemon=True)
+        writer.start()
     try:
         for line in _lines(child.stderr):  # ends when the child exits or is killed
-            match = _WRITING.search(line)
-            if match:
-                on_percent(int(match.group(1)))
-            if match and tail and _WRITING.search(tail[-1]):
-                tail[-1] = line  # keep one bar update, not hundreds
+            done = percent(line)
+            if done is not None:
+                on_percent(done)
+            if done is not None and tail and percent(tail[-1]) is not None:
+                tail[-1] = line  # keep one progress update, not hundreds
             else:
                 tail.append(line)
             if on_line is not None:
@@ -363,20 +430,20 @@ def _run(
         if child.poll() is None:
             _kill(child)
         child.wait()
+        if writer is not None:
+            writer.join(timeout=5)
         if child.stderr is not None:
             child.stderr.close()
     said = f"; its last output: {' | '.join(tail)}" if tail else "; it wrote no output"
     if expired.is_set():
         raise ConverterError(
-            f"llama.cpp's converter timed out after {timeout:g} s and was stopped (nothing "
+            f"{tool} timed out after {timeout:g} s and was stopped (nothing "
             f"was written); raise the limit with --timeout SECONDS (timeout= in Python){said}",
             list(tail),
         )
     if code != 0:
         how = f"exit code {code}" if code > 0 else f"killed by {signal.Signals(-code).name}"
-        raise ConverterError(
-            f"llama.cpp's converter failed ({how}): {_last_error(list(tail))}{said}", list(tail)
-        )
+        raise ConverterError(f"{tool} failed ({how}): {_last_error(list(tail))}{said}", list(tail))
 
 
 def _kill(child: subprocess.Popen[bytes]) -> None:
@@ -405,7 +472,11 @@ def _lines(stream: Any) -> Iterator[str]:
 
 
 def _last_error(lines: list[str]) -> str:
-    """The line that says why the converter stopped (its ``ERROR:`` line or the exception)."""
+    """The line that says why the tool stopped (the quantizer's "failed to quantize", the
+    converter's ``ERROR:`` line, or the exception)."""
+    for line in reversed(lines):
+        if "failed to quantize:" in line:
+            return line.split("failed to quantize:", 1)[1].strip()
     for line in reversed(lines):
         if line.startswith("ERROR:"):
             return line.split(":", 2)[-1].strip()
