@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import typer
 from rich.table import Table
@@ -14,6 +15,7 @@ from griffin_cli.main import (
     Compensate,
     Dtype,
     Outtype,
+    StageProgress,
     app,
     err_console,
     model_option,
@@ -25,7 +27,7 @@ from griffin_export.build.export import ExportResult, export
 from griffin_export.build.prompts import gather_prompts
 from griffin_export.core.budgets import DEFAULT_BUDGET
 from griffin_export.core.compensation import DEFAULT_METHOD
-from griffin_export.engines.llamacpp import DEFAULT_TIMEOUT
+from griffin_export.engines.llamacpp import DEFAULT_TIMEOUT, Progress
 from griffin_export.errors import UsageError
 from griffin_export.formats.manifest import DEFAULT_CHECKPOINT_FORMAT
 from griffin_export.storage.sources import DEFAULT_MODEL
@@ -40,7 +42,39 @@ _STAGES = {
     "slice": "Slicing FF layers",
     "write": "Writing export",
     "gguf": "GGUF via llama.cpp's converter (%)",
+    "imatrix": "Importance matrix from the prompt",
+    "quantize": "Quantizing with llama.cpp's quantizer (%)",
 }
+
+#: --outtype / --gguf help: every type, what writes it, and the imatrix default.
+OUTTYPE_HELP = (
+    "f32, f16, bf16, q8_0 (llama.cpp's converter); q6_k, q5_k_m, q4_k_m, q4_0, iq4_xs, q3_k_m, "
+    "iq2_xxs (its quantizer, from f16; needs pip install 'griffin-export\\[llama]'; K/IQ "
+    "types want FF widths in multiples of 256)."
+)
+IMATRIX_HELP = (
+    "Importance matrix for the quantizer: prompt (per-column input energy of every weight over "
+    "the prompt, on the export itself), none, or an imatrix FILE from llama-imatrix."
+)
+
+
+def imatrix_option(default_text: str) -> Any:
+    """``--imatrix prompt|none|FILE`` (``griffin gguf`` and ``griffin export --gguf``)."""
+    return typer.Option(
+        None, "--imatrix", metavar="prompt|none|FILE", show_default=default_text, help=IMATRIX_HELP
+    )
+
+
+def following_stage(on_progress: StageProgress) -> tuple[Progress, Callable[[str], None]]:
+    """A progress callback and a line callback for llama.cpp's tools: each line is shown on
+    the bar of the stage that last reported (the converter's, then the quantizer's)."""
+    current = ["gguf"]
+
+    def progress(stage: str, done: int, total: int) -> None:
+        current[0] = stage
+        on_progress(stage, done, total)
+
+    return progress, lambda line: on_progress.note(current[0], line)
 
 
 @app.command("export")
@@ -57,8 +91,11 @@ def export_command(
     ratio: float = typer.Option(
         0.5, "--ratio", "-r", help="Fraction of FF neurons kept, in (0, 1]."
     ),
-    multiple_of: int = typer.Option(
-        1, "--multiple-of", help="Round the kept count to a multiple of N (never above d_ff)."
+    multiple_of: int | None = typer.Option(
+        None,
+        "--multiple-of",
+        show_default="1; 256 with a K or IQ --gguf type",
+        help="Round the kept count to a multiple of N (never above d_ff).",
     ),
     budget: Budget = typer.Option(
         DEFAULT_BUDGET,
@@ -122,17 +159,21 @@ def export_command(
     gguf: Outtype | None = typer.Option(
         None,
         "--gguf",
-        help="Also write model-<type>.gguf inside the export for llama.cpp: f32, f16, bf16 or "
-        "q8_0 (same as griffin gguf).",
+        help="Also write model-<type>.gguf inside the export for llama.cpp (as griffin gguf): "
+        + OUTTYPE_HELP,
     ),
+    imatrix: str | None = imatrix_option("prompt below q6_k, else none"),
     timeout: float | None = timeout_option(None),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Prune every FF layer to the neurons the prompt uses and write a smaller checkpoint."""
     if timeout is not None and gguf is None:
         raise UsageError("--timeout limits the --gguf conversion; add --gguf TYPE or drop it")
+    if imatrix is not None and gguf is None:
+        raise UsageError("--imatrix calibrates the --gguf quantizer; add --gguf TYPE or drop it")
     prompts = gather_prompts(prompt, prompt_text)
     with stage_progress(_STAGES, transient=as_json) as on_progress:
+        progress, on_line = following_stage(on_progress)
         result = export(
             model,
             prompts,
@@ -153,8 +194,9 @@ def export_command(
             checkpoint_format=checkpoint_format,
             gguf=gguf,
             gguf_timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
-            gguf_on_line=lambda line: on_progress.note("gguf", line),
-            progress=on_progress,
+            gguf_on_line=on_line,
+            gguf_imatrix=imatrix,
+            progress=progress,
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
@@ -202,10 +244,12 @@ def summary_table(result: ExportResult) -> Table:
     table.add_row("prompt tokens", str(result.prompt_tokens), "", "")
     if result.gguf is not None:
         gguf = result.gguf
+        imatrix_used = gguf.get("imatrix")
         table.add_row(
             "gguf",
             "",
-            f"{gguf['architecture']}, {gguf['outtype']}",
+            f"{gguf['architecture']}, {gguf['outtype']}"
+            + (f", imatrix {imatrix_text(imatrix_used)}" if imatrix_used else ""),
             human_bytes(gguf["file_bytes"]),
         )
     table.caption = f"{result.seconds:.1f} s"
@@ -218,3 +262,12 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+def imatrix_text(record: dict[str, object]) -> str:
+    """``prompt (164 tokens)``, ``file imatrix.gguf`` or ``none``."""
+    if record.get("source") == "prompt":
+        return f"prompt ({record.get('tokens')} tokens)"
+    if record.get("source") == "file":
+        return f"file {Path(str(record.get('file'))).name}"
+    return "none"

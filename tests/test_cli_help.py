@@ -16,7 +16,7 @@ from griffin_cli.eval import EvalMode
 from griffin_cli.main import BASELINES, Budget, Compensate, Dtype, Outtype, Protocol, app
 from griffin_export.core.budgets import BUDGETS, check_budget
 from griffin_export.core.compensation import METHODS
-from griffin_export.engines.llamacpp import OUTTYPES
+from griffin_export.engines.quantize import ALL_OUTTYPES
 from griffin_export.errors import UsageError
 from griffin_export.storage.loading import DTYPE_OPTIONS, parse_dtype
 
@@ -157,7 +157,7 @@ def test_cli_choices_are_the_library_tables() -> None:
     for name in get_args(Budget):
         check_budget(name)
     assert get_args(Compensate) == METHODS
-    assert get_args(Outtype) == OUTTYPES
+    assert get_args(Outtype) == ALL_OUTTYPES
 
 
 # -- the same names in every command ---------------------------------------------------------

@@ -29,12 +29,11 @@ from griffin_export.engines.llamacpp import (
     DEFAULT_TIMEOUT,
     GgufResult,
     check_llama_cpp_family,
-    check_outtype,
     check_per_layer_gguf,
     check_timeout,
     converter_dir,
-    write_gguf,
 )
+from griffin_export.engines.quantize import check_imatrix, needs_whole_blocks, write_gguf_typed
 from griffin_export.errors import OutputError, UsageError
 from griffin_export.formats.decilm import check_decilm_export, decilm_config
 from griffin_export.formats.layout import prune_model_per_layer, set_per_layer_sizes
@@ -118,7 +117,7 @@ def export(
     ratio: float = 0.5,
     *,
     out: str | Path | None = None,
-    multiple_of: int = 1,
+    multiple_of: int | None = None,
     budget: str = DEFAULT_BUDGET,
     dtype: str | None = None,
     device: str = "cpu",
@@ -134,6 +133,7 @@ def export(
     gguf: str | None = None,
     gguf_timeout: float = DEFAULT_TIMEOUT,
     gguf_on_line: Callable[[str], None] | None = None,
+    gguf_imatrix: str | Path | None = None,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export ``model`` pruned to the experts that ``prompts`` select.
@@ -143,7 +143,10 @@ def export(
         prompts: one or more texts; the statistic pools all their tokens.
         ratio: fraction of FF neurons kept per layer, in (0, 1].
         out: output directory (default ``<model>-griffin-<ratio>``); written atomically.
-        multiple_of: round the kept count to a multiple of this (never above d_ff).
+        multiple_of: round the kept count to a multiple of this (never above d_ff); default
+            1, or 256 with a ``gguf`` K or IQ type (llama.cpp quantizes rows in blocks of 256
+            there; :func:`~griffin_export.engines.quantize.needs_whole_blocks`) when d_ff
+            reaches 256, said in the warnings.
         budget: how the kept neurons spread over the layers
             (:data:`griffin_export.core.budgets.BUDGETS`): ``uniform`` (GRIFFIN: ``ratio * d_ff``
             in every layer; loads with stock ``from_pretrained``) or ``protect`` (first and
@@ -171,10 +174,14 @@ def export(
             ``block_configs``, which vLLM and llama.cpp's converter read; Llama-graph families
             only, every width a multiple of 256; :mod:`griffin_export.formats.decilm`).
         gguf: also write the export as ``model-<gguf>.gguf`` inside it, through llama.cpp's
-            converter (:func:`griffin_export.engines.llamacpp.write_gguf`); one of
-            :data:`~griffin_export.engines.llamacpp.OUTTYPES`. Refused before the model loads
-            when the converter is missing, and before scoring when the budget's per-layer
-            widths have no llama.cpp graph.
+            converter and, for its quantizer's types, quantizer
+            (:func:`griffin_export.engines.quantize.write_gguf_typed`); one of
+            :data:`~griffin_export.engines.quantize.ALL_OUTTYPES`. Refused before the model
+            loads when the converter (or, for a quantizer type, the binding) is missing, and
+            before scoring when the budget's per-layer widths have no llama.cpp graph.
+        gguf_imatrix: with a quantizer ``gguf`` type, its importance matrix: ``"prompt"``
+            (default below q6_k: computed on the written export over the prompt's tokens),
+            ``"none"``, or an imatrix file of llama.cpp's; recorded in the manifest.
         gguf_timeout, gguf_on_line: with ``gguf``, the converter's time limit in seconds and
             a callback for each line of its output (``timeout`` and ``on_line`` of
             :func:`~griffin_export.engines.llamacpp.write_gguf`).
@@ -187,7 +194,10 @@ def export(
     started = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
     check_ratio(ratio)
-    check_multiple_of(multiple_of)
+    # --gguf with a K/IQ type and no multiple_of: k in whole blocks of 256 (when d_ff allows)
+    block = needs_whole_blocks(gguf) if gguf is not None and multiple_of is None else None
+    multiple = 1 if multiple_of is None else multiple_of
+    check_multiple_of(multiple)
     check_budget(budget)
     how = Compensation(compensate, default_alpha(ratio) if alpha is None else alpha)
     shard_bytes = parse_size(max_shard_size)
@@ -196,7 +206,7 @@ def export(
             f"--max-prompt-tokens must be at least 1, got {max_prompt_tokens}; omit it for no limit"
         )
     if gguf is not None:
-        check_outtype(gguf)
+        check_imatrix(gguf, gguf_imatrix, have_prompt=True)  # and the binding for a quantizer
         check_timeout(gguf_timeout)
         converter_dir()  # missing converter: refused before anything loads
     texts = [p for p in prompts if p.strip()]
@@ -206,7 +216,7 @@ def export(
     source = resolve_source(model, report)
     out_dir = Path(out) if out is not None else default_out_dir(source.name, ratio, budget)
     _check_out_dir(out_dir, source.directory, force)
-    _check_format(checkpoint_format, source, budget, ratio, multiple_of)
+    _check_format(checkpoint_format, source, budget, ratio, block or multiple)
 
     if streaming is None:
         streaming = bool(list_shards(source.directory).files)
@@ -221,8 +231,14 @@ def export(
     ids, warnings = tokenize_prompts(loaded, texts, max_prompt_tokens)
     warnings = [*loaded.warnings, *warnings]
     d_ff = loaded.spec.d_ff(loaded.model.config)
+    if block is not None and d_ff >= block and ratio < 1:
+        multiple = block
+        warnings.append(
+            f"k rounded to a multiple of {block} for --gguf {gguf} (llama.cpp's K and IQ "
+            "types quantize rows in blocks of 256; pass --multiple-of to choose)"
+        )
     how.check_model(_has_down_bias(loaded), loaded.model_type)
-    ks = layer_sizes(budget, len(loaded.spec.blocks(loaded.model)), d_ff, ratio, multiple_of)
+    ks = layer_sizes(budget, len(loaded.spec.blocks(loaded.model)), d_ff, ratio, multiple)
     if gguf is not None:
         check_llama_cpp_family(loaded.model_type)
         if len(set(ks)) > 1:
@@ -241,7 +257,7 @@ def export(
                 d_ff=selection.d_ff,
             ),
             ratio=ratio,
-            multiple_of=multiple_of,
+            multiple_of=multiple,
             budget=budget,
             statistic=STATISTIC_NAME,
             k_per_layer=selection.k_per_layer,
@@ -310,6 +326,8 @@ def export(
         gguf=gguf,
         gguf_timeout=gguf_timeout,
         gguf_on_line=gguf_on_line,
+        gguf_imatrix=gguf_imatrix,
+        gguf_prompt=(ids, texts),
         progress=report,
     )
     report("write", write_total, write_total)
@@ -376,6 +394,8 @@ def write_export(
     gguf: str | None = None,
     gguf_timeout: float = DEFAULT_TIMEOUT,
     gguf_on_line: Callable[[str], None] | None = None,
+    gguf_imatrix: str | Path | None = None,
+    gguf_prompt: tuple[Sequence[Tensor], Sequence[str]] | None = None,
     progress: Progress | None = None,
 ) -> tuple[int, Selection, Manifest, GgufResult | None]:
     """Write an export atomically: the pruned weights first (``write_weights(directory)``,
@@ -411,14 +431,21 @@ def write_export(
             )
             (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
             if gguf is not None:
-                written = write_gguf(
+                ids, texts = gguf_prompt or (None, ())
+                written = write_gguf_typed(
                     tmp,
                     tmp / f"model-{gguf}.gguf",
                     gguf,
+                    imatrix=gguf_imatrix,
+                    calibration=ids,
+                    prompts=texts,
                     progress=progress,
                     on_line=gguf_on_line,
                     timeout=gguf_timeout,
                 )
+                manifest.gguf = {"file": written.path.name, "outtype": gguf}
+                if written.imatrix is not None:
+                    manifest.gguf["imatrix"] = dict(written.imatrix)
             files = sorted(p for p in tmp.iterdir() if p.is_file())
             known = manifest.files  # hashed while written (streaming shards)
             manifest.files = {p.name: known.get(p.name) or file_sha256(p) for p in files}

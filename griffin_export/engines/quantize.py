@@ -48,7 +48,8 @@ from griffin_export.engines.llamacpp import (
     run_child,
 )
 from griffin_export.errors import ExportFormatError, OutputError, UsageError
-from griffin_export.formats.loader import load_pretrained
+from griffin_export.formats.exports import require_export_dir
+from griffin_export.formats.loader import export_config, load_pretrained
 
 #: The binding whose struct layout ``_llamacpp_quantize.py`` fills in (pyproject ``[llama]``).
 BINDING = "llama-cpp-python"
@@ -413,21 +414,21 @@ def write_gguf_typed(
             (:func:`read_imatrix_file`); default :func:`default_imatrix`. Only with a quantizer
             type.
         nthread: quantizer threads (default: every CPU).
+        progress: optional ``(stage, done, total)`` callback: ``gguf`` (the converter, %),
+            ``imatrix`` (0 then 1) and ``quantize`` (%).
         timeout: seconds each of the converter and the quantizer may run.
 
     The result's ``imatrix`` records which importance matrix was used; its ``warnings`` name
     the tensors llama.cpp wrote in a fallback type (:func:`fallback_warnings`).
     """
     started = time.perf_counter()
+    report = progress or (lambda stage, done, total: None)
     check_gguf_type(outtype)
     check_timeout(timeout)
-    choice = str(imatrix) if imatrix is not None else None
+    if calibration is None and prompts:
+        calibration = prompt_ids(require_export_dir(export_dir), prompts)
+    choice, given = check_imatrix(outtype, imatrix, calibration is not None)
     if not is_quantized(outtype):
-        if choice not in (None, "none"):
-            raise UsageError(
-                f"--imatrix applies to the quantizer's types ({', '.join(QUANT_TYPES)}), not "
-                f"{outtype}; drop --imatrix or choose one of those"
-            )
         return convert_with_names(
             export_dir,
             out,
@@ -437,18 +438,6 @@ def write_gguf_typed(
             on_line=on_line,
             timeout=timeout,
         )[0]
-    choice = choice or default_imatrix(outtype, calibration is not None)
-    if choice == "prompt" and not calibration:
-        raise UsageError(
-            "--imatrix prompt needs the prompt: pass --prompt FILE (griffin gguf), or use "
-            "--imatrix none or an imatrix FILE"
-        )
-    given = read_imatrix_file(choice) if choice not in IMATRIX_CHOICES else None
-    if QUANT_TYPES[outtype].needs_imatrix and choice == "none":
-        raise UsageError(
-            f"llama.cpp quantizes {outtype} only with an importance matrix; use --imatrix "
-            "prompt (with the prompt) or an imatrix FILE"
-        )
     directory = Path(export_dir)
     target = Path(out) if out is not None else default_gguf_path(directory, outtype)
     _check_target(target, force)
@@ -466,8 +455,10 @@ def write_gguf_typed(
         )
         widths = {n: shape[0] for n, (_, shape) in gguf_tensors(f16).items() if len(shape) > 1}
         used: Imatrix | None = None
-        if choice == "prompt" and calibration:
+        if choice == "prompt" and calibration is not None:
+            report("imatrix", 0, 1)
             used = prompt_imatrix(directory, calibration, names, widths, prompts)
+            report("imatrix", 1, 1)
         elif given is not None:
             used = _matching(given, widths, choice)
         quantize_gguf(
@@ -498,6 +489,53 @@ def write_gguf_typed(
         warnings=fallback_warnings(target, outtype, converted.ff_widths),
         imatrix={"source": "none"} if used is None else dict(used.record),
     )
+
+
+def check_imatrix(
+    outtype: str, imatrix: str | Path | None, have_prompt: bool
+) -> tuple[str, Imatrix | None]:
+    """The importance matrix choice for ``outtype`` (``imatrix``: ``"prompt"``, ``"none"``, a
+    file, or ``None`` for :func:`default_imatrix`) and the file's contents when it is one;
+    one-line :class:`UsageError` for a choice that cannot apply. Checks the type first
+    (:func:`check_gguf_type`), so a missing binding is said before anything loads."""
+    check_gguf_type(outtype)
+    choice = str(imatrix) if imatrix is not None else None
+    if not is_quantized(outtype):
+        if choice not in (None, "none") or have_prompt:
+            raise UsageError(
+                f"--imatrix and --prompt calibrate the quantizer's types "
+                f"({', '.join(QUANT_TYPES)}), not {outtype}; drop them or choose one of those"
+            )
+        return "none", None
+    choice = choice or default_imatrix(outtype, have_prompt)
+    if choice == "prompt" and not have_prompt:
+        raise UsageError(
+            "--imatrix prompt needs the prompt: pass --prompt FILE (griffin gguf), or use "
+            "--imatrix none or an imatrix FILE"
+        )
+    if QUANT_TYPES[outtype].needs_imatrix and choice == "none":
+        raise UsageError(
+            f"llama.cpp quantizes {outtype} only with an importance matrix; use --imatrix "
+            "prompt (with the prompt) or an imatrix FILE"
+        )
+    return choice, read_imatrix_file(choice) if choice not in IMATRIX_CHOICES else None
+
+
+def prompt_ids(export_dir: str | Path, prompts: Sequence[str]) -> list[Tensor]:
+    """Token ids of each prompt with the export's own tokenizer, truncated to its context
+    (as ``griffin export`` tokenized the prompt that chose the experts)."""
+    from transformers import AutoTokenizer
+
+    directory = Path(export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    context = getattr(export_config(directory), "max_position_embeddings", None)
+    ids = []
+    for text in prompts:
+        encoded = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        ids.append(encoded[:context] if isinstance(context, int) and context > 0 else encoded)
+    if not any(t.numel() for t in ids):
+        raise UsageError("the prompt is empty; pass --prompt FILE with text")
+    return ids
 
 
 def _matching(given: Imatrix, widths: dict[str, int], choice: str) -> Imatrix:

@@ -68,11 +68,14 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     #: the checkpoint layout (:data:`CHECKPOINT_FORMATS`)
     checkpoint_format: str = DEFAULT_CHECKPOINT_FORMAT
+    #: the GGUF written inside the export (``export --gguf``): ``{"file", "outtype"}`` and, for
+    #: a quantizer type, ``"imatrix"``: ``{"source": "prompt" | "file" | "none", ...}``
+    gguf: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to ``griffin.json`` (a uniform budget, the ``hf`` layout
-        and the absence of compensation are not recorded, so such manifests stay as they were
-        before per-layer budgets, layouts and compensation existed)."""
+        and the absence of compensation or of a GGUF are not recorded, so such manifests stay
+        as they were before per-layer budgets, layouts, compensation and GGUFs existed)."""
         data: dict[str, Any] = {
             "format": self.format,
             "format_version": self.format_version,
@@ -102,6 +105,7 @@ class Manifest:
                 if self.checkpoint_format == DEFAULT_CHECKPOINT_FORMAT
                 else {"checkpoint_format": self.checkpoint_format}
             ),
+            **({} if self.gguf is None else {"gguf": dict(self.gguf)}),
             "files": dict(self.files),
         }
         return data
@@ -139,6 +143,7 @@ class Manifest:
             compensation=data.get("compensation"),
             files=dict(data["files"]),
             checkpoint_format=str(data.get("checkpoint_format", DEFAULT_CHECKPOINT_FORMAT)),
+            gguf=data.get("gguf"),
             format=data["format"],
             format_version=data["format_version"],
         )
@@ -187,6 +192,13 @@ def manifest_problems(data: Any) -> list[str]:
         bad.append("compensation")
     if data.get("checkpoint_format", DEFAULT_CHECKPOINT_FORMAT) not in CHECKPOINT_FORMATS:
         bad.append("checkpoint_format")
+    gguf = data.get("gguf")
+    if gguf is not None and not (
+        isinstance(gguf, dict)
+        and isinstance(gguf.get("file"), str)
+        and isinstance(gguf.get("outtype"), str)
+    ):
+        bad.append("gguf")
     return [f"missing or malformed {', '.join(bad)}; re-export"] if bad else []
 
 
