@@ -378,8 +378,8 @@ def test_cli_gguf_json_and_refusals(spm_tokenizer: Path, tmp_path: Path) -> None
     assert report["file_bytes"] == target.stat().st_size
     again = runner.invoke(app, ["gguf", str(out), "--out", str(target)])
     assert again.exit_code != 0 and "--force" in again.output
-    bad = runner.invoke(app, ["gguf", str(out), "--outtype", "q4_0"])
-    assert bad.exit_code == 2 and "q4_0" in bad.output
+    bad = runner.invoke(app, ["gguf", str(out), "--outtype", "q2_k"])
+    assert bad.exit_code == 2 and "q2_k" in bad.output
     missing = runner.invoke(app, ["gguf", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "not an export directory" in missing.output
 

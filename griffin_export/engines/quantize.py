@@ -369,6 +369,7 @@ def fallback_warnings(path: Path, outtype: str, ff_widths: Sequence[int]) -> lis
             continue
         match = re.match(r"blk\.(\d+)\.(.+)", name)
         role, layer = (match.group(2), int(match.group(1))) if match else (name, -1)
+        role = role.removesuffix(".weight")
         odd.setdefault((role, int(shape[0]), tensor_type.lower()), []).append(layer)
     if not odd:
         return []
