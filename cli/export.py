@@ -49,8 +49,8 @@ _STAGES = {
 #: --outtype / --gguf help: every type, what writes it, and the imatrix default.
 OUTTYPE_HELP = (
     "f32, f16, bf16, q8_0 (llama.cpp's converter); q6_k, q5_k_m, q4_k_m, q4_0, iq4_xs, q3_k_m, "
-    "iq2_xxs (its quantizer, from f16; needs pip install 'griffin-export\\[llama]'; K/IQ "
-    "types want FF widths in multiples of 256)."
+    "iq2_xxs (its quantizer, from f16; needs llama-cpp-python, griffin-export's llama extra; "
+    "K/IQ types want FF widths in multiples of 256)."
 )
 IMATRIX_HELP = (
     "Importance matrix for the quantizer: prompt (per-column input energy of every weight over "

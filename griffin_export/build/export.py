@@ -33,7 +33,12 @@ from griffin_export.engines.llamacpp import (
     check_timeout,
     converter_dir,
 )
-from griffin_export.engines.quantize import check_imatrix, needs_whole_blocks, write_gguf_typed
+from griffin_export.engines.quantize import (
+    check_imatrix,
+    is_quantized,
+    needs_whole_blocks,
+    write_gguf_typed,
+)
 from griffin_export.errors import OutputError, UsageError
 from griffin_export.formats.decilm import check_decilm_export, decilm_config
 from griffin_export.formats.layout import prune_model_per_layer, set_per_layer_sizes
@@ -327,7 +332,7 @@ def export(
         gguf_timeout=gguf_timeout,
         gguf_on_line=gguf_on_line,
         gguf_imatrix=gguf_imatrix,
-        gguf_prompt=(ids, texts),
+        gguf_prompt=(ids, texts) if gguf is not None and is_quantized(gguf) else None,
         progress=report,
     )
     report("write", write_total, write_total)

@@ -426,6 +426,11 @@ def write_gguf_typed(
     report = progress or (lambda stage, done, total: None)
     check_gguf_type(outtype)
     check_timeout(timeout)
+    if not is_quantized(outtype) and (prompts or calibration is not None):
+        raise UsageError(
+            f"--prompt calibrates the quantizer's types ({', '.join(QUANT_TYPES)}), not "
+            f"{outtype}; drop it or choose one of those"
+        )
     if calibration is None and prompts:
         calibration = prompt_ids(require_export_dir(export_dir), prompts)
     choice, given = check_imatrix(outtype, imatrix, calibration is not None)
@@ -502,10 +507,10 @@ def check_imatrix(
     check_gguf_type(outtype)
     choice = str(imatrix) if imatrix is not None else None
     if not is_quantized(outtype):
-        if choice not in (None, "none") or have_prompt:
+        if choice not in (None, "none"):
             raise UsageError(
-                f"--imatrix and --prompt calibrate the quantizer's types "
-                f"({', '.join(QUANT_TYPES)}), not {outtype}; drop them or choose one of those"
+                f"--imatrix calibrates the quantizer's types ({', '.join(QUANT_TYPES)}), not "
+                f"{outtype}; drop it or choose one of those"
             )
         return "none", None
     choice = choice or default_imatrix(outtype, have_prompt)
