@@ -238,7 +238,8 @@ def test_fallback_report_names_tensors_and_types(spm_tokenizer: Path, tmp_path: 
 
     rounded = export(str(source), [PROMPT], 0.625, out=tmp_path / "even", gguf="q4_k_m")
     assert len(set(rounded.k_per_layer)) == 1 and rounded.k_per_layer[0] % 256 == 0
-    assert any("multiple of 256" in w for w in rounded.warnings)
+    (note,) = [w for w in rounded.warnings if "rounded to a multiple of 256" in w]
+    assert f"k 640 -> {rounded.k_per_layer[0]} in every layer" in note, note
     assert not any("needs rows" in w for w in rounded.warnings), rounded.warnings
     manifest = read_manifest(tmp_path / "even")
     assert manifest.multiple_of == 256

@@ -238,12 +238,20 @@ def export(
     d_ff = loaded.spec.d_ff(loaded.model.config)
     if block is not None and d_ff >= block and ratio < 1:
         multiple = block
-        warnings.append(
-            f"k rounded to a multiple of {block} for --gguf {gguf} (llama.cpp's K and IQ "
-            "types quantize rows in blocks of 256; pass --multiple-of to choose)"
-        )
     how.check_model(_has_down_bias(loaded), loaded.model_type)
     ks = layer_sizes(budget, len(loaded.spec.blocks(loaded.model)), d_ff, ratio, multiple)
+    if multiple == block:
+        plain = layer_sizes(budget, len(ks), d_ff, ratio, 1)
+        change = (
+            f"k {plain[0]} -> {ks[0]} in every layer"
+            if len(set(plain)) == len(set(ks)) == 1
+            else f"{sum(plain)} -> {sum(ks)} FF neurons in all"
+        )
+        warnings.append(
+            f"k rounded to a multiple of {block} for --gguf {gguf}: {change} (keep "
+            f"{sum(ks) / (len(ks) * d_ff):.3f}; llama.cpp's K and IQ types quantize rows in "
+            "blocks of 256); pass --multiple-of N to choose"
+        )
     if gguf is not None:
         check_llama_cpp_family(loaded.model_type)
         if len(set(ks)) > 1:
