@@ -21,7 +21,7 @@ from griffin_cli.main import app
 from griffin_export import export
 from griffin_export.core.architectures import spec_for
 from griffin_export.engines import quantize
-from griffin_export.engines.llamacpp import convert_with_names, gguf_tensors, write_gguf
+from griffin_export.engines.llamacpp import gguf_tensors, write_gguf
 from griffin_export.engines.quantize import (
     Imatrix,
     collect_imatrix,
@@ -135,7 +135,8 @@ def test_prompt_imatrix_covers_every_weight_matrix_by_its_gguf_name(
     nothing), a wrong row length (the quantizer then refuses), or embeddings hooked."""
     tensors = gguf_tensors(wide_f16)
     ids = _prompt_ids(wide_export, PROMPT)
-    _, names = convert_with_names(wide_export, wide_export.parent / "names.gguf", "f16")
+    names: dict[str, list[str]] = {}
+    write_gguf(wide_export, wide_export.parent / "names.gguf", "f16", name_map=names)
     widths = {n: s[0] for n, (_, s) in tensors.items() if len(s) > 1}
     made = quantize.prompt_imatrix(wide_export, ids, names, widths, [PROMPT])
     roles = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")

@@ -60,7 +60,7 @@ CONVERTER_ENV = "GRIFFIN_LLAMA_CONVERTER"
 _DRIVER = Path(__file__).with_name("_llamacpp_convert.py")
 _WRITING = re.compile(r"Writing:\s+(\d+)%")
 #: Environment variable naming the JSON file where the converter child writes its name map
-#: (checkpoint tensor -> GGUF tensor; :func:`convert_with_names`).
+#: (checkpoint tensor -> GGUF tensors; ``write_gguf(name_map=)``).
 NAMES_ENV = "GRIFFIN_GGUF_NAMES"
 #: Seconds the converter may run before it is stopped (``timeout=``, ``--timeout``): generous,
 #: since a 7B model converts in minutes on a laptop; raise it for very large models.
@@ -206,6 +206,19 @@ def default_gguf_path(export_dir: str | Path, outtype: str) -> Path:
     return path.resolve().parent / f"{name}-{outtype}.gguf"
 
 
+def check_gguf_target(target: Path, force: bool) -> None:
+    """Refuse, in one line, a GGUF ``target`` that exists (without ``force``), is a directory,
+    or whose directory does not exist."""
+    if target.exists() and (target.is_dir() or not force):
+        raise OutputError(
+            f"'{target}' already exists; pass --force to replace it or choose --out"
+            if not target.is_dir()
+            else f"--out '{target}' is a directory; name a .gguf file"
+        )
+    if not target.parent.is_dir():
+        raise OutputError(f"--out '{target}': directory '{target.parent}' does not exist")
+
+
 def write_gguf(
     export_dir: str | Path,
     out: str | Path | None = None,
@@ -215,6 +228,7 @@ def write_gguf(
     progress: Progress | None = None,
     on_line: Callable[[str], None] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    name_map: dict[str, list[str]] | None = None,
 ) -> GgufResult:
     """Convert a griffin export to one GGUF file with llama.cpp's converter.
 
@@ -232,28 +246,14 @@ def write_gguf(
             past it the converter is stopped, its partial output removed, and
             :class:`~griffin_export.errors.ConverterError` names ``--timeout``.
 
+        name_map: optional dict filled with the converter's own name map: every checkpoint
+            tensor (``model.layers.0.mlp.down_proj.weight``) -> the GGUF tensors it wrote from
+            it (``[blk.0.ffn_down.weight]``; several where it splits one), as its
+            ``modify_tensors`` mapped them (importance matrices are keyed by these names).
+
     Raises :class:`~griffin_export.errors.ConverterError` when the converter fails (its
     reason and last :data:`TAIL_LINES` lines of output in one line) or runs out of time.
     """
-    return convert_with_names(
-        export_dir, out, outtype, force=force, progress=progress, on_line=on_line, timeout=timeout
-    )[0]
-
-
-def convert_with_names(
-    export_dir: str | Path,
-    out: str | Path | None = None,
-    outtype: str = "f16",
-    *,
-    force: bool = False,
-    progress: Progress | None = None,
-    on_line: Callable[[str], None] | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> tuple[GgufResult, dict[str, list[str]]]:
-    """:func:`write_gguf`, also returning the converter's own name map: every checkpoint
-    tensor name (``model.layers.0.mlp.down_proj.weight``) -> the GGUF tensors it wrote from it
-    (``[blk.0.ffn_down.weight]``; several where it splits one), as its ``modify_tensors``
-    mapped them."""
     started = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
     check_outtype(outtype)
@@ -268,14 +268,7 @@ def convert_with_names(
     check_llama_cpp_family(config.model_type)
     widths = gguf_widths(directory, config)
     target = Path(out) if out is not None else default_gguf_path(directory, outtype)
-    if target.exists() and (target.is_dir() or not force):
-        raise OutputError(
-            f"'{target}' already exists; pass --force to replace it or choose --out"
-            if not target.is_dir()
-            else f"--out '{target}' is a directory; name a .gguf file"
-        )
-    if not target.parent.is_dir():
-        raise OutputError(f"--out '{target}': directory '{target.parent}' does not exist")
+    check_gguf_target(target, force)
     tool = converter_dir()
     tmp = target.with_name(f".{target.name}.griffin-tmp-{os.getpid()}")
     names_file = target.with_name(f".{target.name}.griffin-names-{os.getpid()}.json")
@@ -292,6 +285,8 @@ def convert_with_names(
             raise ExportFormatError(f"llama.cpp's converter wrote no file for '{directory}'")
         architecture, ff_widths = read_gguf_widths(tmp)
         names = _read_json(names_file) if names_file.is_file() else {}
+        if name_map is not None:
+            name_map.update({str(k): [str(n) for n in v] for k, v in names.items()})
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -299,7 +294,7 @@ def convert_with_names(
     finally:
         names_file.unlink(missing_ok=True)
     report("gguf", 100, 100)
-    result = GgufResult(
+    return GgufResult(
         warnings=_block_warnings(outtype, ff_widths),
         path=target,
         outtype=outtype,
@@ -308,7 +303,6 @@ def convert_with_names(
         file_bytes=target.stat().st_size,
         seconds=time.perf_counter() - started,
     )
-    return result, {str(k): [str(n) for n in v] for k, v in names.items()}
 
 
 #: llama.cpp quantises rows in blocks of this many values (q8_0's block size).

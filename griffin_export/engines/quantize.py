@@ -41,13 +41,14 @@ from griffin_export.engines.llamacpp import (
     OUTTYPES,
     GgufResult,
     Progress,
+    check_gguf_target,
     check_timeout,
-    convert_with_names,
     default_gguf_path,
     gguf_tensors,
     run_child,
+    write_gguf,
 )
-from griffin_export.errors import ExportFormatError, OutputError, UsageError
+from griffin_export.errors import ExportFormatError, UsageError
 from griffin_export.formats.exports import require_export_dir
 from griffin_export.formats.loader import export_config, load_pretrained
 
@@ -435,7 +436,7 @@ def write_gguf_typed(
         calibration = prompt_ids(require_export_dir(export_dir), prompts)
     choice, given = check_imatrix(outtype, imatrix, calibration is not None)
     if not is_quantized(outtype):
-        return convert_with_names(
+        return write_gguf(
             export_dir,
             out,
             outtype,
@@ -443,14 +444,15 @@ def write_gguf_typed(
             progress=progress,
             on_line=on_line,
             timeout=timeout,
-        )[0]
+        )
     directory = Path(export_dir)
     target = Path(out) if out is not None else default_gguf_path(directory, outtype)
-    _check_target(target, force)
+    check_gguf_target(target, force)
     f16 = target.with_name(f".{target.name}.griffin-f16-{os.getpid()}")
     tmp = target.with_name(f".{target.name}.griffin-tmp-{os.getpid()}")
     try:
-        converted, names = convert_with_names(
+        names: dict[str, list[str]] = {}
+        converted = write_gguf(
             directory,
             f16,
             "f16",
@@ -458,6 +460,7 @@ def write_gguf_typed(
             progress=progress,
             on_line=on_line,
             timeout=timeout,
+            name_map=names,
         )
         widths = {n: shape[0] for n, (_, shape) in gguf_tensors(f16).items() if len(shape) > 1}
         used: Imatrix | None = None
@@ -554,14 +557,3 @@ def _matching(given: Imatrix, widths: dict[str, int], choice: str) -> Imatrix:
             "model or before pruning?); use --imatrix prompt"
         )
     return Imatrix(values, given.record | {"entries": len(values)})
-
-
-def _check_target(target: Path, force: bool) -> None:
-    if target.exists() and (target.is_dir() or not force):
-        raise OutputError(
-            f"'{target}' already exists; pass --force to replace it or choose --out"
-            if not target.is_dir()
-            else f"--out '{target}' is a directory; name a .gguf file"
-        )
-    if not target.parent.is_dir():
-        raise OutputError(f"--out '{target}': directory '{target.parent}' does not exist")
