@@ -247,6 +247,7 @@ def test_fallback_report_names_tensors_and_types(spm_tokenizer: Path, tmp_path: 
     assert manifest.gguf is not None and manifest.gguf["outtype"] == "q4_k_m"
     assert manifest.gguf["imatrix"]["source"] == "prompt"
     assert manifest.gguf["imatrix"]["tokens"] == manifest.prompt.tokens
+    assert manifest.gguf["imatrix"]["prompt_sha256"] == manifest.prompt.sha256
     assert verify_export(tmp_path / "even").ok
 
 

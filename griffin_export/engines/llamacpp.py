@@ -206,6 +206,19 @@ def default_gguf_path(export_dir: str | Path, outtype: str) -> Path:
     return path.resolve().parent / f"{name}-{outtype}.gguf"
 
 
+def _read_name_map(path: Path) -> dict[str, list[str]]:
+    """The converter child's name map (:data:`NAMES_ENV`); empty when it wrote none."""
+    if not path.is_file():
+        return {}
+    try:
+        names = read_json_object(path)
+    except ValueError as exc:
+        raise ExportFormatError(
+            f"the converter's tensor name map '{path}' is {exc}; run the command again"
+        ) from exc
+    return {str(k): [str(n) for n in v] for k, v in names.items() if isinstance(v, list)}
+
+
 def check_gguf_target(target: Path, force: bool) -> None:
     """Refuse, in one line, a GGUF ``target`` that exists (without ``force``), is a directory,
     or whose directory does not exist."""
@@ -284,9 +297,8 @@ def write_gguf(
         if not tmp.is_file():
             raise ExportFormatError(f"llama.cpp's converter wrote no file for '{directory}'")
         architecture, ff_widths = read_gguf_widths(tmp)
-        names = _read_json(names_file) if names_file.is_file() else {}
         if name_map is not None:
-            name_map.update({str(k): [str(n) for n in v] for k, v in names.items()})
+            name_map.update(_read_name_map(names_file))
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ leaves it out by default. :func:`read_imatrix_file` reads an imatrix file of lla
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -35,7 +36,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from griffin_export.build.prompts import prompt_sha256
 from griffin_export.engines.llamacpp import (
     DEFAULT_TIMEOUT,
     OUTTYPES,
@@ -50,7 +50,7 @@ from griffin_export.engines.llamacpp import (
 )
 from griffin_export.errors import ExportFormatError, UsageError
 from griffin_export.formats.exports import require_export_dir
-from griffin_export.formats.loader import export_config, load_pretrained
+from griffin_export.formats.layout import export_config, load_pretrained
 
 #: The binding whose struct layout ``_llamacpp_quantize.py`` fills in (pyproject ``[llama]``).
 BINDING = "llama-cpp-python"
@@ -230,7 +230,8 @@ def prompt_imatrix(
     record = {
         "source": "prompt",
         "tokens": int(sum(int(t.numel()) for t in ids)),
-        "prompt_sha256": prompt_sha256(list(prompts)),
+        # build.prompts.prompt_sha256's definition (engines sit below build), as the manifest's
+        "prompt_sha256": hashlib.sha256(b"\0".join(p.encode("utf-8") for p in prompts)).hexdigest(),
         "entries": len(values),
         "chunks": len(ids),
     }
@@ -286,9 +287,7 @@ def _read_legacy_imatrix(file: Path) -> dict[str, np.ndarray]:
     call count, int32 value count, float32 values (then the last call and dataset name)."""
     data = file.read_bytes()
     (n,), at = struct.unpack_from("<i", data, 0), 4
-    if n <= 0:
-        raise ValueError(f"{n} entries")
-    values = {}
+    values: dict[str, np.ndarray] = {}  # none when n <= 0: the caller refuses an empty file
     for _ in range(n):
         (length,) = struct.unpack_from("<i", data, at)
         name = data[at + 4 : at + 4 + length].decode()
