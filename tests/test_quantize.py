@@ -305,6 +305,45 @@ def test_imatrix_file_is_used_where_it_matches(wide_export: Path, tmp_path: Path
         quantize._matching(Imatrix({"other": np.ones(3, np.float32)}, {}), {"a": 3}, "f")
 
 
+def test_an_imatrix_file_reaches_the_quantizer_like_the_prompts(
+    wide_export: Path, wide_f16: Path, tmp_path: Path
+) -> None:
+    """The prompt's importance matrix written as llama-imatrix's GGUF file (sums, count 1)
+    and given as --imatrix FILE yields the same quantized tensors as --imatrix prompt, and the
+    result records the file. Catches a file read but never handed over, or values scaled
+    differently from the in-memory path."""
+    ids = _prompt_ids(wide_export, PROMPT)
+    names: dict[str, list[str]] = {}
+    write_gguf(wide_export, tmp_path / "n.gguf", "f16", name_map=names)
+    widths = {n: s[0] for n, (_, s) in gguf_tensors(wide_f16).items() if len(s) > 1}
+    made = quantize.prompt_imatrix(wide_export, ids, names, widths, [PROMPT])
+    writer = GGUFWriter(str(tmp_path / "prompt.imatrix.gguf"), "imatrix")
+    for name, values in made.values.items():
+        writer.add_tensor(f"{name}.in_sum2", values.reshape(1, -1))
+        writer.add_tensor(f"{name}.counts", np.ones((1, 1), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from_file = write_gguf_typed(
+        wide_export, tmp_path / "f.gguf", "q4_k_m", imatrix=tmp_path / "prompt.imatrix.gguf"
+    )
+    from_prompt = write_gguf_typed(
+        wide_export, tmp_path / "p.gguf", "q4_k_m", calibration=ids, prompts=[PROMPT]
+    )
+    assert from_file.imatrix is not None and from_file.imatrix["source"] == "file"
+    assert from_file.imatrix["entries"] == len(made.values) == 14
+
+    def blocks(path: Path) -> dict[str, bytes]:
+        return {
+            t.name: bytes(np.asarray(t.data).tobytes())
+            for t in GGUFReader(str(path)).tensors
+            if t.name.startswith("blk.")
+        }
+
+    assert blocks(from_file.path) == blocks(from_prompt.path)
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 
