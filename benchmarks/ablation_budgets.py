@@ -1,6 +1,6 @@
 """Ablation of per-layer budgets (issue 7) under the ``griffin`` perplexity protocol.
 
-Same protocol as ``griffin ppl --protocol griffin`` (DESIGN.md §6): in each window of L tokens
+As ``griffin ppl --protocol griffin`` (docs/design.md, "Perplexity protocols"): per L-token window
 the first P run through the full model, every layer's experts are the top-k_l of the GRIFFIN
 statistic over those P positions, positions >= P run with only those experts (a pre-hook on
 every down projection zeroes the other neurons), and positions P..L-1 are scored (the first of

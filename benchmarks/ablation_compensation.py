@@ -1,6 +1,6 @@
 """Ablation of compensation (issue 16) under the ``griffin`` perplexity protocol.
 
-Same protocol as ``griffin ppl --protocol griffin`` (DESIGN.md §6): in each window of L tokens
+As ``griffin ppl --protocol griffin`` (docs/design.md, "Perplexity protocols"): per L-token window
 the first P run through the full model; every layer's experts (and, with compensation, its
 refitted down projection) come from those P positions; positions P..L-1 run with the pruned
 FF blocks and are scored (the first of them predicted from position P-1, unpruned, as in

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The perplexity figures in README.md: embedded SmolLM2 (fp32), P=512, L=1024, 8 windows.
+# The perplexity figures in docs/results.md: embedded SmolLM2 (fp32), P=512, L=1024, 8 windows.
 # Usage: bash benchmarks/ppl_grid.sh   (about 20 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."

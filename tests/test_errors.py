@@ -1,5 +1,5 @@
 """Bad input through the CLI: one line naming the value and the fix, exit code 2 (usage) or 1
-(failure), no traceback, and nothing written. One test per row of the README's table."""
+(failure), no traceback, and nothing written. One test per row of docs/errors.md's table."""
 
 from __future__ import annotations
 

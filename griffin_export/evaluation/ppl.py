@@ -1,6 +1,6 @@
-"""``griffin ppl``: perplexity protocols (DESIGN.md §6), scored with the next-token NLL and
-reported. Every figure is produced side by side with the full model on exactly the same scored
-tokens.
+"""``griffin ppl``: perplexity protocols (docs/design.md, "Perplexity protocols"), scored with the
+next-token NLL and reported. Every figure is produced side by side with the full model on
+exactly the same scored tokens.
 
 * ``static``: ordinary LM perplexity over windows of ``seq_len`` tokens.
 * ``griffin``: in each window of L tokens the first P go through the full model; every layer

@@ -1,5 +1,5 @@
 """The refresh runtime: generate with an export, re-selecting its experts from the full
-weights every N tokens (DESIGN.md §5).
+weights every N tokens (docs/design.md, "Refresh runtime").
 
 The pruned model runs generation. The original's FF weights are memory-mapped from its
 safetensors (zero-copy, read-only in effect), never built into a second model. A pre-hook on

@@ -1,4 +1,4 @@
-"""griffin's own small multiple-choice tasks, built from the packaged corpora (DESIGN.md §7).
+"""griffin's multiple-choice tasks, from the packaged corpora (docs/design.md, "Task evaluation").
 
 They are **ours, not standard benchmarks**: quick, offline sanity checks of whether a pruned
 model still tells a coherent continuation from an unrelated one. Each document is a context,
