@@ -1,8 +1,10 @@
 """Choose the experts (kept FF neurons) of every layer from prompts: statistic, top-k and
 compensation's refit, one layer at a time (:class:`LayerSelector`).
 
-This is the one selection routine shared by ``griffin export``, ``griffin ppl`` and the
-refresh runtime, so they all measure the same product.
+:func:`choose_experts` (statistic, finite check, top-k) is the one step from summed squares
+to experts: :class:`LayerSelector` (``griffin export`` and the in-memory selection), the ppl
+protocols' masks, the class-mode evaluation and the refresh runtime all call it, so they
+measure the same product and all refuse an inf/nan statistic the same way.
 """
 
 from __future__ import annotations
@@ -107,9 +109,7 @@ class LayerSelector:
             self._finish(layer)
 
     def _finish(self, layer: int) -> None:
-        scores = griffin_statistic(self._sums.pop(layer), accumulated=True)
-        check_finite_scores(scores, layer, self.dtype)
-        keep = top_k_indices(scores, self.ks[layer])
+        scores, keep = choose_experts(self._sums.pop(layer), self.ks[layer], layer, self.dtype)
         self.scores[layer], self.keep[layer] = scores, keep
         stats = self._grams.pop(layer, None)
         regression = None
@@ -210,6 +210,19 @@ def write_refit(spec: ArchSpec, model: nn.Module, layer: int, keep: Tensor, refi
     bias = getattr(down, "bias", None)
     if refit.bias is not None and isinstance(bias, Tensor):
         bias.data.copy_(bias.data + refit.bias.to(bias.device))
+
+
+def choose_experts(sums: Tensor, k: int, layer: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Layer ``layer``'s GRIFFIN statistic and its ``k`` experts from ``sums`` (``[d_ff]``,
+    :func:`~griffin_export.core.scoring.normalized_square_sum` summed over the tokens looked
+    at): ``(scores, keep)``, ``keep`` sorted ascending (:func:`top_k_indices`).
+
+    ``UsageError`` (one line naming ``dtype`` and the fix) if the statistic holds inf/nan:
+    nan sorts first, so top-k would silently keep nan neurons. ``dtype`` is the model's (the
+    one that overflowed)."""
+    scores = griffin_statistic(sums, accumulated=True)
+    check_finite_scores(scores, layer, dtype)
+    return scores, top_k_indices(scores, k)
 
 
 def check_finite_scores(scores: Tensor, layer: int, dtype: torch.dtype) -> None:

@@ -24,7 +24,8 @@ from griffin_export.core.compensation import (
     default_alpha,
 )
 from griffin_export.core.schedule import RefreshSchedule
-from griffin_export.core.scoring import griffin_statistic, normalized_squares, top_k_indices
+from griffin_export.core.scoring import normalized_squares
+from griffin_export.core.selection import choose_experts
 from griffin_export.errors import UsageError
 from griffin_export.evaluation.protocols import Setting, ff_setting
 
@@ -191,10 +192,9 @@ class PromptExperts:
     def __exit__(self, *exc: object) -> None:
         self._hooks.close()
 
-    def _choose(self, layer: int, squares: Tensor) -> Tensor:
-        scores = griffin_statistic(squares.sum(dim=0), accumulated=True)
+    def _choose(self, layer: int, squares: Tensor, dtype: torch.dtype) -> Tensor:
         keep = torch.zeros(squares.shape[-1])
-        keep[top_k_indices(scores, self.k[layer])] = 1
+        keep[choose_experts(squares.sum(dim=0), self.k[layer], layer, dtype)[1]] = 1
         return keep
 
     def _remember(self, layer: int, squares: Tensor) -> None:
@@ -210,12 +210,12 @@ class PromptExperts:
         squares = normalized_squares(z)  # z: [1, T, d_ff]; squares [T, d_ff] float32
         keep = self.keep[layer]
         if keep is None:  # the prefill: full FF, choose from every prompt position
-            self.keep[layer] = self._choose(layer, squares)
+            self.keep[layer] = self._choose(layer, squares, z.dtype)
             self._remember(layer, squares)
             return None
         self.steps[layer] += 1
         history = self.history[layer]
         if self.schedule.due(self.steps[layer]) and history is not None:
-            keep = self.keep[layer] = self._choose(layer, history)
+            keep = self.keep[layer] = self._choose(layer, history, z.dtype)
         self._remember(layer, squares)
         return z * keep.to(z.device, z.dtype)

@@ -36,7 +36,8 @@ from griffin_export.core.compensation import (
     Regression,
 )
 from griffin_export.core.schedule import RefreshSchedule, Segment
-from griffin_export.core.scoring import griffin_statistic, normalized_square_sum, top_k_indices
+from griffin_export.core.scoring import normalized_square_sum
+from griffin_export.core.selection import choose_experts
 from griffin_export.errors import UsageError
 
 # -- windows -----------------------------------------------------------------------------------
@@ -162,22 +163,25 @@ def griffin_segments(
     return RefreshSchedule(refresh, window).segments(prompt_len, seq_len)
 
 
-def griffin_mask(z: Tensor, k: int, segments: Sequence[tuple[int, int, int, int]]) -> Tensor:
+def griffin_mask(
+    z: Tensor, k: int, segments: Sequence[tuple[int, int, int, int]], layer: int = 0
+) -> Tensor:
     """Multiplicative mask ``[B, L, d_ff]`` keeping, in each segment, the top-``k`` neurons of
-    the GRIFFIN statistic over that segment's look-back positions (1 everywhere else)."""
+    the GRIFFIN statistic over that segment's look-back positions (1 everywhere else).
+    ``layer`` is named in the error if the statistic is not finite."""
     batch, _, d_ff = z.shape
     mask = torch.ones_like(z)
     for b in range(batch):
         for look_from, look_to, seg_from, seg_to in segments:
             keep = torch.zeros(d_ff, dtype=z.dtype, device=z.device)
-            keep[_segment_experts(z[b, look_from:look_to], k)] = 1
+            keep[_segment_experts(z[b, look_from:look_to], k, layer)] = 1
             mask[b, seg_from:seg_to] = keep
     return mask
 
 
-def _segment_experts(look: Tensor, k: int) -> Tensor:
-    scores = griffin_statistic(normalized_square_sum(look), accumulated=True)
-    return top_k_indices(scores, k).to(look.device)
+def _segment_experts(look: Tensor, k: int, layer: int) -> Tensor:
+    _, keep = choose_experts(normalized_square_sum(look), k, layer, look.dtype)
+    return keep.to(look.device)
 
 
 def griffin_refit_input(
@@ -187,6 +191,7 @@ def griffin_refit_input(
     method: str,
     alpha: float,
     refit_on_refresh: bool = DEFAULT_REFIT_ON_REFRESH,
+    layer: int = 0,
 ) -> Tensor:
     """``z`` with, in each segment, the dropped neurons replaced by their ridge prediction
     from the kept ones, fitted on the segment's look-back positions
@@ -204,7 +209,7 @@ def griffin_refit_input(
         reg: Regression | None = None
         for i, (look_from, look_to, seg_from, seg_to) in enumerate(segments):
             look = z[b, look_from:look_to]
-            keep = _segment_experts(look, k)
+            keep = _segment_experts(look, k, layer)
             if i == 0 or refit_on_refresh:
                 stats = GramStats.zeros(z.shape[-1], z.device)
                 stats.add(look)
@@ -241,8 +246,9 @@ def ff_setting(
                     setting.compensate,
                     setting.alpha,
                     setting.refit_on_refresh,
+                    layer,
                 )
-            return z * griffin_mask(z, setting.k[layer], segments)
+            return z * griffin_mask(z, setting.k[layer], segments, layer)
         mask = torch.ones_like(z)
         keep = torch.zeros(z.shape[-1], dtype=z.dtype, device=z.device)
         keep[setting.keep[layer].to(z.device)] = 1

@@ -47,12 +47,10 @@ from griffin_export.core.compensation import (
 )
 from griffin_export.core.schedule import RefreshSchedule
 from griffin_export.core.scoring import (
-    griffin_statistic,
     jaccard,
     normalized_squares,
-    top_k_indices,
 )
-from griffin_export.core.selection import non_finite_message
+from griffin_export.core.selection import choose_experts, non_finite_message
 from griffin_export.errors import UsageError
 from griffin_export.formats.exports import OpenedExport, open_export, original_source
 from griffin_export.formats.manifest import EXPERTS_FILE
@@ -340,9 +338,9 @@ class GriffinRuntime:
             )
         for layer, block in enumerate(blocks):
             z = self._rings[layer].cached(partial(self._activations, layer))  # [W, d_ff]
-            scores = griffin_statistic(normalized_squares(z).sum(dim=0), accumulated=True)
             current = self.slots[layer].clone()
-            new = top_k_indices(scores, current.numel())
+            sums = normalized_squares(z).sum(dim=0)
+            _, new = choose_experts(sums, current.numel(), layer, z.dtype)
             changed.append(self._swap_in(layer, block, new))
             if self.refit_on_refresh:
                 self._refit(layer, block, z)
