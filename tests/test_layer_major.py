@@ -125,3 +125,69 @@ def test_run_layer_major_raises_a_failure_and_ends_every_forward() -> None:
         )
     assert seen == [0, 0, 0, 1, 1]
     assert not [t for t in threading.enumerate() if t.name.startswith("griffin-prompt")]
+
+
+def _no_prompt_threads() -> bool:
+    return not [t for t in threading.enumerate() if t.name.startswith("griffin-prompt")]
+
+
+def test_a_thread_start_failing_ends_the_started_forwards_before_raising(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second prompt's thread fails to start: the error is raised only after the first
+    prompt's forward has ended, and the sink is never called after the raise. Catches a start
+    loop outside the handler that abandons and joins the started threads (the first forward
+    then waits for a turn that never comes, or feeds the sink after the call raised)."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    spec = spec_for("llama")
+    real_start = threading.Thread.start
+    starts: list[str] = []
+
+    def start(self: threading.Thread) -> None:
+        starts.append(self.name)
+        if len(starts) == 2:
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    calls: list[int] = []
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start"):
+        run_layer_major(
+            spec,
+            model,
+            [random_ids(6, s) for s in range(3)],
+            lambda layer, _z: calls.append(layer),
+            torch.device("cpu"),
+        )
+    at_raise = len(calls)
+    assert _no_prompt_threads()
+    for thread in threading.enumerate():  # without the fix: let a stray forward run on
+        if thread.name.startswith("griffin-prompt"):
+            thread.join(timeout=2)
+    assert len(calls) == at_raise
+
+
+def test_a_second_ctrl_c_while_ending_still_waits_for_every_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C while waiting for the forwards, then again while they are being ended: the
+    first interrupt is raised once no prompt thread is alive. Catches a second interrupt
+    escaping the wait and leaving forwards running after the call raised."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    spec = spec_for("llama")
+    real_join = threading.Thread.join
+    joins: list[str] = []
+
+    def join(self: threading.Thread, timeout: float | None = None) -> None:
+        joins.append(self.name)
+        if len(joins) <= 2:
+            raise KeyboardInterrupt
+        real_join(self, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", join)
+    with pytest.raises(KeyboardInterrupt):
+        run_layer_major(
+            spec, model, [random_ids(6, s) for s in range(3)], lambda *_: None, torch.device("cpu")
+        )
+    monkeypatch.undo()
+    assert _no_prompt_threads()

@@ -65,7 +65,11 @@ def run_layer_major(
 
     Each prompt is its own forward (no padding, no attention across prompts). Several prompts
     run as forwards on threads that take turns at every decoder block, exactly one computing
-    at a time (:class:`_Turns`); one prompt runs on the calling thread. Every forward stops at
+    at a time (:class:`_Turns`); one prompt runs on the calling thread. So every prompt's
+    forward is alive at once: one thread per prompt, each holding its residual stream
+    (``[seq, hidden]`` and that block's intermediates while it computes): memory grows with
+    the number (and length) of prompts, not with depth. On a failure, or Ctrl-C, every
+    started forward is ended and waited for before this raises. Every forward stops at
     the last layer's down-projection input (nothing after it matters for selection: not the
     last FF output, not the vocabulary-sized logits). ``on_prompt(i)`` is called when prompt
     ``i`` is done. Returns the number of tokens.
@@ -169,21 +173,35 @@ def _take_turns(
         threading.Thread(target=work, args=(i, ids), name=f"griffin-prompt-{i}", daemon=True)
         for i, ids in enumerate(prompts)
     ]
+    started: list[threading.Thread] = []
     try:
-        for thread in threads:
-            thread.start()
         try:
             for thread in threads:
+                thread.start()
+                started.append(thread)
+            for thread in started:
                 thread.join()
-        except BaseException as exc:  # Ctrl-C while waiting: end every forward at its turn
-            with turns.cond:
-                turns.failure = turns.failure or exc
-                turns.cond.notify_all()
-            for thread in threads:
-                thread.join()
+        except BaseException as exc:  # a start failed, or Ctrl-C while waiting
+            _abandon(turns, started, exc)
             raise
     finally:
         for handle in handles:
             handle.remove()
     if turns.failure is not None:
         raise turns.failure
+
+
+def _abandon(turns: _Turns, threads: Sequence[threading.Thread], failure: BaseException) -> None:
+    """End every started forward at its next turn (``failure`` is the reason) and wait for
+    all of them, so none runs or calls the sink once the caller has raised. A further
+    Ctrl-C while waiting does not stop the wait: the forwards end at their next turn anyway."""
+    with turns.cond:
+        turns.failure = turns.failure or failure
+        turns.cond.notify_all()
+    pending = list(threads)
+    while pending:
+        try:
+            pending[0].join()
+        except BaseException:  # a second Ctrl-C: keep waiting
+            continue
+        pending.pop(0)
