@@ -3,6 +3,7 @@ passed it, and its prompt activations go at once, so what is held does not grow 
 
 from __future__ import annotations
 
+import json
 import threading
 import weakref
 from pathlib import Path
@@ -191,3 +192,23 @@ def test_a_second_ctrl_c_while_ending_still_waits_for_every_forward(
         )
     monkeypatch.undo()
     assert _no_prompt_threads()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_export_scoring_progress_advances_layer_by_layer(tmp_path: Path, streaming: bool) -> None:
+    """The export's "score" progress counts layers, one step as each layer's experts are
+    chosen, in both the in-memory and the streaming export; streaming writes each layer right
+    after scoring it. Catches counting prompts (layer-major, all prompts finish together at the
+    last layer: the bar sits at 0 of N and then jumps)."""
+    src = save_tiny("llama", tmp_path / "src")
+    n_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    calls: list[tuple[str, int, int]] = []
+    prompts = ["The river runs to the sea.", "And the sea returns as rain."]  # != n_layers
+    record = lambda *call: calls.append(call)  # noqa: E731
+    export(str(src), prompts, 0.5, out=tmp_path / "out", streaming=streaming, progress=record)
+    scores = [call for call in calls if call[0] == "score"]
+    assert scores == [("score", layer, n_layers) for layer in range(n_layers + 1)]
+    if streaming:  # each layer is handed to the writer as soon as it is scored
+        for layer in range(1, n_layers + 1):
+            at = calls.index(("score", layer, n_layers))
+            assert calls[at + 1] == ("write", layer, n_layers)

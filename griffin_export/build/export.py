@@ -281,7 +281,9 @@ def export(
         )
 
     write_weights: Callable[[Path], tuple[Selection, Manifest]]
-    report("score", 0, len(ids))
+    # Layer-major: every prompt passes layer l before any passes l + 1, so scoring advances
+    # by layers (a count of prompts would sit at 0 until the last layer).
+    report("score", 0, len(ks))
     streamed = loaded.streamed
     if streamed is not None:
         # Scoring and writing are one pass: each block is sliced and written as soon as its
@@ -290,6 +292,10 @@ def export(
         params_after, bytes_after = plan_sizes(streamed, ks, d_ff)
         write_total = len(ks)
 
+        def layer_done(layer: int) -> None:  # scored, then sliced and handed to the writer
+            report("score", layer + 1, write_total)
+            report("write", layer + 1, write_total)
+
         def write_weights(directory: Path) -> tuple[Selection, Manifest]:
             done = select_and_write(
                 streamed,
@@ -297,8 +303,7 @@ def export(
                 ks,
                 directory,
                 shard_bytes,
-                on_prompt=lambda i: report("score", i + 1, len(ids)),
-                on_layer=lambda layer: report("write", layer + 1, write_total),
+                on_layer=layer_done,
                 compensation=how,
             )
             manifest = describe(done.selection, done.fingerprint)
@@ -313,9 +318,9 @@ def export(
             loaded.spec,
             loaded.model,
             ids,
-            on_prompt=lambda i: report("score", i + 1, len(ids)),
             k_per_layer=ks,
             compensation=how,
+            on_layer=lambda layer: report("score", layer + 1, len(ks)),
         )
         report("slice", 0, 1)
         if len(set(ks)) == 1:

@@ -137,6 +137,7 @@ def select_experts(
     on_prompt: Callable[[int], None] | None = None,
     k_per_layer: Sequence[int] | None = None,
     compensation: Compensation | None = None,
+    on_layer: Callable[[int], None] | None = None,
 ) -> Selection:
     """Run ``prompts`` (token-id tensors) through the full ``model`` and keep, in layer
     ``l``, the ``k_per_layer[l]`` neurons with the largest statistic pooled over all prompt
@@ -149,6 +150,10 @@ def select_experts(
     full-width weight (:func:`write_refit`; slicing then keeps exactly those values), each
     layer as soon as all prompts have passed it, so only one layer's prompt activations are
     held at a time. Later layers are still selected on the unrefitted model.
+
+    ``on_prompt(i)`` is called when prompt ``i`` has passed every layer (layer-major, so all
+    prompts finish together at the last layer); ``on_layer(l)`` when layer ``l``'s experts
+    are chosen (every prompt has passed it): the progress that advances through the run.
     """
     d_ff = spec.d_ff(model.config)
     blocks = spec.blocks(model)
@@ -166,9 +171,11 @@ def select_experts(
     # forward must see the full model): after that module's forward, or after the run.
     pending: dict[int, tuple[Tensor, Regression]] = {}
 
-    def on_layer(layer: int, keep: Tensor, regression: Regression | None) -> None:
+    def chosen(layer: int, keep: Tensor, regression: Regression | None) -> None:
         if regression is not None:
             pending[layer] = (keep, regression)
+        if on_layer is not None:
+            on_layer(layer)
 
     def write_pending(layer: int) -> None:
         if layer in pending:
@@ -176,7 +183,7 @@ def select_experts(
             weight = _down_weight(spec, blocks[layer]).data
             write_refit(spec, model, layer, keep, apply_stored(regression, weight, spec.transposed))
 
-    selector = LayerSelector(ks, len(ids), first.dtype, on_layer, compensation)
+    selector = LayerSelector(ks, len(ids), first.dtype, chosen, compensation)
     handles = [
         spec.down_module(block).register_forward_hook(
             lambda _m, _a, _o, layer=layer: write_pending(layer)
