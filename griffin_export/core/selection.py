@@ -149,7 +149,9 @@ def select_experts(
     prompt, in place: the refitted columns are written over the kept columns of the
     full-width weight (:func:`write_refit`; slicing then keeps exactly those values), each
     layer as soon as all prompts have passed it, so only one layer's prompt activations are
-    held at a time. Later layers are still selected on the unrefitted model.
+    held at a time. Later layers are still selected on the unrefitted model. This writes into
+    the caller's ``model`` as it goes: if a later layer fails (a non-finite statistic, Ctrl-C)
+    the layers before it stay refitted, so discard the model (or reload it) after an error.
 
     ``on_prompt(i)`` is called when prompt ``i`` has passed every layer (layer-major, so all
     prompts finish together at the last layer); ``on_layer(l)`` when layer ``l``'s experts
