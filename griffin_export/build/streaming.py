@@ -392,7 +392,8 @@ def _return_freed_blocks_to_the_os() -> None:
     threshold grows with each large free, up to 32 MiB, after which freed blocks' tensors stay
     in the heap). Streaming allocates and frees one block's tensors per layer; without this,
     freed blocks accumulate in the process's resident memory. Affects only where memory comes
-    from, never values; a no-op off glibc."""
+    from, never values; a no-op off glibc. Process-wide and never undone (glibc cannot report
+    the old threshold): see :func:`select_and_write`."""
     libc = _libc()
     with suppress(AttributeError):
         m_mmap_threshold = -3
@@ -430,7 +431,14 @@ def select_and_write(
     layer's). ``on_prompt(i)`` is called after prompt ``i``; ``on_layer(l)`` when layer ``l``'s
     experts are chosen and its tensors handed to the writer (when the last prompt reaches
     it). With an active ``compensation`` each layer's down projection is refitted on the
-    prompts' activations when its experts are chosen, as the in-memory path refits it."""
+    prompts' activations when its experts are chosen, as the in-memory path refits it.
+
+    Side effect on the whole process (glibc only): ``mallopt(M_MMAP_THRESHOLD, 4 MiB)``
+    (:func:`_return_freed_blocks_to_the_os`), so that freed blocks go back to the OS. It is
+    left set when this returns: glibc has no getter for the old threshold, and setting any
+    value also turns off glibc's dynamic threshold, so the previous state cannot be
+    restored. Later allocations of 4 MiB and more in the process are ``mmap``-ed; values
+    never change."""
     spec, model = streamed.spec, streamed.model
     d_ff = spec.d_ff(model.config)
     prompts = [p for p in prompts if p.numel()]
