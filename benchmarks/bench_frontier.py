@@ -90,7 +90,7 @@ def build(work: Path, prompt: str) -> tuple[dict[str, dict[str, Any]], str]:
     check = same_as_original(ensure_embedded("smollm2-135m"), full.out_dir)
     for method, outtype, imatrix in FULL:
         label = f"{method} {outtype}"
-        result = write_gguf_typed(
+        written = write_gguf_typed(
             full.out_dir,
             work / f"{method}-{outtype}.gguf",
             outtype,
@@ -101,11 +101,11 @@ def build(work: Path, prompt: str) -> tuple[dict[str, dict[str, Any]], str]:
         files[label] = {
             "method": method,
             "outtype": outtype,
-            "imatrix": (result.imatrix or {"source": "none"})["source"],
+            "imatrix": (written.imatrix or {"source": "none"})["source"],
             "keep": 1.0,
             "k": full.k_per_layer[0],
-            "path": result.path,
-            "warnings": result.warnings,
+            "path": written.path,
+            "warnings": written.warnings,
         }
     for keep in KEEPS:
         for outtype in ("q8_0", "q4_k_m"):
@@ -144,7 +144,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "frontier-smollm2.json")
     parser.add_argument("--png", type=Path, default=RESULTS / "frontier-smollm2.png")
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw --png from the rows of --out"
+    )
     args = parser.parse_args()
+    if args.replot:
+        draw(json.loads(args.out.read_text(encoding="utf-8"))["rows"], args.png)
+        return
     started = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="griffin-frontier-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -157,7 +163,7 @@ def main() -> None:
     title = args.work_name.upper()
     document = next(d for d in works if d.lstrip().upper().startswith(title))
     doc_ids = corpus_tokens(tokenizer, document, None)
-    prompt = tokenizer.decode(doc_ids[: args.prompt_tokens].tolist())
+    prompt = str(tokenizer.decode(doc_ids[: args.prompt_tokens].tolist()))
     held = doc_ids[args.prompt_tokens :]  # never in the prompt
     span = args.seq_len - (bos is not None)
     wiki = corpus_tokens(tokenizer, load_corpus("wiki-summaries").text, span * args.windows)
@@ -231,10 +237,10 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    draw(rows, args.png, texts)
+    draw(rows, args.png)
 
 
-def draw(rows: list[dict[str, Any]], png: Path, texts: dict[str, Any]) -> None:
+def draw(rows: list[dict[str, Any]], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,6 +250,7 @@ def draw(rows: list[dict[str, Any]], png: Path, texts: dict[str, Any]) -> None:
         "same-doc": "(a) held-out continuation of the prompt's work",
         "wiki": "(b) unrelated text (wiki-summaries)",
     }
+    texts = list(rows[0]["ppl"])
     fig, axes = plt.subplots(1, len(texts), figsize=(12, 4.8))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     markers = dict(zip(methods, "osD^v", strict=False))
@@ -254,7 +261,8 @@ def draw(rows: list[dict[str, Any]], png: Path, texts: dict[str, Any]) -> None:
             y = [r["ppl"][text] for r in series]
             ax.plot(x, y, marker=markers[method], label=method)
             for r, xi, yi in zip(series, x, y, strict=True):
-                ax.annotate(r["outtype"], (xi, yi), textcoords="offset points", xytext=(4, 4))
+                name = r["outtype"] + (f" k={r['k']}" if r["keep"] < 1 else "")
+                ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_title(titles[text])
         ax.set_xlabel("GGUF file size (MB)")
         ax.set_ylabel("perplexity (llama.cpp)")
