@@ -417,3 +417,26 @@ def test_cli_gguf_q4_k_m_with_prompt(wide_export: Path, tmp_path: Path) -> None:
     assert report["outtype"] == "q4_k_m" and report["imatrix"]["source"] == "prompt"
     assert report["imatrix"]["tokens"] == int(_prompt_ids(wide_export, PROMPT)[0].numel())
     assert _field(target, "general.file_type") == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+
+
+@pytest.mark.slow
+def test_embedded_model_q4_k_m_export_runs_close_to_its_f16(tmp_path: Path) -> None:
+    """``export(..., gguf="q4_k_m")`` on the embedded SmolLM2 (what ``griffin export --prompt
+    doc.txt --ratio 0.75 --gguf q4_k_m`` runs): k rounded to a multiple of 256, the prompt
+    imatrix recorded, and in llama.cpp the file's logits on the prompt follow the same export's
+    f16 GGUF: top-1 agreement >= 0.8 and RMS difference <= 0.3 of the logits' standard
+    deviation (measured on 140 tokens of examples/prompt.txt: 0.86 and 0.17). Catches a file
+    of other weights, a lost imatrix, or a quantizer handed the wrong types."""
+    prompt = (Path(__file__).parents[1] / "examples" / "prompt.txt").read_text(encoding="utf-8")
+    out = tmp_path / "smol"
+    result = export("smollm2-135m", [prompt], 0.75, out=out, gguf="q4_k_m")
+    assert {k % 256 for k in result.k_per_layer} == {0}
+    record = read_manifest(out).gguf
+    assert record is not None and record["imatrix"]["source"] == "prompt"
+    f16 = write_gguf(out, tmp_path / "smol-f16.gguf", "f16").path
+    ids = [int(i) for i in _prompt_ids(out, prompt)[0]]
+    want = llama_cpp_logits(f16, ids)
+    got = llama_cpp_logits(out / "model-q4_k_m.gguf", ids)
+    rms = float(np.sqrt(((got - want) ** 2).mean()) / want.std())
+    assert rms <= 0.3, rms
+    assert float((got.argmax(-1) == want.argmax(-1)).mean()) >= 0.8
