@@ -638,3 +638,43 @@ def _raising(exc: Exception) -> Any:
         raise exc
 
     return load_dataset
+
+
+def test_config_of_an_unknown_model_type_is_one_export_format_line(
+    src: Path, tmp_path: Path
+) -> None:
+    """A config.json whose model_type transformers does not know: export_config (used by
+    griffin gguf, opening exports and the quantizer) raises one ExportFormatError line naming
+    the file and "re-export", and griffin gguf exits 1 with it. Catches transformers'
+    bare ValueError escaping as a traceback."""
+    from griffin_export.errors import ExportFormatError
+    from griffin_export.formats.layout import export_config
+
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(config | {"model_type": "no-such-family"}))
+    with pytest.raises(ExportFormatError) as caught:
+        export_config(broken)
+    message = str(caught.value)
+    assert "\n" not in message and str(broken / "config.json") in message
+    assert "re-export" in message
+    done = griffin("gguf", str(broken), "--outtype", "f16")
+    assert done.exit_code == 1 and "re-export" in done.output and "Traceback" not in done.output
+
+
+def test_quantizer_prompt_with_a_broken_tokenizer_names_its_files(
+    src: Path, tmp_path: Path
+) -> None:
+    """prompt_ids (griffin gguf --prompt) with a tokenizer file that does not parse: one
+    ModelLoadError line naming the file, as every other command says it. Catches calling
+    AutoTokenizer.from_pretrained directly (its own exception types escape)."""
+    from griffin_export.engines.quantize import prompt_ids
+
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelLoadError) as caught:
+        prompt_ids(broken, ["Rain falls."])
+    message = str(caught.value)
+    assert "\n" not in message and "tokenizer.json" in message

@@ -51,6 +51,8 @@ from griffin_export.engines.llamacpp import (
 from griffin_export.errors import ExportFormatError, UsageError
 from griffin_export.formats.exports import require_export_dir
 from griffin_export.formats.layout import export_config, load_pretrained
+from griffin_export.storage.loading import load_tokenizer
+from griffin_export.storage.sources import SourceRef
 
 #: The binding whose struct layout ``_llamacpp_quantize.py`` fills in (pyproject ``[llama]``).
 BINDING = "llama-cpp-python"
@@ -532,10 +534,10 @@ def check_imatrix(
 def prompt_ids(export_dir: str | Path, prompts: Sequence[str]) -> list[Tensor]:
     """Token ids of each prompt with the export's own tokenizer, truncated to its context
     (as ``griffin export`` tokenized the prompt that chose the experts)."""
-    from transformers import AutoTokenizer
-
     directory = Path(export_dir)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = load_tokenizer(SourceRef(str(directory), "directory", directory, str(directory)))
+    if tokenizer is None:
+        raise UsageError(f"'{directory}' has no tokenizer files; re-export from a model with them")
     context = getattr(export_config(directory), "max_position_embeddings", None)
     ids = []
     for text in prompts:

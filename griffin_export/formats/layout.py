@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from griffin_export.core.architectures import ArchSpec, spec_for
 from griffin_export.core.slicing import check_keep, prune_block
-from griffin_export.errors import ExportFormatError, ModelLoadError
+from griffin_export.errors import ExportFormatError, ModelLoadError, first_line
 from griffin_export.formats.decilm import is_decilm, source_config
 from griffin_export.formats.manifest import SIZES_KEY
 from griffin_export.storage.jsonfile import read_json_object
@@ -240,7 +240,12 @@ def export_config(directory: str | Path) -> Any:
     except ValueError as exc:
         raise ExportFormatError(f"'{path}' is {exc}; re-export") from exc
     if not is_decilm(raw):
-        return AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        try:
+            return AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        except Exception as exc:  # transformers raises ValueError, KeyError, OSError, ...
+            raise ExportFormatError(
+                f"'{path}' is not a transformers config ({first_line(exc, 200)}); re-export"
+            ) from exc
     data = source_config(raw)
     spec_for(data["model_type"])  # names an unsupported family in one line
     return CONFIG_MAPPING[data["model_type"]].from_dict(data)
