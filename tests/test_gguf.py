@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -416,7 +417,8 @@ def test_embedded_model_ggufs_match_transformers(budget: str, tmp_path: Path) ->
 
 #: A stand-in for llama.cpp's converter: the driver imports ``gguf`` first, so a ``gguf``
 #: package that writes 30 log lines and two redraws of a progress bar to stderr, starts the
-#: output file, then hangs (``sleep``) or gives up with an ERROR line (``fail``).
+#: output file, then hangs (``sleep``), kills itself with a real-time signal (``signal``) or
+#: gives up with an ERROR line (``fail``).
 FAKE_GGUF = """
 import os, sys, time
 for i in range(30):
@@ -429,6 +431,9 @@ with open(sys.argv[2], "wb") as partial:
 if os.environ["GRIFFIN_FAKE_CONVERTER"] == "sleep":
     print("INFO:fake:about to hang", file=sys.stderr, flush=True)
     time.sleep(600)
+if os.environ["GRIFFIN_FAKE_CONVERTER"] == "signal":
+    import signal
+    os.kill(os.getpid(), signal.SIGRTMIN + 6)  # a real-time signal: Python has no name for it
 print("ERROR:fake:the fake converter gives up", file=sys.stderr, flush=True)
 sys.exit(3)
 """
@@ -519,6 +524,24 @@ def test_converter_failure_carries_its_last_lines(
     tail = [*FAKE_LINES[:-2], FAKE_LINES[-1], "ERROR:fake:the fake converter gives up"][-20:]
     assert caught.value.output == tail and tail[0] == "INFO:fake:line 12"
     assert " | ".join(tail) in message and "line 11 " not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGRTMIN"), reason="no real-time signals here")
+def test_converter_killed_by_an_unnamed_signal_says_its_number(
+    plain_export: Path, fake_converter: Callable[[str], None], tmp_path: Path
+) -> None:
+    """A converter killed by a real-time signal (which signal.Signals cannot name): one
+    ConverterError line "killed by signal N" with its last output, nothing left. Catches
+    ``signal.Signals(-code)`` raising ValueError in place of the converter's error."""
+    fake_converter("signal")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConverterError) as caught:
+        write_gguf(plain_export, tmp_path / "m.gguf", "f16")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"failed (killed by signal {int(signal.SIGRTMIN) + 6})" in message
+    assert "INFO:fake:line 29" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

@@ -448,8 +448,17 @@ def run_child(
             list(tail),
         )
     if code != 0:
-        how = f"exit code {code}" if code > 0 else f"killed by {signal.Signals(-code).name}"
+        how = f"exit code {code}" if code > 0 else f"killed by {signal_name(-code)}"
         raise ConverterError(f"{tool} failed ({how}): {_last_error(list(tail))}{said}", list(tail))
+
+
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for a signal Python names, else ``signal 40`` (real-time signals have no
+    name in :class:`signal.Signals`)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _kill(child: subprocess.Popen[bytes]) -> None:
