@@ -163,7 +163,7 @@ def _flocking(
     as_json: bool,
 ) -> None:
     from griffin_export.build.prompts import read_prompt_file
-    from griffin_export.storage.loading import load_model
+    from griffin_export.storage.loading import load_model, require_tokenizer
     from griffin_export.storage.sources import resolve_source
 
     if plot is None and not as_json:
@@ -173,9 +173,8 @@ def _flocking(
     plt = _pyplot() if plot is not None else None
     text = read_prompt_file(prompt)
     loaded = load_model(resolve_source(model), None, "cpu")
-    if loaded.tokenizer is None:
-        raise UsageError(f"'{model}' has no tokenizer files; add them to the model directory")
-    result = flocking(loaded.model, loaded.tokenizer, text, layer, max_tokens)
+    tokenizer = require_tokenizer(loaded.tokenizer, model)
+    result = flocking(loaded.model, tokenizer, text, layer, max_tokens)
     if plot is not None:
         _plot_flocking(result, neurons, sort, plot, plt)
     if as_json:

@@ -678,3 +678,31 @@ def test_quantizer_prompt_with_a_broken_tokenizer_names_its_files(
         prompt_ids(broken, ["Rain falls."])
     message = str(caught.value)
     assert "\n" not in message and "tokenizer.json" in message
+
+
+def test_a_model_without_tokenizer_files_is_the_same_line_everywhere(
+    src: Path, tmp_path: Path
+) -> None:
+    """A model directory without tokenizer files: griffin export, griffin inspect --prompt,
+    and the runtime's generate (an export whose tokenizer files are gone) all refuse it with
+    the one line of require_tokenizer naming the directory. Catches a command with its own
+    wording (the runtime's did not name the export) or one that reaches the tokenizer call
+    with None (a TypeError)."""
+    from types import SimpleNamespace
+
+    from griffin_export.storage.sources import TOKENIZER_FILES
+
+    bare = tmp_path / "bare"
+    shutil.copytree(src, bare)
+    for name in TOKENIZER_FILES:
+        (bare / name).unlink(missing_ok=True)
+    wanted = f"'{bare}' has no tokenizer files; add them to its directory"
+    with pytest.raises(UsageError, match=re.escape(wanted)):
+        export(str(bare), ["Rain falls."], 0.5, out=tmp_path / "e")
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Rain falls.")
+    done = griffin("inspect", "--model", str(bare), "--prompt", str(prompt), "--json")
+    assert done.exit_code == 2 and wanted in done.output
+    runtime = SimpleNamespace(tokenizer=None, export=SimpleNamespace(directory=bare))
+    with pytest.raises(UsageError, match=re.escape(wanted)):
+        GriffinRuntime.generate(runtime, "Rain")  # type: ignore[arg-type]

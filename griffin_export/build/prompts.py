@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from griffin_export.errors import UsageError
-from griffin_export.storage.loading import LoadedModel
+from griffin_export.storage.loading import LoadedModel, require_tokenizer
 
 
 def read_prompt_file(path: str) -> str:
@@ -69,17 +69,14 @@ def tokenize_prompts(
     loaded: LoadedModel, prompts: Sequence[str], max_tokens: int | None
 ) -> tuple[list[Tensor], list[str]]:
     """Token ids of each prompt, truncated to ``max_tokens`` and the model's context."""
-    if loaded.tokenizer is None:
-        raise UsageError(
-            f"'{loaded.source.name}' has no tokenizer files; add them to the model directory"
-        )
+    tokenizer = require_tokenizer(loaded.tokenizer, loaded.source.name)
     context = getattr(loaded.model.config, "max_position_embeddings", None)
     limits = [v for v in (max_tokens, context) if isinstance(v, int) and v > 0]
     limit = min(limits) if limits else None
     warnings: list[str] = []
     ids: list[Tensor] = []
     for i, text in enumerate(prompts):
-        encoded = torch.tensor(loaded.tokenizer(text)["input_ids"], dtype=torch.long)
+        encoded = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
         if limit is not None and encoded.numel() > limit:
             why = "--max-prompt-tokens" if limit == max_tokens else "the model's context length"
             warnings.append(

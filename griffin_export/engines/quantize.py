@@ -51,7 +51,7 @@ from griffin_export.engines.llamacpp import (
 from griffin_export.errors import ExportFormatError, UsageError
 from griffin_export.formats.exports import require_export_dir
 from griffin_export.formats.layout import export_config, load_pretrained
-from griffin_export.storage.loading import load_tokenizer
+from griffin_export.storage.loading import load_tokenizer, require_tokenizer
 from griffin_export.storage.sources import SourceRef
 
 #: The binding whose struct layout ``_llamacpp_quantize.py`` fills in (pyproject ``[llama]``).
@@ -535,9 +535,8 @@ def prompt_ids(export_dir: str | Path, prompts: Sequence[str]) -> list[Tensor]:
     """Token ids of each prompt with the export's own tokenizer, truncated to its context
     (as ``griffin export`` tokenized the prompt that chose the experts)."""
     directory = Path(export_dir)
-    tokenizer = load_tokenizer(SourceRef(str(directory), "directory", directory, str(directory)))
-    if tokenizer is None:
-        raise UsageError(f"'{directory}' has no tokenizer files; re-export from a model with them")
+    source = SourceRef(str(directory), "directory", directory, str(directory))
+    tokenizer = require_tokenizer(load_tokenizer(source), directory)
     context = getattr(export_config(directory), "max_position_embeddings", None)
     ids = []
     for text in prompts:

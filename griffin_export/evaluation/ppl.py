@@ -48,7 +48,7 @@ from griffin_export.evaluation.protocols import (
 )
 from griffin_export.formats.exports import is_export, load_original, open_export_with_original
 from griffin_export.formats.verify import check_export_files
-from griffin_export.storage.loading import load_model, parse_dtype
+from griffin_export.storage.loading import load_model, parse_dtype, require_tokenizer
 from griffin_export.storage.sources import resolve_source
 
 # -- baselines ---------------------------------------------------------------------------------
@@ -358,8 +358,7 @@ def perplexity(
         full = load_model(resolve_source(model, progress), parse_dtype(dtype), device)
         tokenizer = full.tokenizer
     report("load", 1, 1)
-    if tokenizer is None:
-        raise UsageError(f"'{model}' has no tokenizer files; add them to the model directory")
+    tokenizer = require_tokenizer(tokenizer, model)
 
     bos = bos_token(tokenizer)
     span = seq_len - (bos is not None)  # corpus tokens per window

@@ -53,7 +53,7 @@ from griffin_export.evaluation.eval_modes import (
 from griffin_export.evaluation.tasks import LOCAL_TASKS, prepare
 from griffin_export.formats.exports import is_export, load_original, open_export
 from griffin_export.formats.verify import check_original_model
-from griffin_export.storage.loading import load_model, parse_dtype
+from griffin_export.storage.loading import load_model, parse_dtype, require_tokenizer
 from griffin_export.storage.sources import cache_dir, resolve_source
 
 INSTALL_HINT = "pip install 'griffin-export[eval]'"
@@ -368,9 +368,9 @@ def evaluate_tasks(
         )
     models["full"] = (full.model, full.spec, full.tokenizer)
     report("load", len(sources), len(sources))
-    tokenizer = full.tokenizer or next((t for _, _, t in models.values() if t), None)
-    if tokenizer is None:
-        raise UsageError(f"'{sources[0]}' has no tokenizer files; add them to the model directory")
+    tokenizer = require_tokenizer(
+        full.tokenizer or next((t for _, _, t in models.values() if t), None), sources[0]
+    )
 
     from lm_eval import evaluator
 

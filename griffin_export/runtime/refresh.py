@@ -55,6 +55,7 @@ from griffin_export.errors import UsageError
 from griffin_export.formats.exports import OpenedExport, open_export, original_source
 from griffin_export.formats.manifest import EXPERTS_FILE
 from griffin_export.formats.verify import check_original
+from griffin_export.storage.loading import require_tokenizer
 from griffin_export.storage.safetensors_io import SafetensorsReader, load_state
 
 
@@ -452,10 +453,7 @@ class GriffinRuntime:
         lists (:class:`RefreshEvent`). ``on_token(id)`` is called as each token is produced.
         """
         _check_generation_options(max_new_tokens, refresh_every, window, temperature, top_p, top_k)
-        if self.tokenizer is None:
-            raise UsageError(
-                "the export has no tokenizer files; re-export from a model that has them"
-            )
+        require_tokenizer(self.tokenizer, self.export.directory)
         if not prompt.strip():
             raise UsageError("the prompt is empty; pass --prompt FILE or --prompt-text TEXT")
         device = next(self.model.parameters()).device

@@ -217,6 +217,17 @@ def load_tokenizer(source: SourceRef) -> Any | None:
         ) from exc
 
 
+def require_tokenizer(tokenizer: Any | None, name: str | Path) -> Any:
+    """``tokenizer`` (from :func:`load_tokenizer`), or the one-line ``UsageError`` every
+    command gives for a model or export ``name`` without tokenizer files."""
+    if tokenizer is None:
+        raise UsageError(
+            f"'{name}' has no tokenizer files; add them to its directory (an export has them "
+            "when the model it was made from does)"
+        )
+    return tokenizer
+
+
 #: The file whose end tokens (``eos_token_id``) and sampling defaults generation uses.
 GENERATION_CONFIG = "generation_config.json"
 
