@@ -706,3 +706,22 @@ def test_a_model_without_tokenizer_files_is_the_same_line_everywhere(
     runtime = SimpleNamespace(tokenizer=None, export=SimpleNamespace(directory=bare))
     with pytest.raises(UsageError, match=re.escape(wanted)):
         GriffinRuntime.generate(runtime, "Rain")  # type: ignore[arg-type]
+
+
+def test_a_directory_without_config_is_the_same_usage_line_for_every_export_reader(
+    tmp_path: Path,
+) -> None:
+    """load_pretrained and write_gguf (griffin gguf) given a directory without config.json:
+    the same one-line UsageError (exit 2) naming it and what to pass. Catches the two
+    readers' own checks drifting apart (they raised different error types)."""
+    from griffin_export.engines.llamacpp import write_gguf
+    from griffin_export.formats.layout import load_pretrained
+
+    (tmp_path / "weights").mkdir()
+    messages = []
+    for read in (load_pretrained, lambda d: write_gguf(d, tmp_path / "m.gguf", "f16")):
+        with pytest.raises(UsageError) as caught:
+            read(tmp_path / "weights")
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "\n" not in messages[0]
+    assert f"'{tmp_path / 'weights'}' is not an export directory (no config.json)" in messages[0]

@@ -47,8 +47,7 @@ from griffin_export.errors import (
     UsageError,
 )
 from griffin_export.formats.decilm import is_decilm
-from griffin_export.formats.exports import require_export_dir
-from griffin_export.formats.layout import export_config, per_layer_sizes
+from griffin_export.formats.layout import export_config, per_layer_sizes, require_export_dir
 from griffin_export.storage.jsonfile import read_json_object
 
 #: Output types offered: llama.cpp's converter writes them directly (no separate quantize step).
@@ -272,11 +271,6 @@ def write_gguf(
     check_outtype(outtype)
     limit = check_timeout(timeout)
     directory = require_export_dir(export_dir)
-    if not (directory / "config.json").is_file():
-        raise UsageError(
-            f"'{export_dir}' is not an export directory (no config.json); pass the directory "
-            "griffin export --out wrote"
-        )
     config = export_config(directory)
     check_llama_cpp_family(config.model_type)
     widths = gguf_widths(directory, config)

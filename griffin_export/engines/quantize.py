@@ -49,8 +49,7 @@ from griffin_export.engines.llamacpp import (
     write_gguf,
 )
 from griffin_export.errors import ExportFormatError, UsageError
-from griffin_export.formats.exports import require_export_dir
-from griffin_export.formats.layout import export_config, load_pretrained
+from griffin_export.formats.layout import export_config, load_pretrained, require_export_dir
 from griffin_export.storage.loading import load_tokenizer, require_tokenizer
 from griffin_export.storage.sources import SourceRef
 

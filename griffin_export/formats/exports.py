@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from griffin_export.core.architectures import ArchSpec, spec_for
 from griffin_export.core.slicing import _sync_shape_attributes
-from griffin_export.errors import ExportFormatError, ModelLoadError, UsageError
-from griffin_export.formats.layout import export_config, load_pretrained
+from griffin_export.errors import ExportFormatError, ModelLoadError
+from griffin_export.formats.layout import export_config, load_pretrained, require_export_dir
 from griffin_export.formats.manifest import (
     is_export as is_export,  # re-exported: callers open exports from here
 )
@@ -28,18 +28,6 @@ from griffin_export.storage.loading import (
 )
 from griffin_export.storage.safetensors_io import SafetensorsReader
 from griffin_export.storage.sources import SourceRef, resolve_source
-
-
-def require_export_dir(path: str | Path) -> Path:
-    """``path`` as an export directory; a model file (a ``.gguf``, a safetensors file) is
-    refused with how to make an export from it."""
-    directory = Path(path)
-    if directory.is_file():
-        raise UsageError(
-            f"'{path}' is a file; this command needs an export directory: make one with "
-            f"griffin export --model {path}"
-        )
-    return directory
 
 
 @dataclass

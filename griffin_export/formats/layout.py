@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from griffin_export.core.architectures import ArchSpec, spec_for
 from griffin_export.core.slicing import check_keep, prune_block
-from griffin_export.errors import ExportFormatError, ModelLoadError, first_line
+from griffin_export.errors import ExportFormatError, ModelLoadError, UsageError, first_line
 from griffin_export.formats.decilm import is_decilm, source_config
 from griffin_export.formats.manifest import SIZES_KEY
 from griffin_export.storage.jsonfile import read_json_object
@@ -104,6 +104,23 @@ def checkpoint_ff_sizes(directory: str | Path, spec: ArchSpec, n_layers: int) ->
     return sizes
 
 
+def require_export_dir(path: str | Path) -> Path:
+    """``path`` as an export directory: one ``UsageError`` line for a model file (a ``.gguf``,
+    a safetensors file: how to make an export from it) or a directory without config.json."""
+    directory = Path(path)
+    if directory.is_file():
+        raise UsageError(
+            f"'{path}' is a file; this command needs an export directory: make one with "
+            f"griffin export --model {path}"
+        )
+    if not (directory / "config.json").is_file():
+        raise UsageError(
+            f"'{path}' is not an export directory (no config.json); pass the directory "
+            "griffin export --out wrote"
+        )
+    return directory
+
+
 def load_pretrained(
     directory: str | Path,
     *,
@@ -124,12 +141,7 @@ def load_pretrained(
     """
     from transformers import AutoModelForCausalLM
 
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(
-            f"'{directory}' has no config.json; pass a griffin export directory (griffin export "
-            "--out DIR writes one)"
-        )
+    path = require_export_dir(directory)
     config = export_config(path)
     sizes = per_layer_sizes(config)
     wanted = dtype if dtype is not None else (getattr(config, "dtype", None) or torch.float32)
