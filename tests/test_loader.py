@@ -72,9 +72,9 @@ def test_modified_sizes_are_refused(tmp_path: Path) -> None:
 
 
 def test_missing_directory_is_refused(tmp_path: Path) -> None:
-    from griffin_export.errors import ModelLoadError
+    from griffin_export.errors import UsageError
 
-    with pytest.raises(ModelLoadError, match=r"config\.json"):
+    with pytest.raises(UsageError, match=r"config\.json"):
         load_pretrained(tmp_path / "nope")
 
 
