@@ -453,11 +453,11 @@ class GriffinRuntime:
         lists (:class:`RefreshEvent`). ``on_token(id)`` is called as each token is produced.
         """
         _check_generation_options(max_new_tokens, refresh_every, window, temperature, top_p, top_k)
-        require_tokenizer(self.tokenizer, self.export.directory)
+        tokenizer = require_tokenizer(self.tokenizer, self.export.directory)
         if not prompt.strip():
             raise UsageError("the prompt is empty; pass --prompt FILE or --prompt-text TEXT")
         device = next(self.model.parameters()).device
-        ids = torch.tensor([_prompt_ids(self.tokenizer, prompt, chat)], device=device)
+        ids = torch.tensor([_prompt_ids(tokenizer, prompt, chat)], device=device)
         if seed is None and temperature > 0:
             seed = secrets.randbits(63)
         generator = torch.Generator(device="cpu")
@@ -496,7 +496,7 @@ class GriffinRuntime:
             for handle in handles:
                 handle.remove()
         seconds = time.perf_counter() - started
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
         return GenerationResult(text, generated, ids.shape[1], seconds, events, seed)
 
     def stop_ids(self) -> set[int]:
