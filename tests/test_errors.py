@@ -725,3 +725,72 @@ def test_a_directory_without_config_is_the_same_usage_line_for_every_export_read
         messages.append(str(caught.value))
     assert messages[0] == messages[1] and "\n" not in messages[0]
     assert f"'{tmp_path / 'weights'}' is not an export directory (no config.json)" in messages[0]
+
+
+@pytest.fixture
+def reader_spy(monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], list[Any]]:
+    """(opened, closed): every SafetensorsReader that SafetensorsReader.open made, and every
+    close() call's reader."""
+    from griffin_export.storage.safetensors_io import SafetensorsReader
+
+    opened: list[Any] = []
+    closed: list[Any] = []
+    open_, close = SafetensorsReader.open.__func__, SafetensorsReader.close  # type: ignore[attr-defined]
+
+    def spy_open(cls: Any, directory: Any) -> Any:
+        opened.append(open_(cls, directory))
+        return opened[-1]
+
+    def spy_close(self: Any) -> None:
+        closed.append(self)
+        close(self)
+
+    monkeypatch.setattr(SafetensorsReader, "open", classmethod(spy_open))
+    monkeypatch.setattr(SafetensorsReader, "close", spy_close)
+    return opened, closed
+
+
+def test_a_streamed_load_that_fails_closes_its_reader(
+    src: Path, tmp_path: Path, reader_spy: tuple[list[Any], list[Any]]
+) -> None:
+    """load_streamed on a checkpoint that lacks a non-block tensor (the final norm): the
+    ModelLoadError, and the reader it opened closed. Catches a reader (open shard files) left
+    behind on the error path, as only the returned model closed it."""
+    from griffin_export.build.streaming import load_streamed
+    from griffin_export.storage.sources import SourceRef
+
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    source = SourceRef(str(broken), "directory", broken, str(broken))
+    with pytest.raises(ModelLoadError, match=r"model\.norm\.weight"):
+        load_streamed(source, spec_for("llama"), "llama", None, "cpu", None)
+    opened, closed = reader_spy
+    assert opened and all(any(r is c for c in closed) for r in opened)
+
+
+def test_opening_an_export_that_fails_closes_its_reader(
+    src: Path,
+    tmp_path: Path,
+    reader_spy: tuple[list[Any], list[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """open_export_with_original failing while it reads the export's tensors (an
+    ExportFormatError from its config): every reader it opened is closed. Catches the
+    reader.close() skipped by the raise."""
+    from griffin_export.errors import ExportFormatError
+    from griffin_export.formats import exports
+
+    out = tmp_path / "e"
+    export(str(src), ["Rain falls on the hills."], 0.5, out=out)
+
+    def refuse(directory: Any) -> Any:
+        raise ExportFormatError("refused")
+
+    monkeypatch.setattr(exports, "export_config", refuse)
+    opened, closed = reader_spy
+    with pytest.raises(ExportFormatError, match="refused"):
+        exports.open_export_with_original(out, None)
+    assert opened and all(any(r is c for c in closed) for r in opened)

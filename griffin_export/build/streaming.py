@@ -99,10 +99,28 @@ def load_streamed(
 ) -> StreamedModel:
     """Build the skeleton of ``source`` (a safetensors directory) with only its non-block
     tensors in memory, on ``device``."""
+    assert source.directory is not None
+    reader = SafetensorsReader.open(source.directory)
+    try:
+        return _streamed(reader, source, spec, model_type, dtype, device, tokenizer)
+    except BaseException:  # the model that would own the reader is not made: close it here
+        reader.close()
+        raise
+
+
+def _streamed(
+    reader: SafetensorsReader,
+    source: SourceRef,
+    spec: ArchSpec,
+    model_type: str,
+    dtype: torch.dtype | None,
+    device: str,
+    tokenizer: Any,
+) -> StreamedModel:
+    """:func:`load_streamed`'s work on the open ``reader`` (its caller closes it on error)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     assert source.directory is not None
-    reader = SafetensorsReader.open(source.directory)
     config = AutoConfig.from_pretrained(source.load_id, trust_remote_code=False)
     if dtype is None:  # dtype="auto", as from_pretrained resolves it
         dtype = getattr(config, "dtype", None) or reader.first_float_dtype() or torch.float32

@@ -114,36 +114,35 @@ def open_export_with_original(
     source = SourceRef(str(directory), "directory", directory, str(directory))
     full = load_original(directory, manifest, original, device)
     spec = full.spec
-    reader = SafetensorsReader.open(directory)
-    ff_keys = {
-        spec.param_name(layer, role, kind)
-        for layer in range(len(spec.blocks(full.model)))
-        for role in spec.roles()
-        for kind in ("weight", "bias")
-    }
-    own: dict[int, Tensor] = {}  # id of an original tensor -> its placeholder in the copy
-    for name, tensor in [*full.model.named_parameters(), *full.model.named_buffers()]:
-        if name in ff_keys or (name in reader and not _same_bytes(reader, name, tensor)):
-            own[id(tensor)] = nn.Parameter(torch.empty(0, dtype=tensor.dtype), False)
-    memo: dict[int, Any] = {id(t): t for t in _all_tensors(full.model) if id(t) not in own}
-    memo.update(own)
-    model = copy.deepcopy(full.model, memo)
-    model.config = export_config(directory)
-    for prefix, module in model.named_modules():
-        for attr, current in [
-            *module.named_parameters(recurse=False),
-            *module.named_buffers(recurse=False),
-        ]:
-            if current.numel() or not any(current is p for p in own.values()):
-                continue
-            name = f"{prefix}.{attr}" if prefix else attr
-            if name not in reader:
-                raise ExportFormatError(
-                    f"'{directory}' has no tensor '{name}'; re-run griffin export"
-                )
-            value = reader.get(name).to(device=device, dtype=current.dtype)
-            setattr(module, attr, nn.Parameter(value, requires_grad=False))
-    reader.close()
+    with SafetensorsReader.open(directory) as reader:
+        ff_keys = {
+            spec.param_name(layer, role, kind)
+            for layer in range(len(spec.blocks(full.model)))
+            for role in spec.roles()
+            for kind in ("weight", "bias")
+        }
+        own: dict[int, Tensor] = {}  # id of an original tensor -> its placeholder in the copy
+        for name, tensor in [*full.model.named_parameters(), *full.model.named_buffers()]:
+            if name in ff_keys or (name in reader and not _same_bytes(reader, name, tensor)):
+                own[id(tensor)] = nn.Parameter(torch.empty(0, dtype=tensor.dtype), False)
+        memo: dict[int, Any] = {id(t): t for t in _all_tensors(full.model) if id(t) not in own}
+        memo.update(own)
+        model = copy.deepcopy(full.model, memo)
+        model.config = export_config(directory)
+        for prefix, module in model.named_modules():
+            for attr, current in [
+                *module.named_parameters(recurse=False),
+                *module.named_buffers(recurse=False),
+            ]:
+                if current.numel() or not any(current is p for p in own.values()):
+                    continue
+                name = f"{prefix}.{attr}" if prefix else attr
+                if name not in reader:
+                    raise ExportFormatError(
+                        f"'{directory}' has no tensor '{name}'; re-run griffin export"
+                    )
+                value = reader.get(name).to(device=device, dtype=current.dtype)
+                setattr(module, attr, nn.Parameter(value, requires_grad=False))
     for block in spec.blocks(model):
         for module in spec.projections(block).values():
             _sync_shape_attributes(module)
