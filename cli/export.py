@@ -27,8 +27,7 @@ from griffin_export.build.export import ExportResult, export
 from griffin_export.build.prompts import gather_prompts
 from griffin_export.core.budgets import DEFAULT_BUDGET
 from griffin_export.core.compensation import DEFAULT_METHOD
-from griffin_export.engines.llamacpp import DEFAULT_TIMEOUT, Progress
-from griffin_export.errors import UsageError
+from griffin_export.engines.llamacpp import Progress
 from griffin_export.formats.manifest import DEFAULT_CHECKPOINT_FORMAT
 from griffin_export.storage.sources import DEFAULT_MODEL
 
@@ -167,10 +166,6 @@ def export_command(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Prune every FF layer to the neurons the prompt uses and write a smaller checkpoint."""
-    if timeout is not None and gguf is None:
-        raise UsageError("--timeout limits the --gguf conversion; add --gguf TYPE or drop it")
-    if imatrix is not None and gguf is None:
-        raise UsageError("--imatrix calibrates the --gguf quantizer; add --gguf TYPE or drop it")
     prompts = gather_prompts(prompt, prompt_text)
     with stage_progress(_STAGES, transient=as_json) as on_progress:
         progress, on_line = following_stage(on_progress)
@@ -193,7 +188,7 @@ def export_command(
             alpha=alpha,
             checkpoint_format=checkpoint_format,
             gguf=gguf,
-            gguf_timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+            gguf_timeout=timeout,
             gguf_on_line=on_line,
             gguf_imatrix=imatrix,
             progress=progress,

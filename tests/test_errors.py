@@ -794,3 +794,21 @@ def test_opening_an_export_that_fails_closes_its_reader(
     with pytest.raises(ExportFormatError, match="refused"):
         exports.open_export_with_original(out, None)
     assert opened and all(any(r is c for c in closed) for r in opened)
+
+
+@pytest.mark.parametrize(
+    ("option", "flag"),
+    [({"gguf_timeout": 60.0}, "--timeout"), ({"gguf_imatrix": "none"}, "--imatrix")],
+)
+def test_gguf_options_without_gguf_are_refused_by_the_library(
+    src: Path, tmp_path: Path, option: dict[str, Any], flag: str
+) -> None:
+    """export(gguf_timeout=...) or export(gguf_imatrix=...) without gguf: one UsageError line
+    naming the option and --gguf, nothing written, as the CLI says it. Catches a check made
+    only in the CLI (a library caller's option silently ignored)."""
+    out = tmp_path / "e"
+    with pytest.raises(UsageError, match=f"{flag} .*add --gguf TYPE or drop it"):
+        export(str(src), ["Rain falls."], 0.5, out=out, **option)
+    assert not out.exists()
+    done = griffin(*export_args(src, out, *TEXT), flag, "60" if flag == "--timeout" else "none")
+    assert done.exit_code == 2 and "add --gguf TYPE or drop it" in done.output

@@ -136,7 +136,7 @@ def export(
     alpha: float | None = None,
     checkpoint_format: str = DEFAULT_CHECKPOINT_FORMAT,
     gguf: str | None = None,
-    gguf_timeout: float = DEFAULT_TIMEOUT,
+    gguf_timeout: float | None = None,
     gguf_on_line: Callable[[str], None] | None = None,
     gguf_imatrix: str | Path | None = None,
     progress: Progress | None = None,
@@ -189,7 +189,8 @@ def export(
             ``"none"``, or an imatrix file of llama.cpp's; recorded in the manifest.
         gguf_timeout, gguf_on_line: with ``gguf``, the converter's time limit in seconds and
             a callback for each line of its output (``timeout`` and ``on_line`` of
-            :func:`~griffin_export.engines.llamacpp.write_gguf`).
+            :func:`~griffin_export.engines.llamacpp.write_gguf`; default its limit).
+            ``gguf_timeout`` or ``gguf_imatrix`` without ``gguf`` is refused (UsageError).
         progress: optional ``(stage, done, total)`` callback.
 
     Returns:
@@ -210,6 +211,11 @@ def export(
         raise UsageError(
             f"--max-prompt-tokens must be at least 1, got {max_prompt_tokens}; omit it for no limit"
         )
+    if gguf is None and gguf_timeout is not None:
+        raise UsageError("--timeout limits the --gguf conversion; add --gguf TYPE or drop it")
+    if gguf is None and gguf_imatrix is not None:
+        raise UsageError("--imatrix calibrates the --gguf quantizer; add --gguf TYPE or drop it")
+    gguf_timeout = DEFAULT_TIMEOUT if gguf_timeout is None else gguf_timeout
     if gguf is not None:
         check_imatrix(gguf, gguf_imatrix, have_prompt=True)  # and the binding for a quantizer
         check_timeout(gguf_timeout)
