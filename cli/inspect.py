@@ -13,7 +13,12 @@ from rich.table import Table
 from griffin_cli.export import human_bytes
 from griffin_cli.main import app, model_option, out_console, pick_model
 from griffin_export.errors import UsageError
-from griffin_export.evaluation.inspection import ExportSummary, Flocking, flocking, summarize_export
+from griffin_export.evaluation.inspection import (
+    ExportSummary,
+    Flocking,
+    flocking_from,
+    summarize_export,
+)
 from griffin_export.formats.exports import is_export
 
 
@@ -163,18 +168,11 @@ def _flocking(
     as_json: bool,
 ) -> None:
     from griffin_export.build.prompts import read_prompt_file
-    from griffin_export.storage.loading import load_model, require_tokenizer
-    from griffin_export.storage.sources import resolve_source
 
     if plot is None and not as_json:
         raise UsageError("the flocking view is a picture: add --plot FILE.png (or --json)")
-    if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
     plt = _pyplot() if plot is not None else None
-    text = read_prompt_file(prompt)
-    loaded = load_model(resolve_source(model), None, "cpu")
-    tokenizer = require_tokenizer(loaded.tokenizer, model)
-    result = flocking(loaded.model, tokenizer, text, layer, max_tokens)
+    result = flocking_from(model, read_prompt_file(prompt), layer, max_tokens)
     if plot is not None:
         _plot_flocking(result, neurons, sort, plot, plt)
     if as_json:

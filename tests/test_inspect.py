@@ -170,3 +170,28 @@ def test_budget_plot_has_whole_layer_ticks_and_a_title_inside_the_figure() -> No
         assert "SmolLM2-135M-Instruct" in ax.get_title().replace("\n", "")
     finally:
         plt.close(fig)
+
+
+def test_flocking_from_a_model_path_is_the_flocking_of_the_loaded_model(
+    tiny_export: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """flocking_from (the library side of inspect --prompt) equals flocking() on the model and
+    tokenizer loaded by hand, and refuses --max-tokens 0 before loading anything (a model
+    path that does not exist is not reached). Catches the loading or the checks living only
+    in the CLI, or max_tokens ignored."""
+    import torch
+
+    from griffin_export.errors import UsageError
+    from griffin_export.evaluation.inspection import flocking, flocking_from
+    from griffin_export.storage.loading import load_model
+    from griffin_export.storage.sources import resolve_source
+
+    source, _ = tiny_export
+    text = "hello world, flocking neurons."
+    got = flocking_from(str(source), text, -1, 7)
+    loaded = load_model(resolve_source(str(source)))
+    want = flocking(loaded.model, loaded.tokenizer, text, -1, 7)
+    assert len(got.tokens) == 7 and got.layer == want.layer
+    assert torch.equal(got.values, want.values) and torch.equal(got.order, want.order)
+    with pytest.raises(UsageError, match="--max-tokens must be at least 1, got 0"):
+        flocking_from(str(tmp_path / "no-such-model"), text, 0, 0)

@@ -16,7 +16,9 @@ from griffin_export.core.scoring import griffin_statistic
 from griffin_export.errors import ExportFormatError, UsageError
 from griffin_export.formats.layout import export_shards
 from griffin_export.formats.manifest import MANIFEST, read_manifest
+from griffin_export.storage.loading import load_model, require_tokenizer
 from griffin_export.storage.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader
+from griffin_export.storage.sources import resolve_source
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,17 @@ class Flocking:
 
 
 @torch.inference_mode()
+def flocking_from(model: str, prompt_text: str, layer: int, max_tokens: int = 256) -> Flocking:
+    """:func:`flocking` of ``model`` (anything ``griffin export --model`` takes, loaded on the
+    CPU with its tokenizer) over ``prompt_text``; ``max_tokens`` must be at least 1 (checked
+    before the model loads)."""
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+    loaded = load_model(resolve_source(model), None, "cpu")
+    tokenizer = require_tokenizer(loaded.tokenizer, model)
+    return flocking(loaded.model, tokenizer, prompt_text, layer, max_tokens)
+
+
 def flocking(
     model: torch.nn.Module, tokenizer: object, text: str, layer: int, max_tokens: int = 256
 ) -> Flocking:
