@@ -440,3 +440,50 @@ def test_embedded_model_q4_k_m_export_runs_close_to_its_f16(tmp_path: Path) -> N
     rms = float(np.sqrt(((got - want) ** 2).mean()) / want.std())
     assert rms <= 0.3, rms
     assert float((got.argmax(-1) == want.argmax(-1)).mean()) >= 0.8
+
+
+# -- the prompt's tokens -------------------------------------------------------------------------
+
+
+def test_quantizer_prompt_tokens_are_the_exports(tmp_path: Path) -> None:
+    """An export made with max_prompt_tokens=5 records it; prompt_ids (griffin gguf --prompt's
+    calibration tokens) then truncates each prompt to those 5 tokens, as export did, and the
+    imatrix record hashes the prompt as the manifest does. Catches the quantizer tokenizing
+    the whole prompt (a calibration that is not the prompt that chose the experts) or a
+    second, drifting hash."""
+    from griffin_export.formats.manifest import prompt_sha256
+
+    from tiny import save_tiny
+
+    source = save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "e"
+    long = "Rain falls on the hills and the rivers run to the sea."
+    export(str(source), [long, "Sun."], 0.5, out=out, max_prompt_tokens=5)
+    manifest = read_manifest(out)
+    assert manifest.prompt.max_tokens == 5
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    full = [tokenizer(t)["input_ids"] for t in (long, "Sun.")]
+    ids = quantize.prompt_ids(out, [long, "Sun."])
+    assert [t.tolist() for t in ids] == [f[:5] for f in full]
+    assert manifest.prompt.tokens == sum(len(f[:5]) for f in full)
+    assert manifest.prompt.sha256 == prompt_sha256([long, "Sun."])
+
+
+def test_prompts_without_tokens_are_left_out_with_a_warning() -> None:
+    """storage.loading.tokenize_prompts (export's and the quantizer's tokenizing) with a
+    tokenizer that gives no tokens for a prompt: that prompt is dropped with a warning naming
+    it, the others truncated to the smaller of max_tokens and the context; all empty is one
+    UsageError. Catches an empty tensor passed on as a calibration chunk."""
+    from griffin_export.storage.loading import tokenize_prompts
+
+    def chars(text: str) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+    ids, warnings = tokenize_prompts(chars, ["abcdef", "", "ab"], 4, 3)
+    assert [t.tolist() for t in ids] == [[97, 98, 99], [97, 98]]
+    assert warnings == [
+        "prompt 1 has 6 tokens; truncated to 3 (the model's context length)",
+        "prompt 2 has no tokens; it is left out",
+    ]
+    with pytest.raises(UsageError, match="no tokens"):
+        tokenize_prompts(chars, ["", ""], None, None)

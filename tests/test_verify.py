@@ -404,7 +404,7 @@ def test_prompt_recomputes_with_the_manifests_alpha_and_checks_the_experts(
     prompt's gets past the hash but not the experts that prompt selects. Catches a
     recomputation with the default alpha instead of the recorded one, and a prompt check that
     trusts the hash alone."""
-    from griffin_export.build.prompts import prompt_sha256
+    from griffin_export.formats.manifest import prompt_sha256
 
     from tiny import char_tokenizer
 

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from griffin_export._version import __version__
-from griffin_export.build.prompts import prompt_sha256, tokenize_prompts
+from griffin_export.build.prompts import tokenize_prompts
 from griffin_export.build.streaming import load_streamed, plan_sizes, select_and_write
 from griffin_export.core.architectures import spec_for
 from griffin_export.core.budgets import DEFAULT_BUDGET, check_budget, layer_sizes
@@ -52,6 +52,7 @@ from griffin_export.formats.manifest import (
     Manifest,
     PromptInfo,
     SourceInfo,
+    prompt_sha256,
     write_manifest,
 )
 from griffin_export.storage.atomic import atomic_directory
@@ -280,7 +281,9 @@ def export(
             budget=budget,
             statistic=STATISTIC_NAME,
             k_per_layer=selection.k_per_layer,
-            prompt=PromptInfo(prompt_sha256(texts), selection.tokens, len(texts)),
+            prompt=PromptInfo(
+                prompt_sha256(texts), selection.tokens, len(texts), max_prompt_tokens
+            ),
             dtype=dtype_name(loaded.model.dtype),
             compensation=how.record() if how.active else None,
             checkpoint_format=checkpoint_format,

@@ -3,16 +3,15 @@ token ids for a loaded model, and the sha256 a manifest records."""
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from griffin_export.errors import UsageError
 from griffin_export.storage.loading import LoadedModel, require_tokenizer
+from griffin_export.storage.loading import tokenize_prompts as tokenize
 
 
 def read_prompt_file(path: str) -> str:
@@ -68,25 +67,8 @@ def gather_prompts(files: list[str] | None, texts: list[str] | None) -> list[str
 def tokenize_prompts(
     loaded: LoadedModel, prompts: Sequence[str], max_tokens: int | None
 ) -> tuple[list[Tensor], list[str]]:
-    """Token ids of each prompt, truncated to ``max_tokens`` and the model's context."""
+    """Token ids of each prompt with the loaded model's tokenizer, truncated to ``max_tokens``
+    and the model's context (:func:`~griffin_export.storage.loading.tokenize_prompts`)."""
     tokenizer = require_tokenizer(loaded.tokenizer, loaded.source.name)
     context = getattr(loaded.model.config, "max_position_embeddings", None)
-    limits = [v for v in (max_tokens, context) if isinstance(v, int) and v > 0]
-    limit = min(limits) if limits else None
-    warnings: list[str] = []
-    ids: list[Tensor] = []
-    for i, text in enumerate(prompts):
-        encoded = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-        if limit is not None and encoded.numel() > limit:
-            why = "--max-prompt-tokens" if limit == max_tokens else "the model's context length"
-            warnings.append(
-                f"prompt {i + 1} has {encoded.numel()} tokens; truncated to {limit} ({why})"
-            )
-            encoded = encoded[:limit]
-        ids.append(encoded)
-    return ids, warnings
-
-
-def prompt_sha256(prompts: Sequence[str]) -> str:
-    """sha256 of the prompt texts (UTF-8), separated by NUL bytes."""
-    return hashlib.sha256(b"\0".join(p.encode("utf-8") for p in prompts)).hexdigest()
+    return tokenize(tokenizer, prompts, max_tokens, context)

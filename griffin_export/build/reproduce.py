@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from griffin_export.build.prompts import prompt_sha256, tokenize_prompts
+from griffin_export.build.prompts import tokenize_prompts
 from griffin_export.core.compensation import Compensation
 from griffin_export.core.selection import select_experts
 from griffin_export.errors import OriginalMismatchError
 from griffin_export.formats.exports import load_original
-from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
+from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST, prompt_sha256
 from griffin_export.formats.verify import VerifyReport, verify_export, weight_files
 from griffin_export.storage.loading import DTYPE_OPTIONS
 from griffin_export.storage.safetensors_io import SafetensorsReader

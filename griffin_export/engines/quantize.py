@@ -19,7 +19,6 @@ leaves it out by default. :func:`read_imatrix_file` reads an imatrix file of lla
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -50,7 +49,8 @@ from griffin_export.engines.llamacpp import (
 )
 from griffin_export.errors import ExportFormatError, UsageError
 from griffin_export.formats.layout import export_config, load_pretrained, require_export_dir
-from griffin_export.storage.loading import load_tokenizer, require_tokenizer
+from griffin_export.formats.manifest import is_export, prompt_sha256, read_manifest
+from griffin_export.storage.loading import load_tokenizer, require_tokenizer, tokenize_prompts
 from griffin_export.storage.sources import SourceRef
 
 #: The binding whose struct layout ``_llamacpp_quantize.py`` fills in (pyproject ``[llama]``).
@@ -231,8 +231,7 @@ def prompt_imatrix(
     record = {
         "source": "prompt",
         "tokens": int(sum(int(t.numel()) for t in ids)),
-        # build.prompts.prompt_sha256's definition (engines sit below build), as the manifest's
-        "prompt_sha256": hashlib.sha256(b"\0".join(p.encode("utf-8") for p in prompts)).hexdigest(),
+        "prompt_sha256": prompt_sha256(prompts),
         "entries": len(values),
         "chunks": len(ids),
     }
@@ -531,18 +530,16 @@ def check_imatrix(
 
 
 def prompt_ids(export_dir: str | Path, prompts: Sequence[str]) -> list[Tensor]:
-    """Token ids of each prompt with the export's own tokenizer, truncated to its context
-    (as ``griffin export`` tokenized the prompt that chose the experts)."""
+    """Token ids of each prompt with the export's own tokenizer, as ``griffin export``
+    tokenized the prompt that chose the experts (:func:`~griffin_export.storage.loading.
+    tokenize_prompts`): truncated to the ``--max-prompt-tokens`` its manifest records and to
+    its context; prompts without tokens left out."""
     directory = Path(export_dir)
     source = SourceRef(str(directory), "directory", directory, str(directory))
     tokenizer = require_tokenizer(load_tokenizer(source), directory)
     context = getattr(export_config(directory), "max_position_embeddings", None)
-    ids = []
-    for text in prompts:
-        encoded = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-        ids.append(encoded[:context] if isinstance(context, int) and context > 0 else encoded)
-    if not any(t.numel() for t in ids):
-        raise UsageError("the prompt is empty; pass --prompt FILE with text")
+    max_tokens = read_manifest(directory).prompt.max_tokens if is_export(directory) else None
+    ids, _ = tokenize_prompts(tokenizer, prompts, max_tokens, context)
     return ids
 
 

@@ -5,7 +5,9 @@ reading, validation and writing. Nothing here loads a model, so every reader of 
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,14 @@ class PromptInfo:
     sha256: str
     tokens: int
     count: int
+    #: ``--max-prompt-tokens`` of the export (None: only the model's context limited a prompt)
+    max_tokens: int | None = None
+
+
+def prompt_sha256(prompts: Sequence[str]) -> str:
+    """sha256 of the prompt texts (UTF-8), separated by NUL bytes: what a manifest records
+    (``prompt.sha256``) and a prompt-made importance matrix names."""
+    return hashlib.sha256(b"\0".join(p.encode("utf-8") for p in prompts)).hexdigest()
 
 
 @dataclass
@@ -97,6 +107,7 @@ class Manifest:
                 "sha256": self.prompt.sha256,
                 "tokens": self.prompt.tokens,
                 "count": self.prompt.count,
+                **({"max_tokens": self.prompt.max_tokens} if self.prompt.max_tokens else {}),
             },
             "dtype": self.dtype,
             **({} if self.compensation is None else {"compensation": dict(self.compensation)}),
@@ -137,6 +148,7 @@ class Manifest:
                 sha256=str(prompt.get("sha256", "")),
                 tokens=int(prompt.get("tokens", 0)),
                 count=int(prompt.get("count", 0)),
+                max_tokens=None if prompt.get("max_tokens") is None else int(prompt["max_tokens"]),
             ),
             dtype=data["dtype"],
             budget=str(data.get("budget", "uniform")),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -226,6 +226,34 @@ def require_tokenizer(tokenizer: Any | None, name: str | Path) -> Any:
             "when the model it was made from does)"
         )
     return tokenizer
+
+
+def tokenize_prompts(
+    tokenizer: Any, prompts: Sequence[str], max_tokens: int | None, context: Any
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Token ids of each prompt, truncated to ``max_tokens`` (``--max-prompt-tokens``) and the
+    model's ``context`` (``max_position_embeddings``; ignored unless a positive int), and a
+    warning per truncated prompt. A prompt with no tokens is dropped (with a warning); none
+    left is a ``UsageError``."""
+    limits = [v for v in (max_tokens, context) if isinstance(v, int) and v > 0]
+    limit = min(limits) if limits else None
+    warnings: list[str] = []
+    ids: list[torch.Tensor] = []
+    for i, text in enumerate(prompts):
+        encoded = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        if encoded.numel() == 0:
+            warnings.append(f"prompt {i + 1} has no tokens; it is left out")
+            continue
+        if limit is not None and encoded.numel() > limit:
+            why = "--max-prompt-tokens" if limit == max_tokens else "the model's context length"
+            warnings.append(
+                f"prompt {i + 1} has {encoded.numel()} tokens; truncated to {limit} ({why})"
+            )
+            encoded = encoded[:limit]
+        ids.append(encoded)
+    if not ids:
+        raise UsageError("the prompt has no tokens; pass a prompt with some text")
+    return ids, warnings
 
 
 #: The file whose end tokens (``eos_token_id``) and sampling defaults generation uses.
