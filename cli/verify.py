@@ -35,7 +35,10 @@ def verify_command(
         None, "--prompt-text", "-t", help="Prompt text, as given to griffin export."
     ),
     max_prompt_tokens: int | None = typer.Option(
-        None, "--max-prompt-tokens", help="With --prompt: the truncation the export used."
+        None,
+        "--max-prompt-tokens",
+        help="With --prompt: the truncation the export used (default: the one its manifest "
+        "records).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:

@@ -445,6 +445,18 @@ def test_prompt_check_of_a_bfloat16_export(made: dict[str, Path], tmp_path: Path
     assert [p.split(":")[0] for p in problems] == [key], problems
 
 
+def test_prompt_check_uses_the_recorded_truncation(made: dict[str, Path], tmp_path: Path) -> None:
+    """An export made with --max-prompt-tokens 6 verifies from its prompt without the user
+    repeating the flag (the manifest records it), and a different limit passed explicitly
+    still wins and is reported. Catches recomputing from the whole prompt (the token count, and
+    so the experts, differ) and ignoring an explicit value."""
+    out = tmp_path / "short"
+    export(str(made["llama"]), [PROMPT], 0.5, out=out, max_prompt_tokens=6)
+    assert verify_with_prompt(out, [PROMPT]).problems == []
+    problems = verify_with_prompt(out, [PROMPT], max_prompt_tokens=7).problems
+    assert len(problems) == 1 and "7 tokens, but the export pooled 6" in problems[0], problems
+
+
 @pytest.mark.slow
 def test_prompt_check_on_the_embedded_model(tmp_path: Path) -> None:
     """The embedded SmolLM2's default export (refit from the 140-token example prompt: the

@@ -36,16 +36,19 @@ def verify_with_prompt(
 ) -> VerifyReport:
     """:func:`~griffin_export.formats.verify.verify_export`, then recompute the export from
     ``prompts`` (the texts given to ``griffin export``, in order; truncated to
-    ``max_prompt_tokens`` as the export did) with the original (``original``, default the
-    manifest's source): the prompt's sha256 against the manifest's, the experts the prompt
-    selects against the kept-index map, and for a compensated export every refitted down
-    projection (and bias) against the refit recomputed by export's own code, within
-    :func:`refit_tolerance`. Skipped (and not listed as checked) when the file checks could not
-    read the manifest, the kept-index map or the weights: those problems are reported."""
+    ``max_prompt_tokens``, by default the ``--max-prompt-tokens`` the manifest records) with
+    the original (``original``, default the manifest's source): the prompt's sha256 against
+    the manifest's, the experts the prompt selects against the kept-index map, and for a
+    compensated export every refitted down projection (and bias) against the refit
+    recomputed by export's own code, within :func:`refit_tolerance`. Skipped (and not listed
+    as checked) when the file checks could not read the manifest, the kept-index map or the
+    weights: those problems are reported."""
     report = verify_export(export_dir, original, hash_files=hash_files)
     if report.manifest is None or report.keep is None:
         return report
     where = None if original is None else str(original)
+    if max_prompt_tokens is None:
+        max_prompt_tokens = report.manifest["prompt"].get("max_tokens")
     files, _ = weight_files(Path(export_dir))
     with SafetensorsReader(files) as exported:
         _check_prompt(
