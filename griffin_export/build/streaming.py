@@ -98,89 +98,76 @@ def load_streamed(
     tokenizer: Any,
 ) -> StreamedModel:
     """Build the skeleton of ``source`` (a safetensors directory) with only its non-block
-    tensors in memory, on ``device``."""
-    assert source.directory is not None
-    reader = SafetensorsReader.open(source.directory)
-    try:
-        return _streamed(reader, source, spec, model_type, dtype, device, tokenizer)
-    except BaseException:  # the model that would own the reader is not made: close it here
-        reader.close()
-        raise
-
-
-def _streamed(
-    reader: SafetensorsReader,
-    source: SourceRef,
-    spec: ArchSpec,
-    model_type: str,
-    dtype: torch.dtype | None,
-    device: str,
-    tokenizer: Any,
-) -> StreamedModel:
-    """:func:`load_streamed`'s work on the open ``reader`` (its caller closes it on error)."""
+    tensors in memory, on ``device``. The returned model owns the reader; on an error before
+    it exists the reader is closed here."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     assert source.directory is not None
-    config = AutoConfig.from_pretrained(source.load_id, trust_remote_code=False)
-    if dtype is None:  # dtype="auto", as from_pretrained resolves it
-        dtype = getattr(config, "dtype", None) or reader.first_float_dtype() or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-    target = device_for(device)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
-    generation, warnings = load_generation_config(source.directory)
-    if generation is not None:
-        model.generation_config = generation
+    reader = SafetensorsReader.open(source.directory)
+    try:
+        config = AutoConfig.from_pretrained(source.load_id, trust_remote_code=False)
+        if dtype is None:  # dtype="auto", as from_pretrained resolves it
+            dtype = getattr(config, "dtype", None) or reader.first_float_dtype() or torch.float32
+            if isinstance(dtype, str):
+                dtype = getattr(torch, dtype)
+        target = device_for(device)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.eval()
+        generation, warnings = load_generation_config(source.directory)
+        if generation is not None:
+            model.generation_config = generation
 
-    _init_buffers(model, target)
-    checkpoint_key = _checkpoint_keys(model)
-    plan = _plan(model, checkpoint_key)
-    block_prefix = spec.layers + "."
-    # The non-block tensors the forward needs stay in memory for the whole run. An untied
-    # output head is not needed (the forward stops before it): it is read when written.
-    head = model.get_output_embeddings()
-    mapped: set[str] = set()
-    for name, holder, attr, meta in _tensors(model):
-        if name.startswith(block_prefix) or meta.device.type != "meta":
-            continue
-        if holder is head and attr == "weight":
-            continue
-        key = checkpoint_key[name]
-        if key in reader:
-            if _mappable(reader, key, meta, target):
-                mapped.add(key)
-                _assign(holder, attr, _checked_shape(key, reader.map(key), meta))
-            else:
-                _assign(holder, attr, _read_as(reader, key, meta, target))
-    model.tie_weights()
-    still_meta = [
-        name
-        for name, holder, attr, meta in _tensors(model)
-        if not name.startswith(block_prefix)
-        and meta.device.type == "meta"
-        and not (holder is head and attr == "weight")
-    ]
-    blocks = spec.blocks(model)
-    missing = [checkpoint_key[name] for name in still_meta]
-    missing += [key for key in plan if key not in reader and key not in missing]
-    if missing:
-        raise ModelLoadError(
-            f"'{source.name}' lacks {len(missing)} tensor(s) its config needs (first: "
-            f"'{missing[0]}'); the checkpoint is incomplete or does not match config.json: "
-            "re-download or re-convert it"
-        )
-    loaded = LoadedModel(model, tokenizer, spec, model_type, source, warnings=warnings)
-    streamed = StreamedModel(loaded, reader, checkpoint_key, plan, target, mapped=mapped)
-    loaded.streamed = streamed
-    for layer in range(len(blocks)):
-        for role in spec.roles():
-            for kind in ("weight", "bias"):
-                key = spec.param_name(layer, role, kind)
-                if key in plan:
-                    streamed.ff[key] = (layer, role, kind)
-    return streamed
+        _init_buffers(model, target)
+        checkpoint_key = _checkpoint_keys(model)
+        plan = _plan(model, checkpoint_key)
+        block_prefix = spec.layers + "."
+        # The non-block tensors the forward needs stay in memory for the whole run. An untied
+        # output head is not needed (the forward stops before it): it is read when written.
+        head = model.get_output_embeddings()
+        mapped: set[str] = set()
+        for name, holder, attr, meta in _tensors(model):
+            if name.startswith(block_prefix) or meta.device.type != "meta":
+                continue
+            if holder is head and attr == "weight":
+                continue
+            key = checkpoint_key[name]
+            if key in reader:
+                if _mappable(reader, key, meta, target):
+                    mapped.add(key)
+                    _assign(holder, attr, _checked_shape(key, reader.map(key), meta))
+                else:
+                    _assign(holder, attr, _read_as(reader, key, meta, target))
+        model.tie_weights()
+        still_meta = [
+            name
+            for name, holder, attr, meta in _tensors(model)
+            if not name.startswith(block_prefix)
+            and meta.device.type == "meta"
+            and not (holder is head and attr == "weight")
+        ]
+        blocks = spec.blocks(model)
+        missing = [checkpoint_key[name] for name in still_meta]
+        missing += [key for key in plan if key not in reader and key not in missing]
+        if missing:
+            raise ModelLoadError(
+                f"'{source.name}' lacks {len(missing)} tensor(s) its config needs (first: "
+                f"'{missing[0]}'); the checkpoint is incomplete or does not match config.json: "
+                "re-download or re-convert it"
+            )
+        loaded = LoadedModel(model, tokenizer, spec, model_type, source, warnings=warnings)
+        streamed = StreamedModel(loaded, reader, checkpoint_key, plan, target, mapped=mapped)
+        loaded.streamed = streamed
+        for layer in range(len(blocks)):
+            for role in spec.roles():
+                for kind in ("weight", "bias"):
+                    key = spec.param_name(layer, role, kind)
+                    if key in plan:
+                        streamed.ff[key] = (layer, role, kind)
+        return streamed
+    except BaseException:
+        reader.close()
+        raise
 
 
 def _tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
