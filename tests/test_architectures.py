@@ -14,14 +14,15 @@ import pytest
 import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from griffin_export.core.architectures import ARCHITECTURES, REFUSED, spec_for
+from griffin_export.core.architectures import ARCHITECTURES, MOE_ARCHITECTURES, REFUSED, spec_for
 from griffin_export.core.slicing import prune_model
 from griffin_export.errors import UnsupportedArchitectureError
 
 from tiny import CONFIGS, random_ids, tiny_model
 
 CAUSAL_LM_TYPES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-SUPPORTED = [t for t in CAUSAL_LM_TYPES if t in ARCHITECTURES]
+SUPPORTED = [t for t in CAUSAL_LM_TYPES if t in ARCHITECTURES and t not in MOE_ARCHITECTURES]
+MOE_SUPPORTED = [t for t in CAUSAL_LM_TYPES if t in MOE_ARCHITECTURES]
 REFUSED_TYPES = [t for t in CAUSAL_LM_TYPES if t in REFUSED]
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -119,6 +120,10 @@ def readme_section() -> str:
         reasons.setdefault(REFUSED[model_type], []).append(model_type)
     lines = [
         f"Supported ({len(SUPPORTED)}): " + ", ".join(f"`{t}`" for t in SUPPORTED) + ".",
+        "",
+        f"Mixtures of experts ({len(MOE_SUPPORTED)}): "
+        + ", ".join(f"`{t}`" for t in MOE_SUPPORTED)
+        + ".",
         "",
         f"Refused ({len(REFUSED_TYPES)}), by reason:",
         "",

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,10 @@ def capture_down_inputs(
             handle.remove()
 
 
+#: hooks that feed a sink during forwards: ``capture(spec, model, sink)`` (a context manager)
+Capture = Callable[[ArchSpec, nn.Module, Callable[[int, Any], None]], AbstractContextManager[None]]
+
+
 class _StopForward(Exception):
     """Raised by the last layer's hook to end a forward early."""
 
@@ -53,9 +58,10 @@ def run_layer_major(
     spec: ArchSpec,
     model: nn.Module,
     prompts: Sequence[Tensor],
-    sink: Callable[[int, Tensor], None],
+    sink: Callable[[int, Any], None],
     device: torch.device,
     on_prompt: Callable[[int], None] | None = None,
+    capture: Capture | None = None,
 ) -> int:
     """Run each prompt (``[seq]`` or ``[1, seq]`` token ids, none empty) through ``model``'s
     own forward and call ``sink(layer, z)`` with every layer's down-projection input,
@@ -73,13 +79,21 @@ def run_layer_major(
     the last layer's down-projection input (nothing after it matters for selection: not the
     last FF output, not the vocabulary-sized logits). ``on_prompt(i)`` is called when prompt
     ``i`` is done. Returns the number of tokens.
-    """
-    n_layers = len(spec.blocks(model))
 
-    def capture(layer: int, z: Tensor) -> None:
+    ``capture`` replaces :func:`capture_down_inputs` as the hooks that feed ``sink`` (the
+    mixture-of-experts selection captures routed tokens, :mod:`griffin_export.core.
+    moe_selection`); the forward then stops after the last decoder block instead.
+    """
+    blocks = spec.blocks(model)
+    n_layers = len(blocks)
+
+    def capture_down(layer: int, z: Tensor) -> None:
         sink(layer, z)
         if layer == n_layers - 1:
             raise _StopForward
+
+    def stop(_m: nn.Module, _a: object, _o: object) -> None:
+        raise _StopForward
 
     def forward(index: int, ids: Tensor) -> None:
         with torch.inference_mode(), suppress(_StopForward):
@@ -87,11 +101,22 @@ def run_layer_major(
         if on_prompt is not None:
             on_prompt(index)
 
-    with capture_down_inputs(spec, model, capture):
-        if len(prompts) == 1:
-            forward(0, prompts[0])
-        else:
-            _take_turns(spec, model, prompts, forward)
+    hooks: AbstractContextManager[None]
+    if capture is None:
+        hooks = capture_down_inputs(spec, model, capture_down)
+        handle = None
+    else:
+        hooks = capture(spec, model, sink)
+        handle = blocks[n_layers - 1].register_forward_hook(stop)
+    try:
+        with hooks:
+            if len(prompts) == 1:
+                forward(0, prompts[0])
+            else:
+                _take_turns(spec, model, prompts, forward)
+    finally:
+        if handle is not None:
+            handle.remove()
     return sum(int(ids.numel()) for ids in prompts)
 
 

@@ -29,6 +29,52 @@ INPUT_ROLES = ("gate", "up", "gate_up")
 
 
 @dataclass(frozen=True)
+class MoeSpec:
+    """Where a mixture-of-experts family keeps its router, routed experts and shared expert,
+    and which config fields state their sizes. The routed experts themselves are described by
+    transformers' own experts interface (``has_gate``, ``is_transposed``, ``is_concatenated``,
+    ``has_bias`` on the experts module; :mod:`griffin_export.core.moe` reads them), so a row
+    here names places and keys only.
+
+    A decoder block is an MoE layer when ``<block>.<experts>`` exists in it; other blocks of an
+    MoE model are dense FF layers under the family's :class:`ArchSpec` names (DeepSeek's
+    ``first_k_dense_replace``, Qwen's ``mlp_only_layers``), their width in ``ArchSpec.size_key``.
+
+    Attributes:
+        block: path from a decoder block to its sparse MoE module.
+        router: path from the MoE module to the router.
+        experts: path from the MoE module to the fused experts (``gate_up_proj``/``down_proj``).
+        router_tensors: ``(name, axis)`` of every router tensor with one entry per expert
+            along ``axis`` (the weight's rows, a bias, a selection bias); sliced to the kept
+            experts.
+        shared: path from the MoE module to the shared expert (a dense FF under the family's
+            gate/up/down names), ``None`` without one.
+        count_key: config field holding the number of routed experts.
+        width_key: config field holding the routed experts' width.
+        shared_width_key: config field holding the shared expert's width; ``None`` when the
+            width is ``width_key * shared_count_key`` (DeepSeek, GLM, ERNIE).
+        shared_count_key: config field of the number of shared experts (with
+            ``shared_width_key`` ``None``).
+        top_k_key: config field of the experts each token is routed to.
+        group_key, topk_group_key: config fields of group-limited routing (DeepSeek-V3): the
+            kept experts must split evenly over the groups.
+    """
+
+    block: str = "mlp"
+    router: str = "gate"
+    experts: str = "experts"
+    router_tensors: tuple[tuple[str, int], ...] = (("weight", 0),)
+    shared: str | None = None
+    count_key: str = "num_experts"
+    width_key: str = "moe_intermediate_size"
+    shared_width_key: str | None = None
+    shared_count_key: str | None = None
+    top_k_key: str = "num_experts_per_tok"
+    group_key: str | None = None
+    topk_group_key: str | None = None
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Where the FF projections of one architecture family live.
 
@@ -44,6 +90,8 @@ class ArchSpec:
         size_default_factor: if ``config.<size_key>`` is ``None``, ``d_ff = factor * hidden``.
         act: attribute of the FF module holding its activation function (the refresh runtime
             recomputes full-width activations with it).
+        moe: the mixture-of-experts layout (:class:`MoeSpec`), ``None`` for dense families;
+            the other fields then describe the family's dense FF layers and shared experts.
     """
 
     layers: str
@@ -56,6 +104,7 @@ class ArchSpec:
     size_key: str = "intermediate_size"
     size_default_factor: int | None = None
     act: str = "act_fn"
+    moe: MoeSpec | None = None
 
     # -- modules ---------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -159,6 +208,76 @@ _GPTJ = ArchSpec(
     act="act",
 )
 
+
+# -- mixtures of experts: the dense FF names (dense layers, shared experts) plus a MoeSpec -------
+def _moe(**moe: Any) -> ArchSpec:
+    """A Llama-named family (dense layers and shared experts ``gate_proj``/``up_proj``/
+    ``down_proj`` under ``mlp``) with routed experts laid out as ``moe`` says."""
+    return ArchSpec(
+        layers="model.layers",
+        mlp="mlp",
+        gate="gate_proj",
+        up="up_proj",
+        down="down_proj",
+        moe=MoeSpec(**moe),
+    )
+
+
+#: DeepSeek-V3's router: sigmoid scores plus a selection bias, group-limited.
+_DEEPSEEK_V3 = _moe(
+    router_tensors=(("weight", 0), ("e_score_correction_bias", 0)),
+    shared="shared_experts",
+    count_key="n_routed_experts",
+    shared_count_key="n_shared_experts",
+    group_key="n_group",
+    topk_group_key="topk_group",
+)
+
+#: model_type -> ArchSpec of the mixture-of-experts families (merged into ARCHITECTURES).
+MOE_ARCHITECTURES: Mapping[str, ArchSpec] = {
+    "mixtral": _moe(count_key="num_local_experts", width_key="intermediate_size"),
+    "minimax": _moe(count_key="num_local_experts", width_key="intermediate_size"),
+    "phimoe": _moe(router="router", count_key="num_local_experts", width_key="intermediate_size"),
+    "olmoe": _moe(count_key="num_experts", width_key="intermediate_size"),
+    "flex_olmo": _moe(count_key="num_experts", width_key="intermediate_size"),
+    "qwen2_moe": _moe(shared="shared_expert", shared_width_key="shared_expert_intermediate_size"),
+    "qwen3_moe": _moe(count_key="num_local_experts"),
+    "deepseek_v2": _moe(
+        shared="shared_experts",
+        count_key="n_routed_experts",
+        shared_count_key="n_shared_experts",
+        group_key="n_group",
+        topk_group_key="topk_group",
+    ),
+    "deepseek_v3": _DEEPSEEK_V3,
+    "glm4_moe": _DEEPSEEK_V3,
+    "ernie4_5_moe": _moe(
+        router_tensors=(("weight", 0), ("moe_statics.e_score_correction_bias", 1)),
+        shared="shared_experts",
+        count_key="moe_num_experts",
+        shared_count_key="moe_num_shared_experts",
+        top_k_key="moe_k",
+    ),
+    "granitemoe": ArchSpec(
+        layers="model.layers",
+        mlp="block_sparse_moe",
+        up="input_linear",
+        down="output_linear",
+        moe=MoeSpec(
+            block="block_sparse_moe",
+            router="router",
+            count_key="num_local_experts",
+            width_key="intermediate_size",
+        ),
+    ),
+    "gpt_oss": _moe(
+        router="router",
+        router_tensors=(("weight", 0), ("bias", 0)),
+        count_key="num_local_experts",
+        width_key="intermediate_size",
+    ),
+}
+
 #: model_type -> ArchSpec. Adding an architecture is adding a row.
 ARCHITECTURES: Mapping[str, ArchSpec] = {
     # Llama-style SwiGLU / GeGLU blocks, all named alike.
@@ -257,6 +376,7 @@ ARCHITECTURES: Mapping[str, ArchSpec] = {
     ),
     # GPT-J: n_inner=None means 4 * n_embd.
     "gptj": _GPTJ,
+    **MOE_ARCHITECTURES,
 }
 
 
@@ -285,20 +405,13 @@ REFUSED: Mapping[str, str] = {
             "axk2",
             "cohere2_moe",
             "dbrx",
-            "deepseek_v2",
-            "deepseek_v3",
             "deepseek_v32",
             "deepseek_v4",
             "dots1",
-            "ernie4_5_moe",
             "exaone_moe",
-            "flex_olmo",
             "flint",
-            "glm4_moe",
             "glm4_moe_lite",
             "glm_moe_dsa",
-            "gpt_oss",
-            "granitemoe",
             "granitemoe_swa",
             "granitemoeshared",
             "hunyuan_v1_moe",
@@ -314,15 +427,9 @@ REFUSED: Mapping[str, str] = {
             "longcat_flash",
             "mellum",
             "mimo_v2_flash",
-            "minimax",
             "minimax_m2",
             "minimax_m3_vl_text",
-            "mixtral",
-            "olmoe",
-            "phimoe",
-            "qwen2_moe",
             "qwen3_5_moe_text",
-            "qwen3_moe",
             "qwen4_exp_text",
             "sarvam_mla",
             "sarvam_moe",
