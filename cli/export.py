@@ -14,6 +14,7 @@ from griffin_cli.main import (
     Budget,
     Compensate,
     Dtype,
+    ExpertScore,
     Outtype,
     StageProgress,
     app,
@@ -27,6 +28,7 @@ from griffin_export.build.export import ExportResult, export
 from griffin_export.build.prompts import gather_prompts
 from griffin_export.core.budgets import DEFAULT_BUDGET
 from griffin_export.core.compensation import DEFAULT_METHOD
+from griffin_export.core.moe_selection import DEFAULT_EXPERT_SCORE
 from griffin_export.engines.llamacpp import Progress
 from griffin_export.formats.manifest import DEFAULT_CHECKPOINT_FORMAT
 from griffin_export.storage.sources import DEFAULT_MODEL
@@ -88,7 +90,23 @@ def export_command(
         None, "--prompt-text", "-t", help="Prompt text; repeatable. All prompts are pooled."
     ),
     ratio: float = typer.Option(
-        0.5, "--ratio", "-r", help="Fraction of FF neurons kept, in (0, 1]."
+        0.5,
+        "--ratio",
+        "-r",
+        help="Fraction of FF neurons kept, in (0, 1] (in a mixture of experts: of every "
+        "expert, shared expert and dense layer).",
+    ),
+    experts: float = typer.Option(
+        1.0,
+        "--experts",
+        "-e",
+        help="Mixtures of experts: fraction of the routed experts kept per layer, in (0, 1].",
+    ),
+    expert_score: ExpertScore = typer.Option(
+        DEFAULT_EXPERT_SCORE,
+        "--expert-score",
+        help="Mixtures of experts: rank experts by REAP's router-weighted output norm "
+        "(reap) or by routed prompt tokens (count).",
     ),
     multiple_of: int | None = typer.Option(
         None,
@@ -173,6 +191,8 @@ def export_command(
             model,
             prompts,
             ratio,
+            experts=experts,
+            expert_score=expert_score,
             out=out,
             multiple_of=multiple_of,
             budget=budget,
@@ -222,8 +242,21 @@ def summary_table(result: ExportResult) -> Table:
         "none" if how is None else f"{how['method']}, alpha {how['alpha']:g}",
         "",
     )
-    kept = sum(result.k_per_layer) / (result.n_layers * result.d_ff)
-    table.add_row("d_ff -> k", str(result.d_ff), k_text, f"{kept:.3f}")
+    if result.moe is not None:
+        sizes = result.moe["sizes"]
+        table.add_row(
+            "routed experts",
+            str(sizes["experts_total"]),
+            str(sizes["experts"]),
+            f"{sizes['experts'] / sizes['experts_total']:.3f}",
+        )
+        for label, key in (("expert width", "width"), ("shared", "shared"), ("dense FF", "dense")):
+            if sizes[key] is not None:
+                total = sizes[f"{key}_total"]
+                table.add_row(label, str(total), str(sizes[key]), f"{sizes[key] / total:.3f}")
+    else:
+        kept = sum(result.k_per_layer) / (result.n_layers * result.d_ff)
+        table.add_row("d_ff -> k", str(result.d_ff), k_text, f"{kept:.3f}")
     table.add_row(
         "parameters",
         f"{result.params_before:,}",

@@ -30,6 +30,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"
 Budget = Literal["uniform", "protect"]
 Protocol = Literal["static", "griffin"]
 Compensate = Literal["none", "refit", "refit-bias"]
+ExpertScore = Literal["reap", "count"]
 #: GGUF types: llama.cpp's converter's, then its quantizer's (engines.quantize.ALL_OUTTYPES)
 Outtype = Literal[
     "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "iq4_xs", "q3_k_m", "iq2_xxs"

@@ -13,9 +13,19 @@ from typer.testing import CliRunner, Result
 
 from griffin_cli import ppl as ppl_module
 from griffin_cli.eval import EvalMode
-from griffin_cli.main import BASELINES, Budget, Compensate, Dtype, Outtype, Protocol, app
+from griffin_cli.main import (
+    BASELINES,
+    Budget,
+    Compensate,
+    Dtype,
+    ExpertScore,
+    Outtype,
+    Protocol,
+    app,
+)
 from griffin_export.core.budgets import BUDGETS, check_budget
 from griffin_export.core.compensation import METHODS
+from griffin_export.core.moe_selection import EXPERT_SCORES
 from griffin_export.engines.quantize import ALL_OUTTYPES
 from griffin_export.errors import UsageError
 from griffin_export.storage.loading import DTYPE_OPTIONS, parse_dtype
@@ -90,6 +100,7 @@ CHOICES = [
     ("ppl", "--compensate", get_args(Compensate)),
     ("export", "--gguf", get_args(Outtype)),
     ("gguf", "--outtype", get_args(Outtype)),
+    ("export", "--expert-score", get_args(ExpertScore)),
 ]
 
 
@@ -157,6 +168,7 @@ def test_cli_choices_are_the_library_tables() -> None:
     for name in get_args(Budget):
         check_budget(name)
     assert get_args(Compensate) == METHODS
+    assert get_args(ExpertScore) == EXPERT_SCORES
     assert get_args(Outtype) == ALL_OUTTYPES
 
 

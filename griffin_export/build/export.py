@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
@@ -22,6 +21,14 @@ from griffin_export.build.streaming import load_streamed, plan_sizes, select_and
 from griffin_export.core.architectures import spec_for
 from griffin_export.core.budgets import DEFAULT_BUDGET, check_budget, layer_sizes
 from griffin_export.core.compensation import DEFAULT_METHOD, Compensation, default_alpha
+from griffin_export.core.moe import has_down_bias
+from griffin_export.core.moe_selection import (
+    DEFAULT_EXPERT_SCORE,
+    MoeSelection,
+    plan_moe_sizes,
+    prune_moe_model,
+    select_moe,
+)
 from griffin_export.core.scoring import STATISTIC_NAME, check_multiple_of, check_ratio
 from griffin_export.core.selection import Selection, select_experts
 from griffin_export.core.slicing import prune_model
@@ -102,6 +109,8 @@ class ExportResult:
     checkpoint_format: str = DEFAULT_CHECKPOINT_FORMAT
     #: the GGUF written inside the export (``gguf=``): :meth:`GgufResult.to_dict`.
     gguf: dict[str, Any] | None = None
+    #: a mixture of experts' record (the manifest's ``moe``), ``None`` for dense models
+    moe: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -122,6 +131,8 @@ def export(
     prompts: Sequence[str],
     ratio: float = 0.5,
     *,
+    experts: float = 1.0,
+    expert_score: str = DEFAULT_EXPERT_SCORE,
     out: str | Path | None = None,
     multiple_of: int | None = None,
     budget: str = DEFAULT_BUDGET,
@@ -147,7 +158,13 @@ def export(
     Args:
         model: local HF directory, ``.gguf`` file, hub id, or ``"smollm2-135m"``.
         prompts: one or more texts; the statistic pools all their tokens.
-        ratio: fraction of FF neurons kept per layer, in (0, 1].
+        ratio: fraction of FF neurons kept per layer, in (0, 1]; in a mixture of experts,
+            of every routed expert, shared expert and dense layer.
+        experts: fraction of the routed experts kept in every layer of a mixture of
+            experts, in (0, 1] (:mod:`griffin_export.core.moe_selection`); 1.0 for dense
+            models.
+        expert_score: how experts are ranked (:data:`~griffin_export.core.moe_selection.
+            EXPERT_SCORES`): ``reap`` (router-weighted output norm) or ``count``.
         out: output directory (default ``<model>-griffin-<ratio>``); written atomically.
         multiple_of: round the kept count to a multiple of this (never above d_ff); default
             1, or 256 with a ``gguf`` K or IQ type (llama.cpp quantizes rows in blocks of 256
@@ -201,6 +218,7 @@ def export(
     started = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
     check_ratio(ratio)
+    check_ratio(experts, "--experts")
     # --gguf with a K/IQ type and no multiple_of: k in whole blocks of 256 (when d_ff allows)
     block = needs_whole_blocks(gguf) if gguf is not None and multiple_of is None else None
     multiple = 1 if multiple_of is None else multiple_of
@@ -235,6 +253,9 @@ def export(
     report("load", 0, 1)
     if streaming:
         model_type, spec = check_source(source, allow_pickle)
+    if streaming and spec.moe is not None:
+        streaming = False  # mixtures of experts export in memory
+    if streaming:
         tokenizer = load_tokenizer(source)
         loaded = load_streamed(source, spec, model_type, torch_dtype, device, tokenizer).loaded
     else:
@@ -242,11 +263,28 @@ def export(
     report("load", 1, 1)
     ids, warnings = tokenize_prompts(loaded, texts, max_prompt_tokens)
     warnings = [*loaded.warnings, *warnings]
-    d_ff = loaded.spec.d_ff(loaded.model.config)
+    moe_sizes = None
+    if loaded.spec.moe is not None:
+        if budget != DEFAULT_BUDGET:
+            raise UsageError(
+                f"--budget {budget} is for dense models; a mixture of experts keeps one width "
+                "per kind of FF (one config field each): drop --budget"
+            )
+        moe_sizes = plan_moe_sizes(loaded.spec, loaded.model, 1.0, experts)
+        d_ff = moe_sizes.width_total
+    else:
+        if experts != 1.0:
+            raise UsageError(
+                f"--experts {experts:g} keeps routed experts of a mixture of experts; "
+                f"'{loaded.model_type}' is a dense model: drop --experts"
+            )
+        d_ff = loaded.spec.d_ff(loaded.model.config)
     if block is not None and d_ff >= block and ratio < 1:
         multiple = block
     how.check_model(_has_down_bias(loaded), loaded.model_type)
     ks = layer_sizes(budget, len(loaded.spec.blocks(loaded.model)), d_ff, ratio, multiple)
+    if moe_sizes is not None:
+        moe_sizes = plan_moe_sizes(loaded.spec, loaded.model, ratio, experts, multiple)
     if multiple == block:
         plain = layer_sizes(budget, len(ks), d_ff, ratio, 1)
         change = (
@@ -264,7 +302,7 @@ def export(
         if len(set(ks)) > 1:
             check_per_layer_gguf(loaded.model.config, budget)
 
-    def describe(selection: Selection, fingerprint: str) -> Manifest:
+    def describe(selection: Selection | MoeSelection, fingerprint: str) -> Manifest:
         return Manifest(
             griffin_version=__version__,
             source=SourceInfo(
@@ -287,9 +325,10 @@ def export(
             dtype=dtype_name(loaded.model.dtype),
             compensation=how.record() if how.active else None,
             checkpoint_format=checkpoint_format,
+            moe=selection.record() if isinstance(selection, MoeSelection) else None,
         )
 
-    write_weights: Callable[[Path], tuple[Selection, Manifest]]
+    write_weights: Callable[[Path], tuple[Selection | MoeSelection, Manifest]]
     # Layer-major: every prompt passes layer l before any passes l + 1, so scoring advances
     # by layers (a count of prompts would sit at 0 until the last layer).
     report("score", 0, len(ks))
@@ -305,7 +344,7 @@ def export(
             report("score", layer + 1, write_total)
             report("write", layer + 1, write_total)
 
-        def write_weights(directory: Path) -> tuple[Selection, Manifest]:
+        def write_weights(directory: Path) -> tuple[Selection | MoeSelection, Manifest]:
             done = select_and_write(
                 streamed,
                 ids,
@@ -323,26 +362,39 @@ def export(
         # Of the source: the refit below writes over the kept down columns as it goes.
         params_before, bytes_before = state_dict_bytes(loaded.model)
         fingerprint = model_fingerprint(loaded.spec, loaded.model)
-        selection = select_experts(
-            loaded.spec,
-            loaded.model,
-            ids,
-            k_per_layer=ks,
-            compensation=how,
-            on_layer=lambda layer: report("score", layer + 1, len(ks)),
-        )
-        report("slice", 0, 1)
-        if len(set(ks)) == 1:
-            prune_model(loaded.spec, loaded.model, selection.keep)
+
+        def scored(layer: int) -> None:
+            report("score", layer + 1, len(ks))
+
+        chosen: Selection | MoeSelection
+        if moe_sizes is not None:
+            chosen = select_moe(
+                loaded.spec,
+                loaded.model,
+                ids,
+                moe_sizes,
+                compensation=how,
+                expert_score=expert_score,
+                on_layer=scored,
+            )
+            report("slice", 0, 1)
+            prune_moe_model(loaded.spec, loaded.model, chosen)
         else:
-            prune_model_per_layer(loaded.spec, loaded.model, selection.keep)
+            chosen = select_experts(
+                loaded.spec, loaded.model, ids, k_per_layer=ks, compensation=how, on_layer=scored
+            )
+            report("slice", 0, 1)
+            if len(set(ks)) == 1:
+                prune_model(loaded.spec, loaded.model, chosen.keep)
+            else:
+                prune_model_per_layer(loaded.spec, loaded.model, chosen.keep)
         params_after, bytes_after = state_dict_bytes(loaded.model)
         report("slice", 1, 1)
         write_total = 1
 
-        def write_weights(directory: Path) -> tuple[Selection, Manifest]:
+        def write_weights(directory: Path) -> tuple[Selection | MoeSelection, Manifest]:
             loaded.model.save_pretrained(directory, max_shard_size=shard_bytes)
-            return selection, describe(selection, fingerprint)
+            return chosen, describe(chosen, fingerprint)
 
     report("write", 0, write_total)
     file_bytes, selection, manifest, written = write_export(
@@ -364,7 +416,7 @@ def export(
         out_dir=out_dir,
         source=source.name,
         model_type=loaded.model_type,
-        n_layers=len(selection.keep),
+        n_layers=len(selection.k_per_layer),
         d_ff=selection.d_ff,
         k_per_layer=selection.k_per_layer,
         ratio=ratio,
@@ -383,6 +435,7 @@ def export(
         gguf=None
         if written is None
         else written.to_dict() | {"path": str(out_dir / written.path.name)},
+        moe=manifest.moe,
     )
 
 
@@ -407,6 +460,8 @@ def _check_format(
 
 def _has_down_bias(loaded: LoadedModel) -> bool:
     spec, model = loaded.spec, loaded.model
+    if spec.moe is not None:
+        return has_down_bias(spec, model)
     if loaded.streamed is not None:
         return spec.param_name(0, "down", "bias") in loaded.streamed.plan
     return isinstance(getattr(spec.down_module(spec.blocks(model)[0]), "bias", None), Tensor)
@@ -416,7 +471,7 @@ def write_export(
     out_dir: Path,
     loaded: LoadedModel,
     force: bool,
-    write_weights: Callable[[Path], tuple[Selection, Manifest]],
+    write_weights: Callable[[Path], tuple[Selection | MoeSelection, Manifest]],
     *,
     gguf: str | None = None,
     gguf_timeout: float = DEFAULT_TIMEOUT,
@@ -424,7 +479,7 @@ def write_export(
     gguf_imatrix: str | Path | None = None,
     gguf_prompt: tuple[Sequence[Tensor], Sequence[str]] | None = None,
     progress: Progress | None = None,
-) -> tuple[int, Selection, Manifest, GgufResult | None]:
+) -> tuple[int, Selection | MoeSelection, Manifest, GgufResult | None]:
     """Write an export atomically: the pruned weights first (``write_weights(directory)``,
     which returns the selection and the manifest; it also sets the config's FF width), then
     config (per-layer sizes under ``griffin.intermediate_sizes`` when they differ, or the
@@ -442,7 +497,8 @@ def write_export(
         try:
             selection, manifest = write_weights(tmp)
             model.config.griffin = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
-            set_per_layer_sizes(loaded.spec, model.config, selection.k_per_layer)
+            if isinstance(selection, Selection):
+                set_per_layer_sizes(loaded.spec, model.config, selection.k_per_layer)
             if manifest.checkpoint_format == "decilm":
                 config = decilm_config(model.config.to_diff_dict(), selection.k_per_layer)
                 text = json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -452,9 +508,10 @@ def write_export(
             if model.can_generate():
                 model.generation_config.save_pretrained(tmp)
             copy_tokenizer_files(loaded.source, loaded.tokenizer, tmp)
-            experts = {f"layer.{i}": k.to(torch.int32).cpu() for i, k in enumerate(selection.keep)}
             save_file(
-                experts, tmp / EXPERTS_FILE, {"format": FORMAT_NAME, "d_ff": str(selection.d_ff)}
+                selection.index_map(),
+                tmp / EXPERTS_FILE,
+                {"format": FORMAT_NAME, "d_ff": str(selection.d_ff)},
             )
             (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
             if gguf is not None:

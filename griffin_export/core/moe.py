@@ -18,6 +18,7 @@ per-family facts (where the router and experts sit, the config keys) are the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -93,6 +94,39 @@ def shared_present(spec: ArchSpec, block: nn.Module) -> bool:
         return isinstance(_get(block, shared.mlp), nn.Module)
     except AttributeError:
         return False
+
+
+def has_down_bias(spec: ArchSpec, model: nn.Module) -> bool:
+    """Whether the routed experts' down projections have a bias (gpt-oss)."""
+    for block in spec.blocks(model):
+        if is_moe_layer(spec, block):
+            return ExpertsLayout.of(experts_of(spec, block)).has_bias
+    return False
+
+
+def identity_tensors(spec: ArchSpec, model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(checkpoint key, tensor)`` of what identifies an MoE model cheaply: every MoE
+    layer's router weight, the shared experts' and dense layers' FF tensors. These keys are
+    the same in memory and on disk (transformers fuses only the routed experts' tensors)."""
+    moe = moe_spec(spec)
+    dense, shared = dense_spec(spec), shared_spec(spec)
+    for layer, block in enumerate(spec.blocks(model)):
+        if not is_moe_layer(spec, block):
+            yield from ff_block_tensors(dense, layer, block)
+            continue
+        key = ".".join(p for p in (spec.layers, str(layer), moe.block, moe.router, "weight") if p)
+        yield key, router_tensor(router_of(spec, block), "weight")
+        if shared is not None and shared_present(spec, block):
+            yield from ff_block_tensors(shared, layer, block)
+
+
+def ff_block_tensors(spec: ArchSpec, layer: int, block: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(checkpoint key, tensor)`` of one dense FF block's weights and biases."""
+    for role, module in spec.projections(block).items():
+        for kind in ("weight", "bias"):
+            tensor = getattr(module, kind, None)
+            if isinstance(tensor, Tensor):
+                yield spec.param_name(layer, role, kind), tensor
 
 
 # -- one expert's layout ------------------------------------------------------------------------

@@ -45,14 +45,17 @@ from griffin_export.core.moe import (
     experts_of,
     is_moe_layer,
     moe_spec,
+    prune_moe_block,
     router_of,
     router_tensor,
+    set_moe_config,
     shared_present,
     shared_spec,
     shared_width_of,
 )
 from griffin_export.core.scoring import keep_count, normalized_square_sum, top_k_indices
 from griffin_export.core.selection import choose_experts
+from griffin_export.core.slicing import prune_block
 from griffin_export.errors import UsageError
 
 #: how kept experts are ranked: REAP's router-weighted output norm, or routed-token counts
@@ -120,10 +123,62 @@ class MoeSizes:
 
 @dataclass
 class MoeSelection:
+    """Every layer's choice in an MoE model (the counterpart of
+    :class:`~griffin_export.core.selection.Selection`)."""
+
     layers: list[LayerChoice]
     sizes: MoeSizes
     tokens: int
     expert_score: str = DEFAULT_EXPERT_SCORE
+
+    @property
+    def d_ff(self) -> int:
+        """The routed experts' full width."""
+        return self.sizes.width_total
+
+    @property
+    def k_per_layer(self) -> list[int]:
+        """Per layer the kept width of its routed experts, or of a dense layer's FF."""
+        return [
+            int(c.numel()) if isinstance(c, Tensor) else int(c.neurons.shape[1])
+            for c in self.layers
+        ]
+
+    def index_map(self) -> dict[str, Tensor]:
+        """The kept-index map: ``layer.<i>`` (a dense layer's neurons), or for an MoE layer
+        ``layer.<i>.experts`` ``[E']``, ``layer.<i>.neurons`` ``[E', I']`` (row ``r``: the
+        neurons of expert ``experts[r]``) and ``layer.<i>.shared``; all int32."""
+        out: dict[str, Tensor] = {}
+        for i, choice in enumerate(self.layers):
+            if isinstance(choice, Tensor):
+                out[f"layer.{i}"] = choice.to(torch.int32).cpu()
+                continue
+            out[f"layer.{i}.experts"] = choice.experts.to(torch.int32).cpu()
+            out[f"layer.{i}.neurons"] = choice.neurons.to(torch.int32).cpu()
+            if choice.shared is not None:
+                out[f"layer.{i}.shared"] = choice.shared.to(torch.int32).cpu()
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``moe`` record: sizes, the expert score, and per MoE layer the kept
+        experts, the share of the prompt's routing weight they carried, the experts filled
+        in without routed tokens and the number refitted."""
+        layers = []
+        for i, choice in enumerate(self.layers):
+            if isinstance(choice, Tensor):
+                continue
+            total = float(choice.mass.sum())
+            kept = float(choice.mass[choice.experts].sum())
+            layers.append(
+                {
+                    "layer": i,
+                    "experts": choice.experts.tolist(),
+                    "mass_kept": round(kept / total, 6) if total > 0 else 0.0,
+                    "filled": list(choice.filled),
+                    "refit": len(choice.refit),
+                }
+            )
+        return {"sizes": self.sizes.to_dict(), "expert_score": self.expert_score, "layers": layers}
 
 
 @contextmanager
@@ -517,3 +572,18 @@ def write_moe_refit(
     down_bias = getattr(down_module, "bias", None)
     if other.bias is not None and isinstance(down_bias, Tensor):
         down_bias.data += other.bias.to(down_bias.dtype)
+
+
+def prune_moe_model(spec: ArchSpec, model: nn.Module, selection: MoeSelection) -> None:
+    """Slice every layer of ``model`` to ``selection`` in place (routed experts, their
+    neurons, routers, shared experts, dense layers) and write the kept sizes into its config
+    under the family's keys (:func:`~griffin_export.core.moe.set_moe_config`)."""
+    sizes = selection.sizes
+    dense = dense_spec(spec)
+    for block, choice in zip(spec.blocks(model), selection.layers, strict=True):
+        if isinstance(choice, Tensor):
+            assert sizes.dense_total is not None
+            prune_block(dense, block, choice, sizes.dense_total)
+        else:
+            prune_moe_block(spec, block, choice.experts, choice.neurons, choice.shared)
+    set_moe_config(spec, model.config, sizes.experts, sizes.width, sizes.dense, sizes.shared)

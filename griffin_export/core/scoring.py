@@ -93,12 +93,14 @@ def check_sizes(k_per_layer: Sequence[int], n_layers: int, d_ff: int) -> list[in
     return ks
 
 
-def check_ratio(ratio: float) -> None:
-    """Reject ratios outside (0, 1] (and NaN) with a message naming the fix."""
+def check_ratio(ratio: float, option: str = "--ratio") -> None:
+    """Reject ratios outside (0, 1] (and NaN) with a message naming the fix; ``option`` is
+    the option that gave it (``--experts`` keeps routed experts, not neurons)."""
     if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 < ratio <= 1.0:
+        what = "of every FF layer" if option == "--ratio" else "of the routed experts per layer"
         raise UsageError(
-            f"--ratio must be a fraction in (0, 1], got {ratio!r}; e.g. --ratio 0.5 keeps half "
-            "of every FF layer"
+            f"{option} must be a fraction in (0, 1], got {ratio!r}; e.g. {option} 0.5 keeps "
+            f"half {what}"
         )
 
 

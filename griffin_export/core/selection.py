@@ -54,6 +54,11 @@ class Selection:
     def k_per_layer(self) -> list[int]:
         return [int(k.numel()) for k in self.keep]
 
+    def index_map(self) -> dict[str, Tensor]:
+        """The kept-index map (``griffin_experts.safetensors``): ``layer.<i>`` -> its kept
+        neuron indices, int32."""
+        return {f"layer.{i}": k.to(torch.int32).cpu() for i, k in enumerate(self.keep)}
+
 
 #: ``on_layer(layer, keep, regression)``: layer ``layer``'s experts are chosen; with
 #: compensation, ``regression`` is its refit's weight-independent part (the dropped neurons

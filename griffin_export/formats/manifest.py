@@ -81,6 +81,9 @@ class Manifest:
     #: the GGUF written inside the export (``export --gguf``): ``{"file", "outtype"}`` and, for
     #: a quantizer type, ``"imatrix"``: ``{"source": "prompt" | "file" | "none", ...}``
     gguf: dict[str, Any] | None = None
+    #: a mixture-of-experts export: ``{"sizes", "expert_score", "layers"}``
+    #: (:meth:`~griffin_export.core.moe_selection.MoeSelection.record`); ``None`` for dense
+    moe: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to ``griffin.json`` (a uniform budget, the ``hf`` layout
@@ -117,6 +120,7 @@ class Manifest:
                 else {"checkpoint_format": self.checkpoint_format}
             ),
             **({} if self.gguf is None else {"gguf": dict(self.gguf)}),
+            **({} if self.moe is None else {"moe": dict(self.moe)}),
             "files": dict(self.files),
         }
         return data
@@ -156,9 +160,18 @@ class Manifest:
             files=dict(data["files"]),
             checkpoint_format=str(data.get("checkpoint_format", DEFAULT_CHECKPOINT_FORMAT)),
             gguf=data.get("gguf"),
+            moe=data.get("moe"),
             format=data["format"],
             format_version=data["format_version"],
         )
+
+
+#: optional records of a manifest: name -> the fields each must have, with their types
+_OPTIONAL_RECORDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "compensation": {"method": str, "bias": bool},
+    "gguf": {"file": str, "outtype": str},
+    "moe": {"sizes": dict, "expert_score": str, "layers": list},
+}
 
 
 def manifest_problems(data: Any) -> list[str]:
@@ -195,22 +208,15 @@ def manifest_problems(data: Any) -> list[str]:
         bad.append("files")
     if data.get("dtype") not in DTYPE_NAMES:
         bad.append("dtype")
-    compensation = data.get("compensation")
-    if compensation is not None and not (
-        isinstance(compensation, dict)
-        and isinstance(compensation.get("method"), str)
-        and isinstance(compensation.get("bias"), bool)
-    ):
-        bad.append("compensation")
     if data.get("checkpoint_format", DEFAULT_CHECKPOINT_FORMAT) not in CHECKPOINT_FORMATS:
         bad.append("checkpoint_format")
-    gguf = data.get("gguf")
-    if gguf is not None and not (
-        isinstance(gguf, dict)
-        and isinstance(gguf.get("file"), str)
-        and isinstance(gguf.get("outtype"), str)
-    ):
-        bad.append("gguf")
+    for name, fields in _OPTIONAL_RECORDS.items():
+        record = data.get(name)
+        if record is not None and not (
+            isinstance(record, dict)
+            and all(isinstance(record.get(key), kind) for key, kind in fields.items())
+        ):
+            bad.append(name)
     return [f"missing or malformed {', '.join(bad)}; re-export"] if bad else []
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from griffin_export.core.architectures import ArchSpec
+from griffin_export.core.moe import ff_block_tensors, identity_tensors
 
 
 def weights_fingerprint(named_tensors: Iterable[tuple[str, Tensor]], sample: int = 4096) -> str:
@@ -67,13 +68,13 @@ def samples_fingerprint(entries: Iterable[tuple[str, tuple[int, ...], Tensor]]) 
 
 
 def ff_tensors(spec: ArchSpec, model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """``(checkpoint key, tensor)`` of every FF weight and bias of a loaded model."""
+    """``(checkpoint key, tensor)`` of every FF weight and bias of a loaded model (of a
+    mixture of experts: :func:`~griffin_export.core.moe.identity_tensors`)."""
+    if spec.moe is not None:
+        yield from identity_tensors(spec, model)
+        return
     for layer, block in enumerate(spec.blocks(model)):
-        for role, module in spec.projections(block).items():
-            for kind in ("weight", "bias"):
-                tensor = getattr(module, kind, None)
-                if isinstance(tensor, Tensor):
-                    yield spec.param_name(layer, role, kind), tensor
+        yield from ff_block_tensors(spec, layer, block)
 
 
 def model_fingerprint(spec: ArchSpec, model: nn.Module) -> str:
