@@ -45,8 +45,11 @@ class MoeSpec:
         router: path from the MoE module to the router.
         experts: path from the MoE module to the fused experts (``gate_up_proj``/``down_proj``).
         router_tensors: ``(name, axis)`` of every router tensor with one entry per expert
-            along ``axis`` (the weight's rows, a bias, a selection bias); sliced to the kept
-            experts.
+            along ``axis`` (the weight's rows, a bias, a selection bias), relative to the
+            router; sliced to the kept experts. The first is the router's ``[experts,
+            hidden]`` weight matrix.
+        block_tensors: ``(name, axis)`` of per-expert tensors the MoE module itself holds
+            and hands to its router (a selection bias: AFMoE, MiniMax-M2, HY-V3); sliced too.
         shared: path from the MoE module to the shared expert (a dense FF under the family's
             gate/up/down names), ``None`` without one.
         count_key: config field holding the number of routed experts.
@@ -64,6 +67,7 @@ class MoeSpec:
     router: str = "gate"
     experts: str = "experts"
     router_tensors: tuple[tuple[str, int], ...] = (("weight", 0),)
+    block_tensors: tuple[tuple[str, int], ...] = ()
     shared: str | None = None
     count_key: str = "num_experts"
     width_key: str = "moe_intermediate_size"
@@ -210,15 +214,17 @@ _GPTJ = ArchSpec(
 
 
 # -- mixtures of experts: the dense FF names (dense layers, shared experts) plus a MoeSpec -------
-def _moe(**moe: Any) -> ArchSpec:
+def _moe(size_key: str = "intermediate_size", **moe: Any) -> ArchSpec:
     """A Llama-named family (dense layers and shared experts ``gate_proj``/``up_proj``/
-    ``down_proj`` under ``mlp``) with routed experts laid out as ``moe`` says."""
+    ``down_proj`` under ``mlp``, the dense width in ``size_key``) with routed experts laid out
+    as ``moe`` says."""
     return ArchSpec(
         layers="model.layers",
         mlp="mlp",
         gate="gate_proj",
         up="up_proj",
         down="down_proj",
+        size_key=size_key,
         moe=MoeSpec(**moe),
     )
 
@@ -276,6 +282,101 @@ MOE_ARCHITECTURES: Mapping[str, ArchSpec] = {
         count_key="num_local_experts",
         width_key="intermediate_size",
     ),
+    # DeepSeek-V3's routing (sigmoid + selection bias, group-limited) under other names
+    "dots1": _DEEPSEEK_V3,
+    "solar_open": _DEEPSEEK_V3,
+    "mimo_v2_flash": _DEEPSEEK_V3,
+    "exaone_moe": _moe(
+        router_tensors=(("weight", 0), ("e_score_correction_bias", 0)),
+        shared="shared_experts",
+        shared_count_key="num_shared_experts",
+        group_key="n_group",
+        topk_group_key="topk_group",
+    ),
+    "afmoe": _moe(
+        router="router",
+        router_tensors=(("gate.weight", 0),),
+        block_tensors=(("expert_bias", 0),),
+        shared="shared_experts",
+        shared_count_key="num_shared_experts",
+    ),
+    "minimax_m2": _moe(
+        block_tensors=(("e_score_correction_bias", 0),),
+        count_key="num_local_experts",
+        width_key="intermediate_size",
+    ),
+    "hy_v3": _moe(
+        block_tensors=(("e_score_correction_bias", 0),),
+        shared="shared_experts",
+        shared_count_key="num_shared_experts",
+    ),
+    "kolibri1": _moe(
+        router_tensors=(("weight", 0), ("e_score_correction_bias", 0)),
+        shared="shared_experts",
+        shared_width_key="shared_expert_intermediate_size",
+    ),
+    "laguna": _moe(
+        router_tensors=(("weight", 0), ("e_score_correction_bias", 0)),
+        shared="shared_experts",
+        shared_width_key="shared_expert_intermediate_size",
+    ),
+    # dense layers and shared experts: gate and up fused (gate rows first), a clamped SwiGLU
+    "minimax_m3_vl_text": ArchSpec(
+        layers="model.layers",
+        mlp="mlp",
+        up="gate_up_proj",
+        down="down_proj",
+        fused_gate_up=True,
+        size_key="dense_intermediate_size",
+        moe=MoeSpec(
+            router_tensors=(("weight", 0), ("e_score_correction_bias", 0)),
+            shared="shared_experts",
+            count_key="num_local_experts",
+            width_key="intermediate_size",
+            shared_width_key="shared_intermediate_size",
+        ),
+    ),
+    "mellum": _moe(count_key="num_local_experts"),
+    "flint": _moe(shared="shared_expert", shared_width_key="shared_expert_intermediate_size"),
+    "aria_text": _moe(
+        router="router",
+        shared="shared_experts",
+        count_key="moe_num_experts",
+        width_key="intermediate_size",
+        shared_count_key="moe_num_shared_experts",
+        top_k_key="moe_topk",
+    ),
+    "cohere2_moe": _moe(
+        shared="shared_experts",
+        width_key="intermediate_size",
+        shared_count_key="num_shared_experts",
+    ),
+    "hunyuan_v1_moe": _moe(
+        router_tensors=(("wg.weight", 0),),
+        shared="shared_mlp",
+        width_key="intermediate_size",
+        top_k_key="moe_topk",
+    ),
+    "granitemoe_swa": ArchSpec(
+        layers="model.layers",
+        mlp="block_sparse_moe",
+        up="input_linear",
+        down="output_linear",
+        moe=MoeSpec(
+            block="block_sparse_moe",
+            router="router",
+            count_key="num_local_experts",
+            width_key="intermediate_size",
+        ),
+    ),
+    "sarvam_mla": _DEEPSEEK_V3,
+    "sarvam_moe": _DEEPSEEK_V3,
+    # DeepSeek-V3's MoE beside multi-head latent attention (and DSA's sparse indexer)
+    "glm4_moe_lite": _DEEPSEEK_V3,
+    "deepseek_v32": _DEEPSEEK_V3,
+    "glm_moe_dsa": _DEEPSEEK_V3,
+    "axk1": _DEEPSEEK_V3,
+    "axk2": _DEEPSEEK_V3,
 }
 
 #: model_type -> ArchSpec. Adding an architecture is adding a row.
@@ -399,41 +500,18 @@ UNVERIFIED = "not yet verified on a tiny model (its test config needs more field
 REFUSED: Mapping[str, str] = {
     **dict.fromkeys(
         (
-            "afmoe",
-            "aria_text",
-            "axk1",
-            "axk2",
-            "cohere2_moe",
             "dbrx",
-            "deepseek_v32",
             "deepseek_v4",
-            "dots1",
-            "exaone_moe",
-            "flint",
-            "glm4_moe_lite",
-            "glm_moe_dsa",
-            "granitemoe_swa",
             "granitemoeshared",
-            "hunyuan_v1_moe",
-            "hy_v3",
             "hy_v4",
             "inkling_text",
             "jetmoe",
-            "kolibri1",
-            "laguna",
             "lara_mini",
             "lfm2_moe",
             "llama4_text",
             "longcat_flash",
-            "mellum",
-            "mimo_v2_flash",
-            "minimax_m2",
-            "minimax_m3_vl_text",
             "qwen3_5_moe_text",
             "qwen4_exp_text",
-            "sarvam_mla",
-            "sarvam_moe",
-            "solar_open",
             "zaya",
         ),
         MOE,

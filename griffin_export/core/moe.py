@@ -114,8 +114,9 @@ def identity_tensors(spec: ArchSpec, model: nn.Module) -> Iterator[tuple[str, Te
         if not is_moe_layer(spec, block):
             yield from ff_block_tensors(dense, layer, block)
             continue
-        key = ".".join(p for p in (spec.layers, str(layer), moe.block, moe.router, "weight") if p)
-        yield key, router_tensor(router_of(spec, block), "weight")
+        name = moe.router_tensors[0][0]
+        key = ".".join(p for p in (spec.layers, str(layer), moe.block, moe.router, name) if p)
+        yield key, router_weight(spec, block)
         if shared is not None and shared_present(spec, block):
             yield from ff_block_tensors(shared, layer, block)
 
@@ -260,6 +261,12 @@ def router_tensor(router: nn.Module, name: str) -> Tensor:
     return value
 
 
+def router_weight(spec: ArchSpec, block: nn.Module) -> Tensor:
+    """The router's ``[experts, hidden]`` weight matrix in ``block`` (the first of the
+    row's ``router_tensors``)."""
+    return router_tensor(router_of(spec, block), moe_spec(spec).router_tensors[0][0])
+
+
 def _set_tensor(owner: nn.Module, attr: str, value: Tensor) -> None:
     current = getattr(owner, attr)
     if isinstance(current, nn.Parameter):
@@ -296,11 +303,13 @@ def prune_moe_block(
     n_experts, width = expert_count(experts), expert_width(experts)
     for name, value in slice_expert_tensors(experts, keep_experts, keep_neurons).items():
         _set_tensor(experts, name, value)
-    for name, axis in moe.router_tensors:
-        tensor = router_tensor(router, name)
+    owned = [(router, name, axis) for name, axis in moe.router_tensors]
+    owned += [(module, name, axis) for name, axis in moe.block_tensors]
+    for owner, name, axis in owned:
+        tensor = router_tensor(owner, name)
         path, _, attr = name.rpartition(".")
         sliced = tensor.data.index_select(axis, keep_experts.to(tensor.device))
-        _set_tensor(_get(router, path), attr, sliced)
+        _set_tensor(_get(owner, path), attr, sliced)
     _sync_counts([module, router, experts], COUNT_ATTRIBUTES, n_experts, len(keep_experts))
     _sync_counts([experts], WIDTH_ATTRIBUTES, width, int(keep_neurons.shape[1]))
     shared = shared_spec(spec)

@@ -46,8 +46,7 @@ from griffin_export.core.moe import (
     is_moe_layer,
     moe_spec,
     prune_moe_block,
-    router_of,
-    router_tensor,
+    router_weight,
     set_moe_config,
     shared_present,
     shared_spec,
@@ -333,7 +332,7 @@ class MoeLayerSelector:
             experts = experts_of(self.spec, self.blocks[layer])
             stats = self._stats.get(layer)
             if stats is None:
-                weight = router_tensor(router_of(self.spec, self.blocks[layer]), "weight")
+                weight = router_weight(self.spec, self.blocks[layer])
                 stats = _LayerStats(experts, weight.detach(), self.how is not None)
                 self._stats[layer] = stats
             stats.add(experts, x)
