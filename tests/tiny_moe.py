@@ -139,6 +139,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "glm_moe_dsa": dict(head_dim=4, **_DSA),
     "axk1": dict(head_dim=4),
     "axk2": dict(head_dim=4, **_DSA),
+    "hy_v4": {},
 }
 
 #: model_type -> how the oracle excludes removed experts from routing (module docstring)
@@ -175,7 +176,7 @@ ROUTING: dict[str, str] = {
     "sarvam_mla": "bias:e_score_correction_bias",
     "sarvam_moe": "bias:e_score_correction_bias",
     **dict.fromkeys(
-        ("glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "axk1", "axk2"),
+        ("glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "axk1", "axk2", "hy_v4"),
         "bias:e_score_correction_bias",
     ),
 }

@@ -377,6 +377,7 @@ MOE_ARCHITECTURES: Mapping[str, ArchSpec] = {
     "glm_moe_dsa": _DEEPSEEK_V3,
     "axk1": _DEEPSEEK_V3,
     "axk2": _DEEPSEEK_V3,
+    "hy_v4": _DEEPSEEK_V3,  # hyper-connections around the blocks; the MoE is DeepSeek-V3's
 }
 
 #: model_type -> ArchSpec. Adding an architecture is adding a row.
@@ -485,7 +486,6 @@ ARCHITECTURES: Mapping[str, ArchSpec] = {
 
 #: Reason categories (one line each); REFUSED maps every other causal-LM ``model_type`` of
 #: the installed ``transformers`` to one of them (tests/test_architectures.py enumerates them).
-MOE = "a mixture-of-experts feed-forward (routed experts), not one dense FF per layer"
 HYBRID = "state-space, recurrent or linear-attention layers (alone or mixed with attention)"
 ENCODER = "an encoder (bidirectional) model with an LM head, not a decoder-only causal LM"
 CROSS_ATTENTION = "the decoder of an encoder-decoder model (cross-attention blocks)"
@@ -494,28 +494,31 @@ PER_LAYER = "per-layer FF widths or per-layer configs (one intermediate_size is 
 NONSTANDARD_FF = "a feed-forward that is not a plain MLP or GLU feeding the down projection"
 FIXED_WIDTH = "an FF width that is not one integer config field, so no config can state it"
 UNVERIFIED = "not yet verified on a tiny model (its test config needs more fields or failed)"
+MOE_NOT_FUSED = (
+    "routed experts outside transformers' fused-experts interface (no gate_up_proj/down_proj "
+    "slabs with layout flags)"
+)
+MOE_INPUT_SCALED = (
+    "routed experts outside transformers' fused-experts interface whose inputs the routing "
+    "weight scales (Llama 4)"
+)
+MOE_ZERO_EXPERTS = "identity (zero-computation) experts routed beside the real ones"
+MOE_HASH = "hash routing (experts looked up by token id, not chosen by a router) in some layers"
+MOE_ROUTED_SHARED = "a router that also weights the shared experts (one softmax over both)"
+MOE_SHARED_OUTSIDE = (
+    "a shared expert on the decoder block beside the MoE module (the table places it inside)"
+)
 
 #: model_type -> why griffin refuses it. Every causal-LM model_type of the installed
 #: transformers is here or in ARCHITECTURES (a test enumerates them).
 REFUSED: Mapping[str, str] = {
-    **dict.fromkeys(
-        (
-            "dbrx",
-            "deepseek_v4",
-            "granitemoeshared",
-            "hy_v4",
-            "inkling_text",
-            "jetmoe",
-            "lara_mini",
-            "lfm2_moe",
-            "llama4_text",
-            "longcat_flash",
-            "qwen3_5_moe_text",
-            "qwen4_exp_text",
-            "zaya",
-        ),
-        MOE,
-    ),
+    # mixtures of experts griffin cannot slice as the table describes (tests/test_moe.py)
+    **dict.fromkeys(("dbrx", "jetmoe"), MOE_NOT_FUSED),
+    "llama4_text": MOE_INPUT_SCALED,
+    "longcat_flash": MOE_ZERO_EXPERTS,
+    "deepseek_v4": MOE_HASH,
+    "inkling_text": MOE_ROUTED_SHARED,
+    "granitemoeshared": MOE_SHARED_OUTSIDE,
     **dict.fromkeys(
         (
             "bailing_hybrid",
@@ -525,19 +528,24 @@ REFUSED: Mapping[str, str] = {
             "granitemoehybrid",
             "jamba",
             "kimi_linear",
+            "lara_mini",
             "lfm2",
+            "lfm2_moe",
             "lfm3",
             "mamba",
             "mamba2",
             "nemotron_h",
             "olmo_hybrid",
+            "qwen3_5_moe_text",
             "qwen3_5_text",
             "qwen3_next",
+            "qwen4_exp_text",
             "recurrent_gemma",
             "rwkv",
             "xlstm",
             "zamba",
             "zamba2",
+            "zaya",
         ),
         HYBRID,
     ),

@@ -352,8 +352,8 @@ def check_expert_count(spec: ArchSpec, config: Any, keep: int) -> None:
     that many: fewer than each token's ``top_k``, or (group-limited routing) a count the
     groups cannot split evenly. One line naming the ``--experts`` values that work."""
     moe = moe_spec(spec)
-    total = int(getattr(config, moe.count_key))
-    top_k = int(getattr(config, moe.top_k_key, 1) or 1)
+    total = config_int(config, moe.count_key, 0)
+    top_k = config_int(config, moe.top_k_key, 1) or 1
     groups = int(getattr(config, moe.group_key or "", None) or 1)
     topk_group = int(getattr(config, moe.topk_group_key or "", None) or groups)
     problems = valid_expert_counts(total, top_k, groups, topk_group)
@@ -367,6 +367,21 @@ def check_expert_count(spec: ArchSpec, config: Any, keep: int) -> None:
         f"keeping {keep} of {total} routed experts per layer cannot route ({why}); "
         f"--experts values that work: {works}"
     )
+
+
+def config_int(config: Any, key: str, default: int) -> int:
+    """``config.<key>`` as one integer; a per-layer list of one repeated value counts as that
+    value (HunYuan's ``moe_topk``). ``default`` when the field is absent or ``None``."""
+    value = getattr(config, key, None)
+    if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
+        value = value[0]
+    if value is None:
+        return default
+    if not isinstance(value, int):
+        raise UnsupportedArchitectureError(
+            f"config.{key} is {value!r}; griffin needs one integer for every MoE layer"
+        )
+    return value
 
 
 def valid_expert_counts(total: int, top_k: int, groups: int, topk_group: int) -> list[int]:
