@@ -20,14 +20,14 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
-from griffin_export.core.architectures import INPUT_ROLES, ArchSpec, spec_for
+from griffin_export.core.architectures import ArchSpec, spec_for
 from griffin_export.core.budgets import BUDGETS
-from griffin_export.core.slicing import fused_indices
 from griffin_export.errors import (
     ExportFormatError,
     GriffinError,
     ModelLoadError,
     OriginalMismatchError,
+    UnsupportedArchitectureError,
     VerificationError,
     first_line,
 )
@@ -40,6 +40,20 @@ from griffin_export.formats.manifest import (
     SIZES_KEY,
     is_int,
     manifest_problems,
+)
+from griffin_export.formats.verify_moe import (
+    KeptLayer,
+    ModuleReader,
+    OriginalCheck,
+    check_index_map,
+    config_problems,
+    fingerprint_entries,
+    index_problems,
+    layer_kind_problems,
+    meta_model,
+    read_record,
+    shape_problems,
+    sliced_original,
 )
 from griffin_export.storage.fingerprint import (
     ff_tensors,
@@ -70,6 +84,8 @@ class VerifyReport:
     #: further check such as :mod:`griffin_export.build.reproduce` starts from).
     manifest: dict[str, Any] | None = field(default=None, repr=False)
     keep: list[Tensor] | None = field(default=None, repr=False)
+    #: of a mixture-of-experts export, the kept-index map per layer instead of ``keep``
+    moe_keep: list[KeptLayer] | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -143,6 +159,9 @@ def verify_export(
     if layout is None:
         return report
     spec, hidden = layout
+    if manifest.get("moe") is not None:
+        _verify_moe(report, spec, manifest, original)
+        return report
     k_per_layer: list[int] = manifest["k_per_layer"]
     d_ff: int = manifest["source"]["d_ff"]
     keep = _check_experts(export_dir, k_per_layer, d_ff, problems)
@@ -226,10 +245,16 @@ def original_fingerprint(
     :func:`~griffin_export.storage.fingerprint.weights_fingerprint` of the cast tensors)."""
     dtype = _torch_dtype(manifest["dtype"])
     n_layers = len(manifest["k_per_layer"])
+    weights: SafetensorsReader | ModuleReader = tensors
+    keys: Iterator[str] | list[str] = _ff_keys(spec, n_layers, tensors)
+    if manifest.get("moe") is not None:  # routers, shared experts, dense layers by model name
+        weights = ModuleReader(tensors, manifest["source"]["model_type"])
+        record = read_record(manifest, [])
+        keys = [] if record is None else fingerprint_entries(spec, record, n_layers, weights)
     entries = []
-    for key in _ff_keys(spec, n_layers, tensors):
-        shape = tensors.shape(key)
-        parts = [tensors.flat(key, a, b) for a, b in sample_ranges(math.prod(shape))]
+    for key in keys:
+        shape = weights.shape(key)
+        parts = [weights.flat(key, a, b) for a, b in sample_ranges(math.prod(shape))]
         entries.append((key, shape, samples_as_float(parts, dtype)))
     return samples_fingerprint(entries)
 
@@ -315,7 +340,9 @@ def _check_config(
         )
         width = None
     listed = griffin_block.get(SIZES_KEY) if isinstance(griffin_block, dict) else None
-    if listed is None and len(set(ks)) > 1:
+    if manifest.get("moe") is not None:
+        pass  # one width per kind of FF, in the family's own keys (verify_moe.config_problems)
+    elif listed is None and len(set(ks)) > 1:
         problems.append(
             f"config.json: no griffin.{SIZES_KEY} but {MANIFEST} keeps {ks} neurons per layer; "
             "re-export"
@@ -373,10 +400,8 @@ def _config_sizes(directory: Path, problems: list[str]) -> tuple[int | None, int
     return sizes[0], sizes[1]
 
 
-def _check_experts(
-    export_dir: Path, k_per_layer: list[int], d_ff: int, problems: list[str]
-) -> list[Tensor] | None:
-    """Validate the kept-index map; returns the per-layer indices (int64) when usable."""
+def _read_index_map(export_dir: Path, d_ff: int, problems: list[str]) -> dict[str, Tensor] | None:
+    """The kept-index map's tensors, checked for readability and its ``d_ff`` metadata."""
     path = export_dir / EXPERTS_FILE
     if not path.is_file():
         problems.append(f"{EXPERTS_FILE}: missing (the kept-index map); re-export")
@@ -393,6 +418,16 @@ def _check_experts(
             f"{EXPERTS_FILE}: metadata d_ff {metadata.get('d_ff')} but {MANIFEST} says {d_ff}; "
             "re-export"
         )
+    return tensors
+
+
+def _check_experts(
+    export_dir: Path, k_per_layer: list[int], d_ff: int, problems: list[str]
+) -> list[Tensor] | None:
+    """Validate the kept-index map; returns the per-layer indices (int64) when usable."""
+    tensors = _read_index_map(export_dir, d_ff, problems)
+    if tensors is None:
+        return None
     expected = {f"layer.{i}" for i in range(len(k_per_layer))}
     for extra in sorted(set(tensors) - expected):
         problems.append(f"{EXPERTS_FILE}: unexpected entry '{extra}'; re-export")
@@ -414,15 +449,7 @@ def _check_experts(
             usable = False
             continue
         index = index.long()
-        found: list[str] = []
-        if index.numel() != k:
-            found.append(f"{index.numel()} indices but k is {k}")
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= d_ff):
-            found.append(f"indices outside 0..{d_ff - 1}")
-        if index.unique().numel() != index.numel():
-            found.append("duplicate indices")
-        elif index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
-            found.append("indices not sorted ascending")
+        found = index_problems(index, k, d_ff)
         if found:
             problems.append(f"{where}: {'; '.join(found)}; re-export")
             usable = False
@@ -480,31 +507,10 @@ def _check_against_original(
     stack: contextlib.ExitStack,
     problems: list[str],
 ) -> None:
-    directory = _original_directory(original)
-    tensors = _open_original(directory, stack)
+    tensors = _open_same_original(spec, manifest, original, stack, problems)
+    if tensors is None:
+        return
     source = manifest["source"]
-    try:
-        model_type = read_json_object(directory / "config.json").get("model_type")
-    except ValueError as exc:
-        problems.append(
-            f"original '{original}': config.json {exc}, so its family could not be compared "
-            f"with the export's; pass the original it was exported from ({source.get('model')})"
-        )
-        return
-    if model_type != source["model_type"]:
-        problems.append(
-            f"original '{original}' is a {model_type!r} model but the export was made from a "
-            f"{source['model_type']!r}; pass the original it was exported from "
-            f"({source.get('model')})"
-        )
-        return
-    if original_fingerprint(spec, manifest, tensors) != source["fingerprint"]:
-        problems.append(
-            f"original '{original}' is not the model the export was made from (its FF weights "
-            f"differ from the fingerprint in {MANIFEST}); pass the original it was exported "
-            f"from ({source.get('model')})"
-        )
-        return
     dtype = _torch_dtype(manifest["dtype"])
     d_ff = int(source["d_ff"])
     compensation = manifest.get("compensation") or {}
@@ -522,7 +528,7 @@ def _check_against_original(
                     if kind == "bias":  # a missing weight is already reported
                         problems.append(f"{key}: in the original but missing from the export")
                     continue
-                want = _sliced_original(spec, tensors, key, role, kind, index, d_ff).to(dtype)
+                want = sliced_original(spec, tensors, key, role, kind, index, d_ff).to(dtype)
                 got = exported.get(key)
                 if role == "down" and (kind == "weight" or compensation.get("bias")):
                     # Refitted on the prompt (griffin_export.core.compensation): its values are
@@ -542,6 +548,121 @@ def _check_against_original(
                     )
     if compensation:
         _check_untouched(exported, tensors, ff_keys, dtype, problems)
+
+
+def _open_same_original(
+    spec: ArchSpec,
+    manifest: dict[str, Any],
+    original: str,
+    stack: contextlib.ExitStack,
+    problems: list[str],
+) -> SafetensorsReader | None:
+    """The original's weights, once it is known to be the model the export was made from
+    (family and fingerprint); ``None`` with the problem otherwise."""
+    directory = _original_directory(original)
+    tensors = _open_original(directory, stack)
+    source = manifest["source"]
+    try:
+        model_type = read_json_object(directory / "config.json").get("model_type")
+    except ValueError as exc:
+        problems.append(
+            f"original '{original}': config.json {exc}, so its family could not be compared "
+            f"with the export's; pass the original it was exported from ({source.get('model')})"
+        )
+        return None
+    if model_type != source["model_type"]:
+        problems.append(
+            f"original '{original}' is a {model_type!r} model but the export was made from a "
+            f"{source['model_type']!r}; pass the original it was exported from "
+            f"({source.get('model')})"
+        )
+        return None
+    if original_fingerprint(spec, manifest, tensors) != source["fingerprint"]:
+        problems.append(
+            f"original '{original}' is not the model the export was made from (its FF weights "
+            f"differ from the fingerprint in {MANIFEST}); pass the original it was exported "
+            f"from ({source.get('model')})"
+        )
+        return None
+    return tensors
+
+
+def _verify_moe(
+    report: VerifyReport, spec: ArchSpec, manifest: dict[str, Any], original: str | Path | None
+) -> None:
+    """The checks of a mixture-of-experts export (:mod:`griffin_export.formats.verify_moe`):
+    the moe record, the config's own keys, the kept-index map, every FF tensor's shape, and
+    with ``original`` every kept expert, router row, shared expert and dense layer."""
+    export_dir, problems = report.export_dir, report.problems
+    record = read_record(manifest, problems)
+    if record is None:
+        return
+    problems.extend(config_problems(spec, read_json_object(export_dir / "config.json"), record))
+    tensors = _read_index_map(export_dir, record.sizes.width_total, problems)
+    kept = None if tensors is None else check_index_map(tensors, manifest, record, problems)
+    report.checked.append("kept-index map (experts and neurons)")
+    try:
+        model = meta_model(export_config(export_dir))
+    except Exception as exc:  # transformers' model classes raise many types on a bad config
+        problems.append(
+            f"config.json: transformers cannot build the model it describes "
+            f"({type(exc).__name__}: {first_line(exc)}), so the weights' shapes were not "
+            "checked; fix config.json or re-export"
+        )
+        return
+    kinds = layer_kind_problems(spec, model, record)
+    problems.extend(kinds)
+    with contextlib.ExitStack() as stack:
+        files, found = weight_files(export_dir)
+        problems.extend(found)
+        try:
+            reader = stack.enter_context(SafetensorsReader(files))
+            exported = ModuleReader(reader, manifest["source"]["model_type"])
+        except (SafetensorError, OSError, UnsupportedArchitectureError) as exc:
+            problems.append(f"weights unreadable ({first_line(exc)}); re-export")
+            return
+        shapes = shape_problems(spec, model, exported)
+        problems.extend(shapes)
+        report.checked.append("FF tensor shapes (routers, experts, shared, dense)")
+        if original is not None and (kept is None or kinds or shapes):
+            problems.append(
+                f"original '{original}': not compared, since the kept-index map or the weights' "
+                "shapes are unusable (see above); re-export"
+            )
+        elif original is not None and kept is not None:
+            _moe_against_original(
+                spec, manifest, model, exported, kept, str(original), stack, problems
+            )
+            report.checked.append("kept experts, routers and FF tensors against the original")
+        report.manifest, report.moe_keep = manifest, kept
+
+
+def _moe_against_original(
+    spec: ArchSpec,
+    manifest: dict[str, Any],
+    model: nn.Module,
+    exported: ModuleReader,
+    kept: list[KeptLayer],
+    original: str,
+    stack: contextlib.ExitStack,
+    problems: list[str],
+) -> None:
+    tensors = _open_same_original(spec, manifest, original, stack, problems)
+    if tensors is None:
+        return
+    try:
+        weights = ModuleReader(tensors, manifest["source"]["model_type"])
+    except UnsupportedArchitectureError as exc:
+        problems.append(f"original '{original}': {exc}")
+        return
+    dtype = _torch_dtype(manifest["dtype"])
+    check = OriginalCheck(
+        spec, model, exported, weights, dtype, manifest.get("compensation"), problems
+    )
+    check.run(kept)
+    if manifest.get("compensation"):
+        ff_keys = {k for name in check.covered for k in exported.checkpoint_keys(name)}
+        _check_untouched(exported.reader, tensors, ff_keys, dtype, problems)
 
 
 def _check_untouched(
@@ -570,23 +691,6 @@ def _check_untouched(
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def _sliced_original(
-    spec: ArchSpec,
-    tensors: SafetensorsReader,
-    key: str,
-    role: str,
-    kind: str,
-    keep: Tensor,
-    d_ff: int,
-) -> Tensor:
-    """The original's ``key`` sliced to the kept neurons (as :mod:`griffin_export.core.slicing`
-    slices it), reading only the kept rows or the column range they span, not the tensor."""
-    if kind == "bias" and role not in INPUT_ROLES:
-        return tensors.get(key)  # a down bias is kept whole
-    index = fused_indices(keep, d_ff) if role == "gate_up" else keep
-    return tensors.select(key, index, 0 if kind == "bias" else spec.neuron_axis(role))
 
 
 def _original_directory(original: str) -> Path:
