@@ -29,8 +29,9 @@ from tiny import char_tokenizer
 PROMPT = "the quick brown fox jumps over the lazy dog, then the dog sleeps in the sun. " * 3
 runner = CliRunner()
 
-#: tiny MoE configs: mixtral (experts on disk as experts.<e>.w1/w2/w3, no dense layer) and
-#: qwen2_moe (experts.<e>.gate_proj/up_proj/down_proj, a dense layer 0, a shared expert)
+#: tiny MoE configs: mixtral (experts on disk as experts.<e>.w1/w2/w3, no dense layer),
+#: qwen2_moe (experts.<e>.gate_proj/up_proj/down_proj, a dense layer 0, a shared expert) and
+#: gpt_oss (fused on disk: gate_up_proj [E, H, 2I] interleaved, with biases)
 _CONFIGS: dict[str, dict[str, Any]] = {
     "mixtral": {"intermediate_size": 16, "num_local_experts": 8},
     "qwen2_moe": {
@@ -39,6 +40,11 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         "shared_expert_intermediate_size": 16,
         "num_experts": 8,
         "mlp_only_layers": [0],
+    },
+    "gpt_oss": {
+        "intermediate_size": 16,
+        "num_local_experts": 8,
+        "layer_types": ["full_attention"] * 3,
     },
 }
 
@@ -65,11 +71,15 @@ def save_tiny_moe(model_type: str, directory: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """mixtral exported without refit (every kept tensor exact), qwen2_moe with the default
-    refit (down columns refitted), both at --experts 0.5 --ratio 0.5."""
+    """mixtral and gpt_oss exported without refit (every kept tensor exact), qwen2_moe with
+    the default refit (down columns refitted), all at --experts 0.5 --ratio 0.5."""
     root = tmp_path_factory.mktemp("verify-moe")
     paths = {"root": root}
-    for model_type, compensate in (("mixtral", "none"), ("qwen2_moe", "refit")):
+    for model_type, compensate in (
+        ("mixtral", "none"),
+        ("qwen2_moe", "refit"),
+        ("gpt_oss", "none"),
+    ):
         src = save_tiny_moe(model_type, root / f"{model_type}-src")
         out = root / f"{model_type}-out"
         export(str(src), [PROMPT], 0.5, experts=0.5, out=out, compensate=compensate)
@@ -119,7 +129,7 @@ def only(problems: list[str], text: str) -> list[str]:
     return hits
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gpt_oss"])
 def test_intact_moe_export_verifies(made: dict[str, Path], model_type: str) -> None:
     """An intact export passes every check, against its original and recomputed from its
     prompt (catches a verify that reads MoE exports as dense ones: "layer.<i> missing", or
@@ -290,6 +300,24 @@ def test_altered_expert_slab(made: dict[str, Path], tmp_path: Path) -> None:
     problems = verify_export(out, made["mixtral"]).problems
     (line,) = problems
     assert line.startswith(f"layer 1 expert {experts[2]} (kept as 2): gate_up_proj: differs")
+
+
+def test_altered_fused_expert_bias(made: dict[str, Path], tmp_path: Path) -> None:
+    """gpt-oss stores its experts fused ([E, H, 2I], gate and up interleaved, with biases):
+    one kept neuron's up bias changed is caught for its expert (catches slicing the fused
+    tensor as [gate; up] halves, or skipping the biases)."""
+    out = copy_export(made, "gpt_oss", tmp_path)
+    experts = index_map(out)["layer.0.experts"].tolist()
+    key = "model.layers.0.mlp.experts.gate_up_proj_bias"
+
+    def change(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[key] = tensors[key].clone()
+        tensors[key][3, 1] += 0.25  # expert slot 3, neuron 0's up (interleaved: 2j + 1)
+
+    edit_file(out, "model.safetensors", change)
+    resign(out)
+    (line,) = verify_export(out, made["gpt_oss"]).problems
+    assert line.startswith(f"layer 0 expert {experts[3]} (kept as 3): gate_up_proj_bias: differs")
 
 
 def test_refitted_export_checks_exact_parts(made: dict[str, Path], tmp_path: Path) -> None:
