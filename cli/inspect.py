@@ -14,6 +14,9 @@ from griffin_cli.export import human_bytes
 from griffin_cli.main import app, model_option, out_console, pick_model
 from griffin_export.errors import UsageError
 from griffin_export.evaluation.inspection import (
+    DROPPED_MARK,
+    FILLED_MARK,
+    KEPT_MARK,
     ExportSummary,
     Flocking,
     flocking_from,
@@ -65,30 +68,46 @@ def inspect_command(
     if as_json:
         typer.echo(json.dumps(_summary_dict(summary), indent=2))
         return
-    out_console.print(_budget_table(summary))
+    out_console.print(_budget_table(summary) if summary.moe is None else _moe_table(summary))
     if plot is not None:
         out_console.print(f"wrote {plot}", highlight=False)
 
 
 def _summary_dict(summary: ExportSummary) -> dict[str, Any]:
-    return {
+    """The table as JSON; of a mixture of experts, every layer says its kind and an MoE
+    layer its kept experts, their marks, the routing mass kept, the filled and refitted
+    experts, and ``moe`` holds the sizes and the expert score."""
+    moe = summary.moe
+    data: dict[str, Any] = {
         "directory": str(summary.directory),
         "model": summary.model,
         "ratio": summary.ratio,
         "budget": summary.budget,
         "kept_fraction": summary.kept_fraction,
         "bytes_saved": summary.bytes_saved,
-        "layers": [
-            {
-                "layer": r.layer,
-                "k": r.k,
-                "d_ff": r.d_ff,
-                "kept_fraction": r.fraction,
-                "bytes_saved": r.bytes_saved,
-            }
-            for r in summary.rows
-        ],
+        "layers": [],
     }
+    for r in summary.rows:
+        layer: dict[str, Any] = {
+            "layer": r.layer,
+            "k": r.k,
+            "d_ff": r.d_ff,
+            "kept_fraction": r.fraction,
+            "bytes_saved": r.bytes_saved,
+        }
+        if moe is not None:
+            row = moe.row(r.layer)
+            layer["kind"] = "dense" if row is None else "moe"
+            if row is not None:
+                layer.update(row.to_dict())
+        data["layers"].append(layer)
+    if moe is not None:
+        data["moe"] = {
+            "sizes": moe.sizes,
+            "expert_score": moe.expert_score,
+            "mass_kept": moe.mass_kept,
+        }
+    return data
 
 
 def _budget_table(summary: ExportSummary) -> Table:
@@ -113,6 +132,59 @@ def _budget_table(summary: ExportSummary) -> Table:
     return table
 
 
+def _moe_table(summary: ExportSummary) -> Table:
+    """Per layer of a mixture of experts: the kept experts marked among all (in index order,
+    groups of 8), the share of the prompt's routing weight they carried, those filled in
+    without routed tokens, the refitted count, and the FF neurons and bytes kept."""
+    moe = summary.moe
+    assert moe is not None
+    sizes = moe.sizes
+    table = Table(
+        title=f"{summary.directory}: {summary.model} ({sizes['experts']} of "
+        f"{sizes['experts_total']} routed experts, {sizes['width']} of {sizes['width_total']} "
+        f"neurons each, by {moe.expert_score})",
+        title_justify="left",
+        caption=f"{KEPT_MARK} kept  {FILLED_MARK} kept, filled in (no prompt token routed to "
+        f"it)  {DROPPED_MARK} removed; mass kept = share of the prompt's routing weight",
+        caption_justify="left",
+    )
+    for name, justify in (
+        ("layer", "right"),
+        ("experts kept", "left"),
+        ("mass kept", "right"),
+        ("filled", "right"),
+        ("refit", "right"),
+        ("neurons kept", "right"),
+        ("bytes saved", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in summary.rows:
+        row = moe.row(r.layer)
+        neurons = f"{r.k}/{r.d_ff}"
+        if row is None:
+            table.add_row(str(r.layer), "dense", "", "", "", neurons, human_bytes(r.bytes_saved))
+            continue
+        table.add_row(
+            str(r.layer),
+            row.marks(),
+            f"{row.mass_kept:.3f}",
+            str(len(row.filled)),
+            str(row.refit),
+            neurons,
+            human_bytes(r.bytes_saved),
+        )
+    table.add_row(
+        "all",
+        "",
+        f"{moe.mass_kept:.3f}",
+        str(sum(len(r.filled) for r in moe.layers)),
+        str(sum(r.refit for r in moe.layers)),
+        f"{sum(r.k for r in summary.rows)}/{sum(r.d_ff for r in summary.rows)}",
+        human_bytes(summary.bytes_saved),
+    )
+    return table
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -129,7 +201,46 @@ def _pyplot() -> Any:
 
 def _plot_budget(summary: ExportSummary, path: Path) -> None:
     plt = _pyplot()
-    _save(budget_figure(summary, plt), path, plt)
+    figure = budget_figure(summary, plt) if summary.moe is None else moe_figure(summary, plt)
+    _save(figure, path, plt)
+
+
+def moe_figure(summary: ExportSummary, plt: Any) -> Any:
+    """A mixture of experts' choice as a picture: one row per MoE layer, one cell per routed
+    expert (kept, kept without routed tokens, removed), and the routing mass kept per layer."""
+    import torch
+    from matplotlib.colors import ListedColormap
+
+    moe = summary.moe
+    assert moe is not None
+    total = int(moe.sizes["experts_total"] or 0)
+    grid = torch.zeros(len(moe.layers), total)
+    for i, row in enumerate(moe.layers):
+        grid[i, row.experts] = 2.0
+        grid[i, row.filled] = 1.0
+    width = max(7.0, min(total * 0.12, 24.0) + 3.0)
+    fig, (ax, side) = plt.subplots(
+        1,
+        2,
+        figsize=(width, max(3.0, len(moe.layers) * 0.3 + 2.0)),
+        gridspec_kw={"width_ratios": [max(total, 12), 5]},
+        sharey=True,
+    )
+    cmap = ListedColormap(["#dddddd", "#f4a261", "#1d3557"])
+    ax.imshow(grid.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
+    ax.set_yticks(range(len(moe.layers)), [str(r.layer) for r in moe.layers])
+    ax.set_xlabel("routed expert")
+    ax.set_ylabel("layer")
+    side.barh(range(len(moe.layers)), [r.mass_kept for r in moe.layers], color="#1d3557")
+    side.set_xlim(0, 1)
+    side.set_xlabel("routing mass kept")
+    text = (
+        f"{summary.model}: {moe.sizes['experts']} of {total} experts kept per layer "
+        "(dark: kept; orange: kept, no prompt token routed to it; grey: removed)"
+    )
+    fig.suptitle(textwrap.fill(text, width=int(width * 9), break_on_hyphens=False))
+    fig.tight_layout()
+    return fig
 
 
 def budget_figure(summary: ExportSummary, plt: Any) -> Any:

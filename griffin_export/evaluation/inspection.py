@@ -6,16 +6,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from griffin_export.core.activations import capture_down_inputs
-from griffin_export.core.architectures import INPUT_ROLES, spec_for
+from griffin_export.core.architectures import INPUT_ROLES, ArchSpec, spec_for
+from griffin_export.core.moe import dense_spec, moe_spec, shared_spec
 from griffin_export.core.scoring import griffin_statistic
 from griffin_export.errors import ExportFormatError, UsageError
 from griffin_export.formats.layout import export_shards
 from griffin_export.formats.manifest import MANIFEST, read_manifest
+from griffin_export.formats.verify_moe import ModuleReader
 from griffin_export.storage.loading import load_model, require_tokenizer
 from griffin_export.storage.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader
 from griffin_export.storage.sources import resolve_source
@@ -36,6 +39,89 @@ class LayerRow:
         return self.k / self.d_ff
 
 
+#: marks of :meth:`MoeLayerRow.marks`: a kept expert the prompt routed to, a kept expert
+#: filled in without routed tokens, a removed expert
+KEPT_MARK, FILLED_MARK, DROPPED_MARK = "■", "□", "·"
+
+
+@dataclass(frozen=True)
+class MoeLayerRow:
+    """One MoE layer of an export, from the manifest's ``moe`` record: the routed experts
+    kept (original indices) of ``total``, the share of the prompt's routing weight they
+    carried, those filled in without routed tokens, and how many were refitted."""
+
+    layer: int
+    experts: list[int]
+    total: int
+    mass_kept: float
+    filled: list[int]
+    refit: int
+
+    def marks(self, group: int = 8) -> str:
+        """One mark per routed expert of the original, in index order (:data:`KEPT_MARK`,
+        :data:`FILLED_MARK`, :data:`DROPPED_MARK`), a space after every ``group``."""
+        kept, filled = set(self.experts), set(self.filled)
+        marks = [
+            (FILLED_MARK if e in filled else KEPT_MARK) if e in kept else DROPPED_MARK
+            for e in range(self.total)
+        ]
+        return " ".join("".join(marks[i : i + group]) for i in range(0, self.total, group))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "experts": list(self.experts),
+            "experts_total": self.total,
+            "mass_kept": self.mass_kept,
+            "filled": list(self.filled),
+            "refit": self.refit,
+            "marks": self.marks(group=self.total),
+        }
+
+
+@dataclass(frozen=True)
+class MoeSummary:
+    """The manifest's ``moe`` record as :class:`MoeLayerRow` per MoE layer."""
+
+    sizes: dict[str, int | None]
+    expert_score: str
+    layers: list[MoeLayerRow]
+
+    def row(self, layer: int) -> MoeLayerRow | None:
+        return next((r for r in self.layers if r.layer == layer), None)
+
+    @property
+    def mass_kept(self) -> float:
+        """The mean share of routing weight kept over the MoE layers."""
+        return sum(r.mass_kept for r in self.layers) / max(len(self.layers), 1)
+
+
+def moe_summary(record: dict[str, Any]) -> MoeSummary:
+    """:class:`MoeSummary` of a manifest's ``moe`` record (``ExportFormatError`` when a
+    layer entry lacks a field griffin writes)."""
+    sizes = dict(record["sizes"])
+    total = sizes.get("experts_total")
+    rows = []
+    for entry in record["layers"]:
+        try:
+            rows.append(
+                MoeLayerRow(
+                    layer=int(entry["layer"]),
+                    experts=[int(e) for e in entry["experts"]],
+                    total=int(total),  # type: ignore[arg-type]
+                    mass_kept=float(entry.get("mass_kept", 0.0)),
+                    filled=[int(e) for e in entry.get("filled", [])],
+                    refit=int(entry.get("refit", 0)),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ExportFormatError(
+                f"{MANIFEST}: the moe record's layer entry {entry!r} is malformed ({exc}); "
+                "re-export"
+            ) from exc
+    return MoeSummary(sizes, str(record.get("expert_score", "")), rows)
+
+
 @dataclass(frozen=True)
 class ExportSummary:
     directory: Path
@@ -44,6 +130,8 @@ class ExportSummary:
     ratio: float
     budget: str
     rows: list[LayerRow]
+    #: a mixture of experts' record, ``None`` for a dense export
+    moe: MoeSummary | None = None
 
     @property
     def bytes_saved(self) -> int:
@@ -64,31 +152,21 @@ def summarize_export(export_dir: str | Path) -> ExportSummary:
     ks = manifest.k_per_layer
     spec = spec_for(source.model_type)
     # The FF tensors that shrink with k (down's bias does not), by layer.
-    shrinking = {
-        spec.param_name(layer, role, kind): layer
-        for layer in range(len(ks))
-        for role in spec.roles()
-        for kind in ("weight", "bias")
-        if kind == "weight" or role in INPUT_ROLES
-    }
-    per_neuron = [0] * len(ks)  # bytes of one kept neuron, per layer
+    shrinking = {name: layer for layer in range(len(ks)) for name in _shrinking(spec, layer)}
+    moe = None if manifest.moe is None else moe_summary(manifest.moe)
     with SafetensorsReader(export_shards(directory)) as tensors:
-        for key in tensors.keys():  # noqa: SIM118 (not a mapping)
-            layer = shrinking.get(key)
-            if layer is None:
-                continue
-            numel = math.prod(tensors.shape(key))
-            dtype = SAFETENSORS_DTYPES.get(tensors.dtype_code(key))
-            if dtype is None:
-                raise ExportFormatError(
-                    f"'{directory}' holds {key} as {tensors.dtype_code(key)}, a dtype griffin "
-                    f"does not write; re-run griffin export (see {MANIFEST})"
-                )
-            per_neuron[layer] += numel * dtype.itemsize // max(int(ks[layer]), 1)
-    rows = [
-        LayerRow(i, int(k), d_ff, per_neuron[i] * int(k), per_neuron[i] * (d_ff - int(k)))
-        for i, k in enumerate(ks)
-    ]
+        if moe is not None:
+            rows = _moe_rows(spec, source.model_type, tensors, moe, ks, directory)
+        else:
+            per_neuron = [0] * len(ks)  # bytes of one kept neuron, per layer
+            for key in tensors.keys():  # noqa: SIM118 (not a mapping)
+                layer = shrinking.get(key)
+                if layer is not None:
+                    per_neuron[layer] += _nbytes(tensors, key, directory) // max(int(ks[layer]), 1)
+            rows = [
+                LayerRow(i, int(k), d_ff, per_neuron[i] * int(k), per_neuron[i] * (d_ff - int(k)))
+                for i, k in enumerate(ks)
+            ]
     return ExportSummary(
         directory=directory,
         model=source.model,
@@ -96,7 +174,85 @@ def summarize_export(export_dir: str | Path) -> ExportSummary:
         ratio=manifest.ratio,
         budget=manifest.budget,
         rows=rows,
+        moe=moe,
     )
+
+
+def _nbytes(tensors: SafetensorsReader, key: str, directory: Path) -> int:
+    dtype = SAFETENSORS_DTYPES.get(tensors.dtype_code(key))
+    if dtype is None:
+        raise ExportFormatError(
+            f"'{directory}' holds {key} as {tensors.dtype_code(key)}, a dtype griffin "
+            f"does not write; re-run griffin export (see {MANIFEST})"
+        )
+    return math.prod(tensors.shape(key)) * dtype.itemsize
+
+
+def _moe_rows(
+    spec: ArchSpec,
+    model_type: str,
+    tensors: SafetensorsReader,
+    moe: MoeSummary,
+    ks: list[int],
+    directory: Path,
+) -> list[LayerRow]:
+    """:class:`LayerRow` per layer of an MoE export, counting every FF neuron of a layer:
+    an MoE layer keeps ``E' * I'`` routed-expert neurons of ``E * I`` (plus its shared
+    expert's), a dense layer ``k`` of its width. Bytes are those of the tensors that shrink
+    with the neurons kept (the routed experts' down bias and the router rows are left out)."""
+    sizes = moe.sizes
+    weights = ModuleReader(tensors, model_type)
+    shared, dense = shared_spec(spec), dense_spec(spec)
+    block = moe_spec(spec).block
+    experts_path = moe_spec(spec).experts
+    rows = []
+    for layer, k in enumerate(ks):
+        parts: list[tuple[list[str], int, int]] = []  # (tensor names, kept, total) per FF
+        if moe.row(layer) is None:
+            parts.append((_shrinking(dense, layer), int(k), int(sizes["dense_total"] or k)))
+        else:
+            prefix = f"{spec.layers}.{layer}.{block}.{experts_path}."
+            names = [
+                n
+                for n in weights.names()
+                if n.startswith(prefix) and not n.endswith("down_proj_bias")
+            ]
+            experts, total = int(sizes["experts"] or 0), int(sizes["experts_total"] or 0)
+            width, width_total = int(sizes["width"] or 0), int(sizes["width_total"] or 0)
+            parts.append((names, experts * width, total * width_total))
+            if shared is not None and sizes.get("shared") is not None:
+                kept, full = int(sizes["shared"] or 0), int(sizes["shared_total"] or 0)
+                parts.append((_shrinking(shared, layer), kept, full))
+        kept_bytes = saved = 0
+        for names, kept, full in parts:
+            size = sum(
+                _nbytes(tensors, key, Path("."))
+                for n in names
+                for key in weights.checkpoint_keys(n)
+            )
+            per_unit = size // max(kept, 1)
+            kept_bytes += per_unit * kept
+            saved += per_unit * (full - kept)
+        rows.append(
+            LayerRow(
+                layer,
+                sum(p[1] for p in parts),
+                sum(p[2] for p in parts),
+                kept_bytes,
+                saved,
+            )
+        )
+    return rows
+
+
+def _shrinking(spec: ArchSpec, layer: int) -> list[str]:
+    """The FF tensor names of ``layer`` that shrink with its kept neurons."""
+    return [
+        spec.param_name(layer, role, kind)
+        for role in spec.roles()
+        for kind in ("weight", "bias")
+        if kind == "weight" or role in INPUT_ROLES
+    ]
 
 
 @dataclass(frozen=True)
