@@ -19,7 +19,10 @@ from griffin_export.evaluation.inspection import (
     KEPT_MARK,
     ExportSummary,
     Flocking,
+    Routing,
     flocking_from,
+    is_moe_model,
+    shade,
     summarize_export,
 )
 from griffin_export.formats.exports import is_export
@@ -280,10 +283,13 @@ def _flocking(
 ) -> None:
     from griffin_export.build.prompts import read_prompt_file
 
-    if plot is None and not as_json:
+    if plot is None and not as_json and not is_moe_model(model):
         raise UsageError("the flocking view is a picture: add --plot FILE.png (or --json)")
     plt = _pyplot() if plot is not None else None
     result = flocking_from(model, read_prompt_file(prompt), layer, max_tokens)
+    if isinstance(result, Routing):
+        _routing(result, model, plot, as_json, plt)
+        return
     if plot is not None:
         _plot_flocking(result, neurons, sort, plot, plt)
     if as_json:
@@ -298,6 +304,61 @@ def _flocking(
         )
     else:
         out_console.print(f"wrote {plot}", highlight=False)
+
+
+def _routing(result: Routing, model: str, plot: Path | None, as_json: bool, plt: Any) -> None:
+    """A mixture of experts' routing of the prompt: per MoE layer, each expert's share of the
+    routing weight (a row of shades, a heatmap with --plot, the numbers with --json)."""
+    share = result.share
+    if plot is not None:
+        fig, ax = plt.subplots(
+            figsize=(max(6.0, min(share.shape[1] * 0.12, 24.0) + 2.0), len(result.layers) * 0.3 + 2)
+        )
+        image = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(result.layers)), [str(i) for i in result.layers])
+        ax.set_xlabel("routed expert")
+        ax.set_ylabel("layer")
+        _title(ax, f"{model}: share of the prompt's routing weight ({result.n_tokens} tokens)", 9)
+        fig.colorbar(image, ax=ax, fraction=0.03)
+        fig.tight_layout()
+        _save(fig, plot, plt)
+    if as_json:
+        layers = [
+            {
+                "layer": layer,
+                "mass": [round(float(v), 6) for v in result.mass[i]],
+                "share": [round(float(v), 6) for v in share[i]],
+                "tokens": result.tokens[i].tolist(),
+            }
+            for i, layer in enumerate(result.layers)
+        ]
+        typer.echo(json.dumps({"tokens": result.n_tokens, "layers": layers}))
+        return
+    if plot is not None:
+        out_console.print(f"wrote {plot}", highlight=False)
+        return
+    table = Table(
+        title=f"{model}: where {result.n_tokens} prompt tokens are routed",
+        title_justify="left",
+        caption="darker: more of the layer's routing weight (relative to its largest); blank: none",
+        caption_justify="left",
+    )
+    for name, justify in (("layer", "right"), ("experts", "left"), ("top experts", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for i, layer in enumerate(result.layers):
+        top = _top(share[i], 4)
+        table.add_row(
+            str(layer),
+            shade(share[i]),
+            ", ".join(f"{e} ({v:.2f})" for e, v in top),
+        )
+    out_console.print(table)
+
+
+def _top(values: Any, k: int) -> list[tuple[int, float]]:
+    """The ``k`` largest entries of a 1-D tensor as ``(index, value)``, largest first."""
+    top = values.topk(min(k, values.numel()))
+    return [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)]
 
 
 def _plot_flocking(result: Flocking, neurons: int, sort: bool, path: Path, plt: Any) -> None:

@@ -119,3 +119,39 @@ def test_moe_plot(made: dict[str, Path], tmp_path: Path) -> None:
     result = runner.invoke(app, ["inspect", "--model", str(made["mixtral"]), "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert png.stat().st_size > 1000
+
+
+def test_routing_of_a_moe_model(made: dict[str, Path], tmp_path: Path) -> None:
+    """--prompt on an MoE model shows where the prompt is routed: each expert's routed-token
+    count is the count of tokens whose top-2 router logits name it (the model's own router
+    logits, an independent oracle), and mixtral's renormalised weights make every layer's
+    mass one per token (catches counting every expert a token's softmax touches, or the
+    flocking view crashing on a model without a dense FF)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tiny import char_tokenizer
+
+    src = made["mixtral-src"]
+    text = "experts route tokens; the fox runs."
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(text)
+    result = runner.invoke(app, ["inspect", "--model", str(src), "--prompt", str(prompt), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    ids = char_tokenizer()(text)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), output_router_logits=True).router_logits
+    assert data["tokens"] == len(ids)
+    assert [row["layer"] for row in data["layers"]] == list(range(len(logits)))
+    for row, layer_logits in zip(data["layers"], logits, strict=True):
+        routed = layer_logits.topk(2, dim=-1).indices.reshape(-1)
+        assert row["tokens"] == torch.bincount(routed, minlength=8).tolist()
+        assert sum(row["mass"]) == pytest.approx(len(ids), rel=1e-5)
+    table = runner.invoke(app, ["inspect", "--model", str(src), "--prompt", str(prompt)])
+    assert table.exit_code == 0 and "top experts" in table.stdout
+    png = tmp_path / "routing.png"
+    args = ["inspect", "--model", str(src), "--prompt", str(prompt), "--plot", str(png)]
+    assert runner.invoke(app, args).exit_code == 0
+    assert png.stat().st_size > 1000

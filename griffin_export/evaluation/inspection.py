@@ -14,12 +14,13 @@ from torch import Tensor
 from griffin_export.core.activations import capture_down_inputs
 from griffin_export.core.architectures import INPUT_ROLES, ArchSpec, spec_for
 from griffin_export.core.moe import dense_spec, moe_spec, shared_spec
+from griffin_export.core.moe_selection import MoeLayerChoice, plan_moe_sizes, select_moe
 from griffin_export.core.scoring import griffin_statistic
 from griffin_export.errors import ExportFormatError, UsageError
 from griffin_export.formats.layout import export_shards
 from griffin_export.formats.manifest import MANIFEST, read_manifest
 from griffin_export.formats.verify_moe import ModuleReader
-from griffin_export.storage.loading import load_model, require_tokenizer
+from griffin_export.storage.loading import load_model, read_model_type, require_tokenizer
 from griffin_export.storage.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader
 from griffin_export.storage.sources import resolve_source
 
@@ -266,16 +267,81 @@ class Flocking:
     tokens: list[str]
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How a prompt routes through a mixture of experts: per MoE layer (``layers``), the
+    routing weight summed over the prompt's tokens routed to each expert (``mass`` ``[L, E]``)
+    and the number of those tokens (``tokens`` ``[L, E]``), over ``n_tokens`` tokens."""
+
+    layers: list[int]
+    mass: Tensor
+    tokens: Tensor
+    n_tokens: int
+
+    @property
+    def share(self) -> Tensor:
+        """``mass`` as each layer's share of its routing weight (rows sum to 1)."""
+        return self.mass / self.mass.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+#: shades of :func:`shade`, from no routing weight to a layer's largest
+SHADES = " ░▒▓█"
+
+
+def shade(share: Tensor, group: int = 8) -> str:
+    """One character per expert, darker the more routing weight it carried (relative to the
+    layer's largest; blank: none), a space after every ``group``."""
+    top = float(share.max()) if share.numel() else 0.0
+    levels = len(SHADES) - 1
+    marks = [
+        SHADES[0] if v <= 0 or top <= 0 else SHADES[max(1, round(levels * v / top))]
+        for v in share.tolist()
+    ]
+    return " ".join("".join(marks[i : i + group]) for i in range(0, len(marks), group))
+
+
+def is_moe_model(model: str) -> bool:
+    """Whether ``model`` (anything ``griffin export --model`` takes) is a mixture of experts,
+    from its config alone."""
+    return spec_for(read_model_type(resolve_source(model))).moe is not None
+
+
 @torch.inference_mode()
-def flocking_from(model: str, prompt_text: str, layer: int, max_tokens: int = 256) -> Flocking:
+def flocking_from(
+    model: str, prompt_text: str, layer: int, max_tokens: int = 256
+) -> Flocking | Routing:
     """:func:`flocking` of ``model`` (anything ``griffin export --model`` takes, loaded on the
-    CPU with its tokenizer) over ``prompt_text``; ``max_tokens`` must be at least 1 (checked
-    before the model loads)."""
+    CPU with its tokenizer) over ``prompt_text``; of a mixture of experts, its
+    :func:`routing` instead. ``max_tokens`` must be at least 1 (checked before the model
+    loads)."""
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
     loaded = load_model(resolve_source(model), None, "cpu")
     tokenizer = require_tokenizer(loaded.tokenizer, model)
+    if loaded.spec.moe is not None:
+        return routing(loaded.model, tokenizer, prompt_text, max_tokens)
     return flocking(loaded.model, tokenizer, prompt_text, layer, max_tokens)
+
+
+def routing(model: torch.nn.Module, tokenizer: object, text: str, max_tokens: int = 256) -> Routing:
+    """Where the first ``max_tokens`` tokens of ``text`` are routed in every MoE layer of
+    ``model``: export's own statistics (:func:`~griffin_export.core.moe_selection.select_moe`
+    keeping every expert), run layer-major."""
+    spec = spec_for(str(getattr(getattr(model, "config", None), "model_type", "")))
+    ids = torch.tensor(tokenizer(text)["input_ids"][:max_tokens], dtype=torch.long)  # type: ignore[operator]
+    if ids.numel() == 0:
+        raise UsageError("the prompt has no tokens; pass a non-empty --prompt")
+    sizes = plan_moe_sizes(spec, model, 1.0, 1.0)
+    chosen = select_moe(spec, model, [ids.reshape(1, -1)], sizes)
+    layers = [
+        (i, choice) for i, choice in enumerate(chosen.layers) if isinstance(choice, MoeLayerChoice)
+    ]
+    return Routing(
+        layers=[i for i, _ in layers],
+        mass=torch.stack([c.mass.float() for _, c in layers]),
+        tokens=torch.stack([c.tokens for _, c in layers]),
+        n_tokens=int(ids.numel()),
+    )
 
 
 def flocking(
