@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_verify_moe import PROMPT, save_tiny_moe
+from test_verify_moe import PROMPT
+from tiny_moe import save_tiny_moe
 from typer.testing import CliRunner
 
 from griffin_cli.main import app

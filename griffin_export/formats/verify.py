@@ -331,8 +331,8 @@ def _check_config(
         problems.append("config.json: no griffin block (not written by griffin); re-export")
     ks: list[int] = manifest["k_per_layer"]
     config = SimpleNamespace(**raw)
-    try:
-        width: int | None = spec.d_ff(config)
+    try:  # a mixture of experts' widths: verify_moe.config_problems
+        width: int | None = spec.d_ff(config) if manifest.get("moe") is None else None
     except GriffinError as exc:
         problems.append(
             f"config.json: the FF width could not be read ({first_line(exc)}), so it was not "
@@ -597,19 +597,20 @@ def _verify_moe(
     record = read_record(manifest, problems)
     if record is None:
         return
-    problems.extend(config_problems(spec, read_json_object(export_dir / "config.json"), record))
     tensors = _read_index_map(export_dir, record.sizes.width_total, problems)
     kept = None if tensors is None else check_index_map(tensors, manifest, record, problems)
     report.checked.append("kept-index map (experts and neurons)")
     try:
-        model = meta_model(export_config(export_dir))
-    except Exception as exc:  # transformers' model classes raise many types on a bad config
+        config = export_config(export_dir)
+        model = meta_model(config)
+    except Exception as exc:  # transformers' config and model classes raise many types
         problems.append(
             f"config.json: transformers cannot build the model it describes "
-            f"({type(exc).__name__}: {first_line(exc)}), so the weights' shapes were not "
-            "checked; fix config.json or re-export"
+            f"({type(exc).__name__}: {first_line(exc)}), so its sizes and the weights' shapes "
+            "were not checked; fix config.json or re-export"
         )
         return
+    problems.extend(config_problems(spec, config, record))
     kinds = layer_kind_problems(spec, model, record)
     problems.extend(kinds)
     with contextlib.ExitStack() as stack:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from griffin_export.core.architectures import INPUT_ROLES, ArchSpec
 from griffin_export.core.moe import (
     ExpertsLayout,
+    config_int,
     dense_spec,
     experts_of,
     is_moe_layer,
@@ -68,11 +68,12 @@ class CheckpointKey:
     axis: int = 0
 
 
-def checkpoint_keys(model_type: str, keys: Iterable[str]) -> dict[str, CheckpointKey]:
+def checkpoint_keys(model_type: str, keys: Iterable[str]) -> dict[str, CheckpointKey | str]:
     """``{checkpoint key: CheckpointKey}`` through transformers' conversion mapping for
     ``model_type`` (renamings, then at most one converter, as ``from_pretrained`` applies
-    them). Raises ``UnsupportedArchitectureError`` for a converter that is not a per-expert
-    merge (with an optional concatenation)."""
+    them). A key behind a converter that is not a per-expert merge (with an optional
+    concatenation), e.g. a fused attention projection that loading splits, maps to the reason
+    it cannot be read by name instead."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import (
         Concatenate,
@@ -84,7 +85,7 @@ def checkpoint_keys(model_type: str, keys: Iterable[str]) -> dict[str, Checkpoin
     transforms = get_checkpoint_conversion_mapping(model_type) or []
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    out: dict[str, CheckpointKey] = {}
+    out: dict[str, CheckpointKey | str] = {}
     for key in keys:
         renamed = apply_renamings(key, renamings)
         out[key] = CheckpointKey(renamed)
@@ -97,11 +98,11 @@ def checkpoint_keys(model_type: str, keys: Iterable[str]) -> dict[str, Checkpoin
             merge = ops[:1] and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
             concat = [op for op in ops[1:] if isinstance(op, Concatenate)]
             if found is None or not found.groups() or not merge or len(ops) != 1 + len(concat):
-                raise UnsupportedArchitectureError(
-                    f"checkpoint tensor '{key}' of a {model_type} model loads through a "
-                    f"conversion ({', '.join(type(op).__name__ for op in ops)}) griffin verify "
-                    "cannot read; verify without --original"
+                out[key] = (
+                    f"'{key}' loads through a conversion "
+                    f"({', '.join(type(op).__name__ for op in ops)}) that verify does not read"
                 )
+                break
             patterns = list(converter.source_patterns)
             out[key] = CheckpointKey(
                 module=target,
@@ -125,7 +126,12 @@ class ModuleReader:
         #: module name -> expert -> part -> checkpoint key
         self.pieces: dict[str, dict[int, dict[int, str]]] = {}
         self.layout: dict[str, CheckpointKey] = {}
+        #: why some checkpoint tensors cannot be read by the model's names
+        self.unreadable: list[str] = []
         for key, where in checkpoint_keys(model_type, reader.keys()).items():
+            if isinstance(where, str):
+                self.unreadable.append(where)
+                continue
             if where.expert is None:
                 self.plain[where.module] = key
                 continue
@@ -390,10 +396,10 @@ def _entry(tensors: dict[str, Tensor], name: str, dims: int, problems: list[str]
 # -- the config and the weights' shapes --------------------------------------------------------
 
 
-def config_problems(spec: ArchSpec, raw: dict[str, Any], record: MoeRecord) -> list[str]:
-    """The config's own keys (the family's MoeSpec row) against the record's sizes."""
+def config_problems(spec: ArchSpec, config: Any, record: MoeRecord) -> list[str]:
+    """The config's own keys (the family's MoeSpec row, read through the config class, so
+    its attribute aliases hold) against the record's sizes."""
     moe, sizes = moe_spec(spec), record.sizes
-    config = SimpleNamespace(**raw)
     wanted: list[tuple[str, int, str]] = [
         (moe.count_key, sizes.experts, "routed experts per layer"),
         (moe.width_key, sizes.width, "neurons per routed expert"),
@@ -412,17 +418,21 @@ def config_problems(spec: ArchSpec, raw: dict[str, Any], record: MoeRecord) -> l
         if moe.shared_width_key is not None:
             value = getattr(config, moe.shared_width_key, None)
             key = moe.shared_width_key
-        else:  # derived: shared count x routed width
-            count = getattr(config, moe.shared_count_key or "", None)
-            key = f"{moe.shared_count_key} x {moe.width_key}"
+        else:  # derived: shared count (1 without a count field) x routed width
+            count = getattr(config, moe.shared_count_key, None) if moe.shared_count_key else 1
+            key = f"{moe.shared_count_key or '1'} x {moe.width_key}"
             value = count * sizes.width if isinstance(count, int) else count
         if value != sizes.shared:
             found.append(
                 f"config.json: {key} is {value!r} but {MANIFEST} keeps {sizes.shared} "
                 "shared-expert neurons; re-export"
             )
-    top_k = getattr(config, moe.top_k_key, None)
-    if isinstance(top_k, int) and top_k > sizes.experts:
+    try:
+        top_k = config_int(config, moe.top_k_key, 1)
+    except UnsupportedArchitectureError as exc:
+        found.append(f"config.json: {exc}; re-export")
+        top_k = 1
+    if top_k > sizes.experts:
         found.append(
             f"config.json: {moe.top_k_key} is {top_k} but only {sizes.experts} routed experts "
             "are kept; re-export"
@@ -477,7 +487,11 @@ def shape_problems(spec: ArchSpec, model: nn.Module, weights: ModuleReader) -> l
     for layer in range(len(spec.blocks(model))):
         for name, tensor in ff_names(spec, model, layer):
             if name not in weights:
-                found.append(f"{name}: missing from the weights; re-export")
+                behind = f" (or behind a conversion: {weights.unreadable[0]})"
+                found.append(
+                    f"{name}: missing from the weights{behind if weights.unreadable else ''}; "
+                    "re-export"
+                )
                 continue
             try:
                 shape = weights.shape(name)
@@ -506,7 +520,7 @@ def fingerprint_entries(
         if not record.is_moe(layer):
             specs = [dense]
         else:
-            parts = (spec.layers, str(layer), moe.block, moe.router, "weight")
+            parts = (spec.layers, str(layer), moe.block, moe.router, moe.router_tensors[0][0])
             yield ".".join(p for p in parts if p)
             specs = [shared] if shared is not None and record.sizes.shared is not None else []
         for one in specs:
@@ -597,9 +611,15 @@ class OriginalCheck:
                 )
 
     def _router(self, layer: int, experts: Tensor) -> None:
-        router = router_of(self.spec, self.spec.blocks(self.model)[layer])
-        prefix = _module_prefix(self.model, router)
-        for name, axis in moe_spec(self.spec).router_tensors:
+        """The router's per-expert tensors (weight rows, biases, selection biases) and those
+        the MoE module holds itself, each the original's at the kept experts."""
+        block = self.spec.blocks(self.model)[layer]
+        moe = moe_spec(self.spec)
+        router = _module_prefix(self.model, router_of(self.spec, block))
+        module = _module_prefix(self.model, block.get_submodule(moe.block))
+        owned = [(router, name, axis) for name, axis in moe.router_tensors]
+        owned += [(module, name, axis) for name, axis in moe.block_tensors]
+        for prefix, name, axis in owned:
             key = prefix + name
             self.covered.add(key)
             if key not in self.exported or key not in self.original:
