@@ -31,8 +31,10 @@ from griffin_export.formats.exports import is_export
 @app.command("inspect")
 def inspect_command(
     model: str | None = model_option(
-        "An export directory: print per-layer k, kept fraction and bytes saved. With --prompt: "
-        "any model (as for export), whose flocking to draw."
+        "An export directory: print per-layer k, kept fraction and bytes saved (a mixture of "
+        "experts: each layer's kept experts and the routing mass they carried). With --prompt: "
+        "any model (as for export), whose flocking to draw (a mixture of experts: where the "
+        "prompt is routed)."
     ),
     export_dir: Path | None = typer.Argument(None, hidden=True),  # old spelling of --model
     prompt: str | None = typer.Option(

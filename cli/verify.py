@@ -29,7 +29,8 @@ def verify_command(
         "--prompt",
         "-p",
         help="The prompt file(s) the export was made from, in order ('-' reads stdin): also "
-        "recompute its experts and refitted down projections from them with the original.",
+        "recompute its experts and refitted down projections from them with the original (a "
+        "mixture of experts: its kept experts and their neurons).",
     ),
     prompt_text: list[str] | None = typer.Option(
         None, "--prompt-text", "-t", help="Prompt text, as given to griffin export."
@@ -42,9 +43,11 @@ def verify_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Check an export: manifest, file hashes, shapes, kept-index map, with --original its
-    tensors, and with --prompt the experts and refit recomputed from the prompt. Exit 0 when
-    all hold, else one line per problem and exit 1."""
+    """Check an export: manifest, file hashes, shapes, kept-index map (of a mixture of
+    experts: kept experts, their neurons, the config's expert count and widths), with
+    --original its tensors (every kept expert's slab), and with --prompt the experts and
+    refit recomputed from the prompt. Exit 0 when all hold, else one line per problem and
+    exit 1."""
     directory = Path(pick_model(model, export_dir, "verify", "griffin verify --model DIR"))
     prompts = gather_prompts(prompt, prompt_text) if prompt or prompt_text else None
     if prompts is None:
