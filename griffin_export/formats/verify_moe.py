@@ -168,9 +168,6 @@ class ModuleReader:
         piece[where.axis] *= where.parts
         return (len(experts), *piece)
 
-    def dtype(self, name: str) -> torch.dtype:
-        return self.reader.dtype(self.checkpoint_keys(name)[0])
-
     def get(self, name: str) -> Tensor:
         return self.reader.get(self.plain[name])
 
