@@ -347,6 +347,13 @@ def set_moe_config(
         setattr(config, moe.shared_width_key, int(shared_width))
 
 
+def routing_groups(spec: ArchSpec, config: Any) -> int:
+    """The number of routing groups (group-limited routing, e.g. DeepSeek-V3's ``n_group``;
+    1 without)."""
+    key = moe_spec(spec).group_key
+    return int(getattr(config, key, None) or 1) if key else 1
+
+
 def check_expert_count(spec: ArchSpec, config: Any, keep: int) -> None:
     """Refuse ``keep`` routed experts per layer where the family's routing cannot run with
     that many: fewer than each token's ``top_k``, or (group-limited routing) a count the

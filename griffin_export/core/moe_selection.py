@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from griffin_export.core.activations import run_layer_major
-from griffin_export.core.architectures import ArchSpec
+from griffin_export.core.architectures import ArchSpec, _get
 from griffin_export.core.compensation import Compensation, GramStats, Refit, apply_stored
 from griffin_export.core.moe import (
     ExpertsLayout,
@@ -55,7 +55,7 @@ from griffin_export.core.moe import (
 from griffin_export.core.scoring import keep_count, normalized_square_sum, top_k_indices
 from griffin_export.core.selection import choose_experts
 from griffin_export.core.slicing import prune_block
-from griffin_export.errors import UsageError
+from griffin_export.errors import UnsupportedArchitectureError, UsageError
 
 #: how kept experts are ranked: REAP's router-weighted output norm, or routed-token counts
 EXPERT_SCORES = ("reap", "count")
@@ -196,8 +196,7 @@ def capture_moe_inputs(
             def routed(
                 _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: int = layer
             ) -> None:
-                values = [*args, *kwargs.values()]
-                sink(layer, RoutedInputs(values[0], values[1], values[2]))
+                sink(layer, _routed_inputs(args, kwargs))
 
             experts = experts_of(spec, block)
             handles.append(experts.register_forward_pre_hook(routed, with_kwargs=True))
@@ -212,6 +211,49 @@ def capture_moe_inputs(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _routed_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> RoutedInputs:
+    """The experts module's call ``(hidden, top_k_index, top_k_weights)`` as passed."""
+    values = [*args, *kwargs.values()]
+    return RoutedInputs(values[0], values[1], values[2])
+
+
+class _Routed(Exception):
+    """Raised by :func:`route_tokens`' hook to stop the MoE block before its experts run."""
+
+    def __init__(self, inputs: RoutedInputs) -> None:
+        super().__init__()
+        self.inputs = inputs
+
+
+def route_tokens(spec: ArchSpec, moe_block: nn.Module, x: Tensor) -> RoutedInputs:
+    """How ``moe_block`` (an MoE module, e.g. the full original's) routes tokens ``x``
+    (``[T, H]``): its own routing code runs (softmax or sigmoid, selection bias, groups,
+    renormalisation: whatever the family does) up to the call of its experts, which is
+    intercepted and never computed. Returns the experts' inputs: ``index`` ``[T, k]``,
+    ``weights`` ``[T, k]`` (an index outside ``0..E-1`` is a masked slot)."""
+    experts = _get(moe_block, moe_spec(spec).experts)
+
+    def stop(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _Routed(_routed_inputs(args, kwargs))
+
+    handle = experts.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        moe_block(x.reshape(1, -1, x.shape[-1]))
+    except _Routed as routed:
+        inputs = routed.inputs
+    else:
+        raise UnsupportedArchitectureError(
+            f"{type(moe_block).__name__} never called its experts module; griffin cannot read "
+            "its routing"
+        )
+    finally:
+        handle.remove()
+    n = x.reshape(-1, x.shape[-1]).shape[0]
+    return RoutedInputs(
+        inputs.hidden.reshape(n, -1), inputs.index.reshape(n, -1), inputs.weights.reshape(n, -1)
+    )
 
 
 def _z_hook(sink: Callable[[int, Any], None], layer: int, kind: str) -> Callable[..., None]:

@@ -45,14 +45,36 @@ from griffin_export.core.compensation import (
     GramStats,
     refit_stored,
 )
-from griffin_export.core.schedule import RefreshSchedule
-from griffin_export.core.scoring import (
-    jaccard,
-    normalized_squares,
+from griffin_export.core.moe import (
+    ExpertsLayout,
+    dense_spec,
+    expert_count,
+    expert_down,
+    expert_hidden,
+    expert_param,
+    expert_width,
+    experts_of,
+    is_moe_layer,
+    moe_module,
+    moe_spec,
+    router_of,
+    router_tensor,
+    routing_groups,
+    shared_present,
+    shared_spec,
+    slice_expert_tensors,
 )
+from griffin_export.core.moe_selection import MIN_REFIT_TOKENS, route_tokens
+from griffin_export.core.schedule import RefreshSchedule
+from griffin_export.core.scoring import jaccard, normalized_square_sum, normalized_squares
 from griffin_export.core.selection import choose_experts, non_finite_message
 from griffin_export.errors import UsageError
-from griffin_export.formats.exports import OpenedExport, open_export, original_source
+from griffin_export.formats.exports import (
+    OpenedExport,
+    load_original,
+    open_export,
+    original_source,
+)
 from griffin_export.formats.manifest import EXPERTS_FILE
 from griffin_export.formats.verify import check_original
 from griffin_export.storage.loading import require_tokenizer
@@ -67,6 +89,11 @@ class RefreshEvent:
     ``kept`` (per layer, the kept neurons in slot order, i.e. the order of the live weight rows)
     is recorded only when asked (``generate(record_kept=True)``): it is a full index list per
     layer per refresh, hundreds of MB over a long run of a large model.
+
+    On an MoE layer ``overlap`` is the Jaccard overlap of its kept (routed expert, neuron)
+    pairs and shared-expert neurons together, ``changed`` counts those new to the layer (a
+    swapped-in expert brings all its ``I'``), and ``kept`` lists the shared expert's neurons
+    (``[]`` without one).
     """
 
     token_index: int
@@ -74,6 +101,11 @@ class RefreshEvent:
     changed: list[int]
     seconds: float
     kept: list[list[int]] | None = None
+    #: per layer, the routed experts swapped in (0 for a dense layer)
+    swapped: list[int] = field(default_factory=list)
+    #: with ``record_kept`` on an MoE export: per layer the original expert in each slot
+    #: (``[]`` for a dense layer)
+    experts: list[list[int]] | None = None
 
     @property
     def mean_overlap(self) -> float:
@@ -82,6 +114,10 @@ class RefreshEvent:
     @property
     def total_changed(self) -> int:
         return sum(self.changed)
+
+    @property
+    def total_swapped(self) -> int:
+        return sum(self.swapped)
 
 
 @dataclass
@@ -100,8 +136,9 @@ class GenerationResult:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for event in data["refreshes"]:
-            if event["kept"] is None:
-                del event["kept"]
+            for name in ("kept", "experts"):
+                if event[name] is None:
+                    del event[name]
         data["tokens_per_second"] = self.tokens_per_second
         return data
 
@@ -179,7 +216,7 @@ def full_activations(
     """
     first = spec.roles()[0]
     axis = spec.neuron_axis(first)
-    d_ff = full[first].shape[axis] // (2 if spec.fused_gate_up else 1)
+    d_ff = ff_width(spec, full)
     step = d_ff if full[first].dtype == x.dtype else block
 
     def project(role: str, lo: int, hi: int) -> Tensor:
@@ -201,46 +238,251 @@ def full_activations(
     return out
 
 
+class MoeLayerState:
+    """The routed experts of one MoE layer of the live model, refreshed from the original's.
+
+    Attributes:
+        experts: ``[E']`` the live map: the original expert whose weights sit in each slot
+            (slot ``s``: the live experts tensors' ``[s]``, the live router's row ``s``).
+        neurons: ``[E', I']`` the neurons of each slot's expert, ascending (its rows' order).
+        ring: the live MoE block's last W inputs while :meth:`GriffinRuntime.generate` runs.
+
+    A refresh (:meth:`refresh`) on the window ``x`` (the live MoE block's inputs, i.e. the
+    hidden states the router and every expert read):
+
+    1. *Routing.* The original's MoE block routes ``x`` with all ``E`` experts: the family's
+       own routing code on the original's router
+       (:func:`~griffin_export.core.moe_selection.route_tokens`). Token ``t`` *goes to* expert
+       ``e`` when ``e`` is among its top-k, with routing weight ``w_te``; expert ``e``'s
+       *mass* is ``sum_t w_te`` over the window tokens that go to it (the quantity the
+       manifest's ``mass_kept`` sums over the prompt).
+    2. *Swaps.* While the heaviest removed expert has strictly more mass than the lightest
+       kept one, the removed expert takes that kept expert's slot (with group-limited routing,
+       within each group, so the groups stay even and every slot stays in its group's range).
+    3. *Neurons.* Each slot's expert takes the ``I'`` neurons of the GRIFFIN statistic over
+       the window tokens that go to it under the *full* routing of step 1, as the export chose
+       them from the full model's routing of the prompt. Not the live (pruned) router's
+       tokens: it sends a token whose preferred experts were removed to kept experts it
+       ranks lower, so a kept expert's neurons would follow tokens it gets only because its
+       betters are missing, and a swapped-in expert would have no tokens at all. An expert
+       no window token goes to keeps its neurons.
+    4. *Writes.* A slot whose expert or neurons changed gets the original's expert sliced at
+       its neurons (:func:`~griffin_export.core.moe.slice_expert_tensors`: gate/up, down,
+       biases) copied into the slot's existing storage (``tensor[slot].copy_``); a swap also
+       copies the expert's router entries (``MoeSpec.router_tensors``: the weight row, a bias,
+       a selection bias). Nothing is reallocated: the KV cache and every tensor stay valid.
+
+    On a compensated export a rewritten slot's down projection is the plain slice; with
+    ``refit_on_refresh`` every slot whose expert has at least
+    :data:`~griffin_export.core.moe_selection.MIN_REFIT_TOKENS` window tokens gets its down
+    projection refitted on them (as the export refits each expert on its routed prompt
+    tokens); other slots keep theirs.
+    """
+
+    def __init__(
+        self,
+        spec: ArchSpec,
+        layer: int,
+        block: nn.Module,
+        full_block: nn.Module,
+        experts: Tensor,
+        neurons: Tensor,
+        *,
+        groups: int,
+        keep_down: bool,
+    ) -> None:
+        self.spec, self.layer, self.groups = spec, layer, groups
+        live, full = moe_module(spec, block), moe_module(spec, full_block)
+        assert live is not None and full is not None  # the caller passes MoE layers
+        self.live, self.full = live, full
+        self.live_experts, self.full_experts = experts_of(spec, block), experts_of(spec, full_block)
+        self.live_router, self.full_router = router_of(spec, block), router_of(spec, full_block)
+        self.layout = ExpertsLayout.of(self.full_experts)
+        self.total, self.width = expert_count(self.full_experts), expert_width(self.full_experts)
+        self.experts = experts.long().clone()
+        self.neurons = neurons.long().clone()
+        self._export = (self.experts.clone(), self.neurons.clone())
+        names = ("down_proj", "down_proj_bias") if self.layout.has_bias else ("down_proj",)
+        self._export_down = (
+            {name: expert_param(self.live_experts, name).detach().clone() for name in names}
+            if keep_down
+            else {}
+        )
+        self.ring: _Ring | None = None
+
+    def codes(self) -> Tensor:
+        """The kept (expert, neuron) pairs as ``expert * I + neuron``."""
+        return (self.experts[:, None] * self.width + self.neurons).flatten()
+
+    def route(self, rows: Tensor) -> Tensor:
+        """``[n, 2E]`` float32 for MoE inputs ``rows``: each row's routing weight per expert
+        under the full routing (0 where it does not go), then 1 where it goes."""
+        weight = router_tensor(self.full_router, "weight")
+        inputs = route_tokens(self.spec, self.full, rows.to(weight.device, weight.dtype))
+        index = inputs.index.long()
+        valid = (index >= 0) & (index < self.total)  # outside: a masked slot
+        index = index.where(valid, 0)
+        out = torch.zeros(index.shape[0], 2 * self.total, device=index.device)
+        out[:, : self.total].scatter_add_(1, index, inputs.weights.float() * valid)
+        out[:, self.total :].scatter_add_(1, index, valid.float())
+        return out
+
+    def swaps(self, mass: Tensor) -> Tensor:
+        """The live map after step 2 (class docstring) for expert masses ``mass`` ``[E]``."""
+        experts = self.experts.clone()
+        size = self.total // self.groups
+        for group in range(self.groups):
+            slots = [s for s in range(len(experts)) if int(experts[s]) // size == group]
+            live = {int(experts[s]) for s in slots}
+            removed = [e for e in range(group * size, (group + 1) * size) if e not in live]
+            removed.sort(key=lambda e: (-float(mass[e]), e))
+            slots.sort(key=lambda s: (float(mass[experts[s]]), s))
+            for expert, slot in zip(removed, slots, strict=False):
+                if float(mass[expert]) <= float(mass[experts[slot]]):
+                    break
+                experts[slot] = expert
+        return experts
+
+    def refresh(self, compensation: Compensation | None, refit: bool) -> tuple[int, int]:
+        """One refresh from :attr:`ring` (class docstring): ``(pairs new to the layer,
+        experts swapped in)``."""
+        assert self.ring is not None
+        routing = self.ring.cached(self.route)  # [W, 2E]
+        x = self.ring.contents()
+        mass = routing[:, : self.total].double().sum(dim=0).cpu()
+        goes = (routing[:, self.total :] > 0).cpu()
+        before = self.codes()
+        experts = self.swaps(mass)
+        swapped = int((experts != self.experts).sum())
+        width = self.neurons.shape[1]
+        device = router_tensor(self.full_router, "weight").device
+        for slot, expert in enumerate(experts.tolist()):
+            tokens = goes[:, expert].nonzero().flatten()
+            neurons, z = self.neurons[slot], None
+            if tokens.numel():
+                rows = x.index_select(0, tokens.to(x.device)).to(device)
+                z = expert_hidden(self.full_experts, expert, rows)
+                _, neurons = choose_experts(normalized_square_sum(z), width, self.layer, z.dtype)
+                neurons = neurons.to(self.neurons.device)
+            if self._differs(slot, expert, neurons):
+                self.place(slot, expert, neurons)
+            if refit and compensation is not None and int(tokens.numel()) >= MIN_REFIT_TOKENS:
+                assert z is not None
+                self._refit(slot, z, compensation)
+        return int((~torch.isin(self.codes(), before)).sum()), swapped
+
+    def _differs(self, slot: int, expert: int, neurons: Tensor) -> bool:
+        return expert != int(self.experts[slot]) or not torch.equal(neurons, self.neurons[slot])
+
+    @torch.no_grad()
+    def place(self, slot: int, expert: int, neurons: Tensor) -> None:
+        """Copy the original's expert ``expert`` sliced at ``neurons`` into slot ``slot``,
+        and its router entries if another expert sat there; update the live map."""
+        index = torch.tensor([expert])
+        sliced = slice_expert_tensors(self.full_experts, index, neurons[None])
+        for name, value in sliced.items():
+            expert_param(self.live_experts, name)[slot].copy_(value[0])
+        if expert != int(self.experts[slot]):
+            for name, axis in moe_spec(self.spec).router_tensors:
+                live = router_tensor(self.live_router, name)
+                full = router_tensor(self.full_router, name)
+                live.select(axis, slot).copy_(full.select(axis, expert))
+        self.experts[slot] = expert
+        self.neurons[slot] = neurons
+
+    @torch.no_grad()
+    def _refit(self, slot: int, z: Tensor, compensation: Compensation) -> None:
+        """Refit slot ``slot``'s down projection on its expert's window activations ``z``."""
+        expert = int(self.experts[slot])
+        stats = GramStats.zeros(self.width, z.device)
+        stats.add(z)
+        full_down = expert_down(self.full_experts, expert)
+        refit = refit_stored(
+            full_down, self.neurons[slot], stats, compensation, self.layout.transposed
+        )
+        expert_param(self.live_experts, "down_proj")[slot].copy_(refit.weight)
+        if refit.bias is not None and self.layout.has_bias:
+            full_bias = expert_param(self.full_experts, "down_proj_bias")[expert]
+            expert_param(self.live_experts, "down_proj_bias")[slot].copy_(full_bias + refit.bias)
+
+    @torch.no_grad()
+    def reset(self) -> int:
+        """Put the export's experts back in every slot that differs (and a compensated
+        export's down projections, whole); returns how many slots were rewritten."""
+        experts, neurons = self._export
+        rewritten = 0
+        for slot, expert in enumerate(experts.tolist()):
+            if expert != int(self.experts[slot]) or not torch.equal(
+                neurons[slot], self.neurons[slot]
+            ):
+                self.place(slot, expert, neurons[slot])
+                rewritten += 1
+        for name, saved in self._export_down.items():
+            expert_param(self.live_experts, name).copy_(saved)
+        return rewritten
+
+
 class GriffinRuntime:
     """Generation with an export, refreshing its experts from the original's weights.
 
     Attributes:
         model: the live pruned model (its FF weights change in place at each refresh).
-        slots: per layer, the original index of the neuron in each live row (slot order).
+        slots: per layer, the original index of the neuron in each live row (slot order) of
+            the layer's dense FF: the FF of a dense model, a dense layer of an MoE model, or
+            an MoE layer's shared expert (empty for an MoE layer without one).
+        moe: per MoE layer (by layer index), its routed experts' live state
+            (:class:`MoeLayerState`: which original expert sits in each slot, with which
+            neurons); empty for a dense model.
 
     Each :meth:`generate` call starts from the export's experts (it calls :meth:`reset`); after
-    a call, ``model`` and ``slots`` stay as its last refresh left them, for inspection.
+    a call, ``model``, ``slots`` and ``moe`` stay as its last refresh left them, for inspection.
     """
 
     def __init__(
         self,
         export: OpenedExport,
-        original: SafetensorsReader,
+        original: SafetensorsReader | nn.Module,
         *,
         original_device: str | torch.device = "cpu",
         refit_on_refresh: bool | None = None,
     ) -> None:
+        """``original``: the original's safetensors, memory-mapped (a dense export), or the
+        original loaded as a model (needed for an MoE export: its routed experts are fused in
+        memory only); of a loaded model only the FF modules are kept (routers, experts, shared
+        experts, dense FF), so the caller may drop the rest."""
         self.export = export
         self.model: Any = export.loaded.model
         self.tokenizer = export.loaded.tokenizer
         self.spec = export.spec
         self.d_ff = int(export.manifest["source"]["d_ff"])
-        experts = load_state([export.directory / EXPERTS_FILE])
+        index_map = load_state([export.directory / EXPERTS_FILE])
         blocks = self.spec.blocks(self.model)
-        self.slots = [experts[f"layer.{i}"].long() for i in range(len(blocks))]
+        #: per layer, the dense FF a refresh re-selects like a dense model's (None: none)
+        self._ff_specs = [_dense_ff_spec(self.spec, block) for block in blocks]
+        self.slots = [_dense_slots(index_map, layer) for layer in range(len(blocks))]
         self._export_slots = [slots.clone() for slots in self.slots]
-        self.original = original
+        self.original = original if isinstance(original, SafetensorsReader) else None
+        full_blocks = (
+            None if isinstance(original, SafetensorsReader) else self.spec.blocks(original)
+        )
         self._full: list[dict[str, Tensor]] = []
-        for layer in range(len(blocks)):
-            tensors: dict[str, Tensor] = {}
-            for role in self.spec.roles():
-                for kind, suffix in (("weight", ""), ("bias", ".bias")):
-                    key = self.spec.param_name(layer, role, kind)
-                    if key in original:
-                        tensors[role + suffix] = original.map(key).to(original_device)
-            self._full.append(tensors)
-        self._acts = [getattr(self.spec.mlp_module(b), self.spec.act) for b in blocks]
-        self._rings: list[_Ring] = []
+        for layer, ff_spec in enumerate(self._ff_specs):
+            if ff_spec is None:
+                self._full.append({})
+            elif full_blocks is None:
+                assert isinstance(original, SafetensorsReader)
+                self._full.append(_mapped_ff(ff_spec, layer, original, original_device))
+            else:
+                self._full.append(_module_ff(ff_spec, full_blocks[layer], original_device))
+        self._widths = [
+            0 if spec is None else ff_width(spec, full)
+            for spec, full in zip(self._ff_specs, self._full, strict=True)
+        ]
+        self._acts = [
+            None if spec is None else getattr(spec.mlp_module(block), spec.act)
+            for spec, block in zip(self._ff_specs, blocks, strict=True)
+        ]
+        self._rings: list[_Ring | None] = []
         # A compensated export (griffin_export.core.compensation): its refitted down projections
         # are kept to reset to, and (by default) every refresh refits them on the ring window.
         recorded = export.manifest.get("compensation")
@@ -248,13 +490,29 @@ class GriffinRuntime:
             Compensation(str(recorded["method"]), float(recorded["alpha"])) if recorded else None
         )
         self.refit_on_refresh = _refit_choice(refit_on_refresh, self.compensation is not None)
-        self._export_down: list[tuple[Tensor, Tensor | None]] = []
+        self._export_down: list[tuple[Tensor, Tensor | None] | None] = []
         if self.compensation is not None:
-            for block in blocks:
-                weight, bias = _down_tensors(self.spec, block)
-                self._export_down.append(
-                    (weight.detach().clone(), None if bias is None else bias.detach().clone())
+            for ff_spec, block in zip(self._ff_specs, blocks, strict=True):
+                self._export_down.append(None if ff_spec is None else _saved_down(ff_spec, block))
+        self.moe: dict[int, MoeLayerState] = {}
+        if self.spec.moe is not None:
+            if full_blocks is None:
+                raise UsageError(
+                    "an MoE export refreshes from its original loaded as a model; use "
+                    "GriffinRuntime.from_export"
                 )
+            for layer, block in enumerate(blocks):
+                if is_moe_layer(self.spec, block):
+                    self.moe[layer] = MoeLayerState(
+                        self.spec,
+                        layer,
+                        block,
+                        full_blocks[layer],
+                        index_map[f"layer.{layer}.experts"],
+                        index_map[f"layer.{layer}.neurons"],
+                        groups=routing_groups(self.spec, self.model.config),
+                        keep_down=self.compensation is not None,
+                    )
         if next(self.model.parameters()).device.type == "cpu":
             self._store_input_projections_column_major()
 
@@ -266,8 +524,10 @@ class GriffinRuntime:
         at batch 1 (benchmarks/bench_decode.py measures it on the full model too). GPT-2's
         ``Conv1D`` already stores ``[in, out]``; refresh copies work on either layout.
         """
-        for block in self.spec.blocks(self.model):
-            for role, module in self.spec.projections(block).items():
+        for ff_spec, block in zip(self._ff_specs, self.spec.blocks(self.model), strict=True):
+            if ff_spec is None:
+                continue
+            for role, module in ff_spec.projections(block).items():
                 if role in INPUT_ROLES and isinstance(module, nn.Linear):
                     weight = module.weight.detach()
                     module.weight = nn.Parameter(weight.T.contiguous().T, requires_grad=False)
@@ -292,85 +552,148 @@ class GriffinRuntime:
         window at each refresh (``None``: :data:`DEFAULT_REFIT_ON_REFRESH`); ``False`` slices
         the original's plain columns for every layer whose experts changed. ``True`` on an
         export without compensation is refused.
+
+        An MoE export's original is loaded as a model instead (transformers fuses its routed
+        experts on loading; the files hold them per expert): the whole model is read once,
+        then everything but its FF modules (routers, routed and shared experts, dense FF) is
+        dropped.
         """
         export = open_export(export_dir, device)
+        original_device = device if original_on_device else "cpu"
+        if export.spec.moe is not None:
+            full = load_original(export.directory, export.manifest, original, original_device)
+            return cls(
+                export,
+                full.model,
+                original_device=original_device,
+                refit_on_refresh=refit_on_refresh,
+            )
         source = original_source(export.manifest, original)
         check_original(export.directory, source.directory)
         mapped = SafetensorsReader.open(source.directory)
         return cls(
             export,
             mapped,
-            original_device=device if original_on_device else "cpu",
+            original_device=original_device,
             refit_on_refresh=refit_on_refresh,
         )
+
+    def _dense_layers(self) -> list[tuple[int, ArchSpec, nn.Module]]:
+        """``(layer, spec, block)`` of every layer with a dense FF (:attr:`slots`)."""
+        blocks = self.spec.blocks(self.model)
+        return [
+            (layer, ff_spec, block)
+            for layer, (ff_spec, block) in enumerate(zip(self._ff_specs, blocks, strict=True))
+            if ff_spec is not None
+        ]
 
     def reset(self) -> int:
         """Put the export's experts back, slot for slot (so the live weights equal the export's
         again, bit for bit), copying only the rows that differ into the existing storage.
-        Returns how many slots were rewritten. :meth:`generate` calls it first."""
+        Returns how many slots were rewritten (neurons; routed experts count one each).
+        :meth:`generate` calls it first."""
         rewritten = 0
-        for layer, block in enumerate(self.spec.blocks(self.model)):
+        for layer, ff_spec, block in self._dense_layers():
             want, slots = self._export_slots[layer], self.slots[layer]
             positions = (slots != want).nonzero().flatten()
             if positions.numel():
                 self._write(layer, block, positions, want[positions])
                 slots[positions] = want[positions]
                 rewritten += int(positions.numel())
-            if self._export_down:  # the export's refitted down projection, whole
-                saved, saved_bias = self._export_down[layer]
-                live, live_bias = _down_tensors(self.spec, block)
-                with torch.no_grad():
-                    live.copy_(saved)
-                    if saved_bias is not None and live_bias is not None:
-                        live_bias.copy_(saved_bias)
+            saved = self._export_down[layer] if self._export_down else None
+            if saved is not None:  # the export's refitted down projection, whole
+                _restore_down(ff_spec, block, saved)
+        for state in self.moe.values():
+            rewritten += state.reset()
         return rewritten
 
     def refresh(self, token_index: int = 0, *, record_kept: bool = False) -> RefreshEvent:
-        """Re-select every layer's experts from its ring buffer and copy changed neurons in."""
+        """Re-select every layer's experts from its ring buffer and copy changed neurons in;
+        on an MoE layer also swap whole routed experts (:meth:`MoeLayerState.refresh`)."""
         started = time.perf_counter()
         kept: list[list[int]] = []
+        experts: list[list[int]] = []
         overlap: list[float] = []
         changed: list[int] = []
+        swapped: list[int] = []
         blocks = self.spec.blocks(self.model)
-        if len(self._rings) != len(blocks) or any(ring.rows is None for ring in self._rings):
+        rings = [ring for ring in self._rings if ring is not None]
+        rings += [state.ring for state in self.moe.values() if state.ring is not None]
+        if not rings or any(ring.rows is None for ring in rings):
             raise UsageError(
                 "refresh() re-selects from the tokens of a running generate(), and none have "
                 "been seen; call generate(..., refresh_every=N) with N > 0 instead"
             )
         for layer, block in enumerate(blocks):
-            z = self._rings[layer].cached(partial(self._activations, layer))  # [W, d_ff]
-            current = self.slots[layer].clone()
-            sums = normalized_squares(z).sum(dim=0)
-            _, new = choose_experts(sums, current.numel(), layer, z.dtype)
-            changed.append(self._swap_in(layer, block, new))
-            if self.refit_on_refresh:
-                self._refit(layer, block, z)
-            elif self.compensation is not None and changed[-1]:
-                self._plain_down(layer, block)
-            overlap.append(jaccard(current, new))
+            before, after, copied = self._refresh_dense(layer, block)
+            state = self.moe.get(layer)
+            if state is None:
+                swapped.append(0)
+            else:  # one index set per layer: routed (expert, neuron) pairs, then the shared
+                offset = state.total * state.width
+                codes = state.codes()
+                copied_experts, swaps = state.refresh(self.compensation, self.refit_on_refresh)
+                before = torch.cat([codes, before + offset])
+                after = torch.cat([state.codes(), after + offset])
+                copied += copied_experts
+                swapped.append(swaps)
+            changed.append(copied)
+            overlap.append(jaccard(before, after))
             if record_kept:
                 kept.append(self.slots[layer].tolist())
+                experts.append([] if state is None else state.experts.tolist())
         seconds = time.perf_counter() - started
-        return RefreshEvent(token_index, overlap, changed, seconds, kept if record_kept else None)
+        return RefreshEvent(
+            token_index,
+            overlap,
+            changed,
+            seconds,
+            kept if record_kept else None,
+            swapped=swapped,
+            experts=experts if record_kept and self.moe else None,
+        )
+
+    def _refresh_dense(self, layer: int, block: nn.Module) -> tuple[Tensor, Tensor, int]:
+        """Re-select ``layer``'s dense FF (if any) from its ring: ``(kept before, kept
+        after, neurons copied)``."""
+        ring = self._rings[layer] if self._rings else None
+        ff_spec = self._ff_specs[layer]
+        current = self.slots[layer].clone()
+        if ring is None or ff_spec is None:
+            return current, current, 0
+        z = ring.cached(partial(self._activations, layer))  # [W, d_ff]
+        sums = normalized_squares(z).sum(dim=0)
+        _, new = choose_experts(sums, current.numel(), layer, z.dtype)
+        copied = self._swap_in(layer, block, new)
+        if self.refit_on_refresh:
+            self._refit(layer, block, z)
+        elif self.compensation is not None and copied:
+            self._plain_down(layer, block)
+        return current, new, copied
 
     def _activations(self, layer: int, x: Tensor) -> Tensor:
         """Buffered MLP inputs' full-width down-projection inputs, from the original's
         weights (each row's term of the statistic and the refit's regressors)."""
         full = self._full[layer]
+        act = self._acts[layer]
+        ff_spec = self._ff_specs[layer]
+        assert act is not None and ff_spec is not None
         x = x.to(next(iter(full.values())).device)
-        return full_activations(self.spec, self._acts[layer], full, x)
+        return full_activations(ff_spec, act, full, x)
 
     def _refit(self, layer: int, block: nn.Module, z: Tensor) -> None:
         """Refit the live down projection's kept columns (slot order) on the ring window's
         full-width activations ``z``, as ``griffin export`` refits on the prompt."""
         assert self.compensation is not None
+        ff_spec = self._ff_specs[layer]
+        assert ff_spec is not None
         full = self._full[layer]
-        stats = GramStats.zeros(self.d_ff, z.device)
+        stats = GramStats.zeros(self._widths[layer], z.device)
         stats.add(z)
         refit = refit_stored(
-            full["down"], self.slots[layer], stats, self.compensation, self.spec.transposed
+            full["down"], self.slots[layer], stats, self.compensation, ff_spec.transposed
         )
-        live, live_bias = _down_tensors(self.spec, block)
+        live, live_bias = _down_tensors(ff_spec, block)
         with torch.no_grad():
             live.copy_(refit.weight)
             if refit.bias is not None and live_bias is not None:
@@ -379,10 +702,12 @@ class GriffinRuntime:
     def _plain_down(self, layer: int, block: nn.Module) -> None:
         """The live down projection as the plain slice of the original's at the current slots
         (every slot, also those of neurons kept from before), and the original's down bias."""
+        ff_spec = self._ff_specs[layer]
+        assert ff_spec is not None
         slots = self.slots[layer]
-        live, live_bias = _down_tensors(self.spec, block)
+        live, live_bias = _down_tensors(ff_spec, block)
         positions = torch.arange(slots.numel())
-        self._copy(live, self._full[layer]["down"], self.spec.neuron_axis("down"), positions, slots)
+        self._copy(live, self._full[layer]["down"], ff_spec.neuron_axis("down"), positions, slots)
         if live_bias is not None and "down.bias" in self._full[layer]:
             with torch.no_grad():
                 live_bias.copy_(self._full[layer]["down.bias"])
@@ -401,14 +726,16 @@ class GriffinRuntime:
 
     def _write(self, layer: int, block: nn.Module, positions: Tensor, neurons: Tensor) -> None:
         """Copy the original's neurons ``neurons`` into the live slots ``positions``."""
+        ff_spec = self._ff_specs[layer]
+        assert ff_spec is not None
         k = self.slots[layer].numel()
-        for role, module in self.spec.projections(block).items():
-            axis = self.spec.neuron_axis(role)
+        for role, module in ff_spec.projections(block).items():
+            axis = ff_spec.neuron_axis(role)
             dst, src = positions, neurons
             if role == "gate_up":  # [gate; up]: live rows s and k + s, original j and d_ff + j
                 dst, src = (
                     torch.cat([positions, positions + k]),
-                    torch.cat([neurons, neurons + self.d_ff]),
+                    torch.cat([neurons, neurons + self._widths[layer]]),
                 )
             self._copy(module.weight, self._full[layer][role], axis, dst, src)
             bias = getattr(module, "bias", None)
@@ -467,14 +794,26 @@ class GriffinRuntime:
         self.reset()
         # Step j of the schedule is generated token j's forward (origin: the prompt's last
         # position); a ring of the last ``window`` MLP inputs is what its refreshes look back on.
+        # An MoE layer's ring holds its MoE block's inputs (what the router and every expert
+        # read); a dense FF's (a dense layer's, a shared expert's) its first projection's.
         schedule = RefreshSchedule(refresh_every, window)
-        self._rings = [_Ring(window) for _ in self.slots] if schedule.every else []
-        handles = [
-            self.spec.projections(block)[self.spec.roles()[0]].register_forward_pre_hook(
-                lambda _m, args, ring=ring: ring.write(args[0].reshape(-1, args[0].shape[-1]))
-            )
-            for block, ring in zip(self.spec.blocks(self.model), self._rings, strict=False)
-        ]
+        self._rings = []
+        handles = []
+        if schedule.every:
+            for layer, (ff_spec, block) in enumerate(
+                zip(self._ff_specs, self.spec.blocks(self.model), strict=True)
+            ):
+                ring = None
+                if ff_spec is not None:
+                    ring = _Ring(window)
+                    first = ff_spec.projections(block)[ff_spec.roles()[0]]
+                    handles.append(first.register_forward_pre_hook(partial(_record, ring)))
+                self._rings.append(ring)
+                state = self.moe.get(layer)
+                if state is not None:
+                    state.ring = _Ring(window)
+                    hook = partial(_record, state.ring)
+                    handles.append(state.live.register_forward_pre_hook(hook))
         events: list[RefreshEvent] = []
 
         def between(done: int) -> None:
@@ -523,6 +862,75 @@ def _refit_choice(asked: bool | None, compensated: bool) -> bool:
             "option or re-export"
         )
     return compensated and (DEFAULT_REFIT_ON_REFRESH if asked is None else asked)
+
+
+def ff_width(spec: ArchSpec, full: dict[str, Tensor]) -> int:
+    """The width of a dense FF from its tensors (``role`` / ``role.bias`` to tensors)."""
+    first = spec.roles()[0]
+    return full[first].shape[spec.neuron_axis(first)] // (2 if spec.fused_gate_up else 1)
+
+
+def _dense_ff_spec(spec: ArchSpec, block: nn.Module) -> ArchSpec | None:
+    """The dense FF of ``block`` the runtime refreshes like a dense model's: the FF of a dense
+    model or of an MoE model's dense layer, an MoE layer's shared expert, else ``None``."""
+    if spec.moe is None:
+        return spec
+    if not is_moe_layer(spec, block):
+        return dense_spec(spec)
+    return shared_spec(spec) if shared_present(spec, block) else None
+
+
+def _dense_slots(index_map: dict[str, Tensor], layer: int) -> Tensor:
+    """A layer's dense FF neurons in the kept-index map (``layer.<i>``, or an MoE layer's
+    shared expert's ``layer.<i>.shared``); empty for an MoE layer without a shared expert."""
+    for key in (f"layer.{layer}", f"layer.{layer}.shared"):
+        if key in index_map:
+            return index_map[key].long()
+    return torch.empty(0, dtype=torch.long)
+
+
+def _mapped_ff(
+    spec: ArchSpec, layer: int, original: SafetensorsReader, device: str | torch.device
+) -> dict[str, Tensor]:
+    """One layer's FF tensors (``role`` / ``role.bias``), memory-mapped from the original."""
+    tensors: dict[str, Tensor] = {}
+    for role in spec.roles():
+        for kind, suffix in (("weight", ""), ("bias", ".bias")):
+            key = spec.param_name(layer, role, kind)
+            if key in original:
+                tensors[role + suffix] = original.map(key).to(device)
+    return tensors
+
+
+def _module_ff(spec: ArchSpec, block: nn.Module, device: str | torch.device) -> dict[str, Tensor]:
+    """One dense FF's tensors (``role`` / ``role.bias``) from a loaded original's block."""
+    tensors: dict[str, Tensor] = {}
+    for role, module in spec.projections(block).items():
+        for kind, suffix in (("weight", ""), ("bias", ".bias")):
+            value = getattr(module, kind, None)
+            if isinstance(value, Tensor):
+                tensors[role + suffix] = value.detach().to(device)
+    return tensors
+
+
+def _saved_down(spec: ArchSpec, block: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """A copy of the live down projection's weight and bias (to reset to)."""
+    weight, bias = _down_tensors(spec, block)
+    return weight.detach().clone(), None if bias is None else bias.detach().clone()
+
+
+@torch.no_grad()
+def _restore_down(spec: ArchSpec, block: nn.Module, saved: tuple[Tensor, Tensor | None]) -> None:
+    weight, bias = saved
+    live, live_bias = _down_tensors(spec, block)
+    live.copy_(weight)
+    if bias is not None and live_bias is not None:
+        live_bias.copy_(bias)
+
+
+def _record(ring: _Ring, _module: nn.Module, args: tuple[Tensor, ...]) -> None:
+    """Forward pre-hook: the module's input rows into ``ring``."""
+    ring.write(args[0].reshape(-1, args[0].shape[-1]))
 
 
 def _down_tensors(spec: ArchSpec, block: nn.Module) -> tuple[Tensor, Tensor | None]:
