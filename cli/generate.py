@@ -97,6 +97,8 @@ def generate_command(
     overlaps = [e.mean_overlap for e in result.refreshes]
     mean = f", mean overlap {sum(overlaps) / len(overlaps):.3f}" if overlaps else ""
     seeded = "" if result.seed is None else f", seed {result.seed}"
+    if runtime.moe:  # whole routed experts swapped in, over all refreshes and layers
+        mean += f", {sum(e.total_swapped for e in result.refreshes)} expert swaps"
     err_console.print(
         f"[dim]{len(result.token_ids)} tokens in {result.seconds:.1f} s "
         f"({result.tokens_per_second:.1f} tok/s), {len(result.refreshes)} refreshes{mean}"

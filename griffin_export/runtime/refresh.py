@@ -238,6 +238,27 @@ def full_activations(
     return out
 
 
+def swap_experts(live: Tensor, mass: Tensor, groups: int = 1) -> Tensor:
+    """The live map after swaps (:class:`MoeLayerState`, step 2): ``live`` ``[E']`` (the
+    original expert in each slot), ``mass`` ``[E]`` each expert's routed mass over the window.
+    While the heaviest removed expert has strictly more mass than the lightest kept one, it
+    takes that one's slot; ties go to the lower expert index and slot. With ``groups`` > 1
+    the ``E`` experts form that many equal contiguous groups and swaps stay inside a group."""
+    experts = live.clone()
+    size = mass.numel() // groups
+    for group in range(groups):
+        slots = [s for s in range(len(experts)) if int(experts[s]) // size == group]
+        kept = {int(experts[s]) for s in slots}
+        removed = [e for e in range(group * size, (group + 1) * size) if e not in kept]
+        removed.sort(key=lambda e: (-float(mass[e]), e))
+        slots.sort(key=lambda s: (float(mass[experts[s]]), s))
+        for expert, slot in zip(removed, slots, strict=False):
+            if float(mass[expert]) <= float(mass[experts[slot]]):
+                break
+            experts[slot] = expert
+    return experts
+
+
 class MoeLayerState:
     """The routed experts of one MoE layer of the live model, refreshed from the original's.
 
@@ -327,22 +348,6 @@ class MoeLayerState:
         out[:, self.total :].scatter_add_(1, index, valid.float())
         return out
 
-    def swaps(self, mass: Tensor) -> Tensor:
-        """The live map after step 2 (class docstring) for expert masses ``mass`` ``[E]``."""
-        experts = self.experts.clone()
-        size = self.total // self.groups
-        for group in range(self.groups):
-            slots = [s for s in range(len(experts)) if int(experts[s]) // size == group]
-            live = {int(experts[s]) for s in slots}
-            removed = [e for e in range(group * size, (group + 1) * size) if e not in live]
-            removed.sort(key=lambda e: (-float(mass[e]), e))
-            slots.sort(key=lambda s: (float(mass[experts[s]]), s))
-            for expert, slot in zip(removed, slots, strict=False):
-                if float(mass[expert]) <= float(mass[experts[slot]]):
-                    break
-                experts[slot] = expert
-        return experts
-
     def refresh(self, compensation: Compensation | None, refit: bool) -> tuple[int, int]:
         """One refresh from :attr:`ring` (class docstring): ``(pairs new to the layer,
         experts swapped in)``."""
@@ -352,7 +357,7 @@ class MoeLayerState:
         mass = routing[:, : self.total].double().sum(dim=0).cpu()
         goes = (routing[:, self.total :] > 0).cpu()
         before = self.codes()
-        experts = self.swaps(mass)
+        experts = swap_experts(self.experts, mass, self.groups)
         swapped = int((experts != self.experts).sum())
         width = self.neurons.shape[1]
         device = router_tensor(self.full_router, "weight").device
