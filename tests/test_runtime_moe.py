@@ -124,6 +124,20 @@ def _check_live_weights(runtime: GriffinRuntime, src: Path) -> int:
     return checked
 
 
+def _stock(src: Path) -> Any:
+    return AutoModelForCausalLM.from_pretrained(src)
+
+
+def _plain_statistic(experts: Any, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """GRIFFIN's statistic of one expert on tokens ``x``, by hand: ``z = silu(gate x) * up x``,
+    each token's ``z`` normalised, ``sqrt`` of the per-neuron sum of squares."""
+    width = experts.down_proj.shape[-1]
+    slab = experts.gate_up_proj[expert].detach()
+    z = torch.nn.functional.silu(x @ slab[:width].T) * (x @ slab[width:].T)
+    z = z / z.norm(dim=-1, keepdim=True)
+    return z.pow(2).sum(0).sqrt()
+
+
 def _check_dense(spec: Any, live: torch.nn.Module, full: torch.nn.Module, slots: Any) -> None:
     for role, module in spec.projections(live).items():
         want = spec.projections(full)[role].weight.index_select(spec.neuron_axis(role), slots)
@@ -214,7 +228,11 @@ def test_a_removed_expert_with_all_the_mass_is_swapped_in_and_decoding_continues
     equals a from-scratch forward of the swapped model on the same tokens. Catches: no swap
     when a removed expert outweighs a kept one, a swap into two slots or the wrong one,
     re-prefilling or a stale routing after a swap (the pruned block would still route to
-    the old experts' rows), and weights written after the forward that should use them."""
+    the old experts' rows), and weights written after the forward that should use them.
+    The swapped-in experts' neurons are the top ``I'`` of the statistic (by hand, on the
+    stock original) over the window, and the kept experts, to which the full routing sent no
+    token, keep theirs: catches neurons left as the previous expert's and neurons chosen
+    from the pruned model's routing (which sends every token to kept experts)."""
     src, out = exports[name]
     runtime = GriffinRuntime.from_export(out)
     state = runtime.moe[0]
@@ -223,18 +241,35 @@ def test_a_removed_expert_with_all_the_mass_is_swapped_in_and_decoding_continues
     forced = (removed[-1], removed[0])
     monkeypatch.setattr(refresh_mod, "route_tokens", _forced_routing(state.total, forced))
     logits: list[torch.Tensor] = []
-    hook = runtime.model.register_forward_hook(
-        lambda _m, _a, out: logits.append(out.logits[0, -1].clone())
-    )
+    moe_inputs: list[torch.Tensor] = []
+    hooks = [
+        runtime.model.register_forward_hook(
+            lambda _m, _a, out: logits.append(out.logits[0, -1].clone())
+        ),
+        state.live.register_forward_pre_hook(
+            lambda _m, args: moe_inputs.append(args[0].reshape(-1, args[0].shape[-1]).clone())
+        ),
+    ]
     before = _ptrs(runtime.model)
     try:
         result = runtime.generate(TEXT, 12, refresh_every=8, window=8, stop_at_eos=False)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert result.refreshes[0].swapped == [2]
     after = state.experts
     assert set(forced) <= set(after.tolist())
     assert int((after != exported).sum()) == 2  # two slots rewritten, the others kept
+    # the window: the last 8 MoE inputs before the refresh (prefill, then tokens 0..6)
+    window = torch.cat(moe_inputs[:8])[-8:]
+    full = experts_of(spec_for(runtime.model.config.model_type), _stock(src).model.layers[0])
+    for slot, expert in enumerate(after.tolist()):
+        if expert in forced:  # every window token went to it: its neurons are the statistic's
+            width = state.neurons.shape[1]
+            want = torch.sort(_plain_statistic(full, expert, window).topk(width).indices).values
+            assert torch.equal(state.neurons[slot], want), expert
+        else:  # no window token went to it under the full routing: neurons as exported
+            assert torch.equal(state.neurons[slot], state._export[1][slot])
     assert _check_live_weights(runtime, src) == 1
     assert _ptrs(runtime.model) == before
     ids = char_tokenizer()(TEXT)["input_ids"] + result.token_ids
