@@ -323,14 +323,14 @@ def test_reset_restores_the_exported_experts_and_their_refitted_down(
     would write plain slices), or resets only the dense layers."""
     _, out = exports["qwen2_moe-refit"]
     runtime = GriffinRuntime.from_export(out, refit_on_refresh=False)
-    first = runtime.generate(TEXT, 30, refresh_every=5, window=10, stop_at_eos=False)
+    first = runtime.generate(TEXT, 16, refresh_every=4, window=8, stop_at_eos=False)
     assert sum(e.total_swapped for e in first.refreshes) > 0
     assert runtime.reset() > 0
     stock = AutoModelForCausalLM.from_pretrained(out)
     live = dict(runtime.model.named_parameters())
     for key, value in stock.named_parameters():
         assert torch.equal(live[key], value), key
-    again = runtime.generate(TEXT, 30, refresh_every=5, window=10, stop_at_eos=False)
+    again = runtime.generate(TEXT, 16, refresh_every=4, window=8, stop_at_eos=False)
     assert again.token_ids == first.token_ids
 
 
@@ -340,7 +340,7 @@ def test_griffin_generate_on_an_moe_export(exports: dict[str, tuple[Path, Path]]
     dense layer: ``[]``) with the swap counts. Catches the CLI building the dense runtime on
     an MoE export (it has no per-layer gate_proj) and events without the MoE fields."""
     _, out = exports["qwen2_moe"]
-    args = ["generate", "-m", str(out), "-t", TEXT, "-n", "24", "--refresh", "6", "-W", "12"]
+    args = ["generate", "-m", str(out), "-t", TEXT, "-n", "12", "--refresh", "4", "-W", "8"]
     streamed = CliRunner().invoke(app, args)
     assert streamed.exit_code == 0, streamed.output
     assert "expert swaps" in streamed.output
