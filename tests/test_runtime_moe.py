@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import griffin_export.runtime.refresh as refresh_mod
 from griffin_cli.main import app
 from griffin_export import export, spec_for
+from griffin_export.core.compensation import GramStats, refit_stored
 from griffin_export.core.moe import dense_spec, experts_of, is_moe_layer, router_of, shared_spec
 from griffin_export.core.moe_selection import (
     RoutedInputs,
@@ -332,6 +333,57 @@ def test_reset_restores_the_exported_experts_and_their_refitted_down(
         assert torch.equal(live[key], value), key
     again = runtime.generate(TEXT, 16, refresh_every=4, window=8, stop_at_eos=False)
     assert again.token_ids == first.token_ids
+
+
+def test_refit_on_refresh_refits_experts_with_enough_window_tokens(
+    exports: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a compensated export with ``refit_on_refresh``, forced routing sends all 16 window
+    tokens (>= MIN_REFIT_TOKENS) to two removed experts: after the swap their gate/up are the
+    plain slices and their down slabs the ridge refit of the original's expert on exactly
+    those tokens' activations (by hand here, fitted by the library's ``refit_stored``); the
+    kept experts, which got no token, keep the export's own (prompt-refitted) down slabs.
+    Catches the refit skipped for experts, fitted on the wrong expert's slab or neurons or on
+    every window token's activations of another expert, and a refit or a plain slice
+    overwriting experts the window did not reach."""
+    src, out = exports["qwen2_moe-refit"]
+    spec = spec_for("qwen2_moe")
+    runtime = GriffinRuntime.from_export(out, refit_on_refresh=True)
+    assert runtime.refit_on_refresh and runtime.compensation is not None
+    state = runtime.moe[2]
+    exported = state.experts.clone()
+    live = experts_of(spec, spec.blocks(runtime.model)[2])
+    exported_down = live.down_proj.detach().clone()
+    removed = [e for e in range(state.total) if e not in set(exported.tolist())]
+    forced = (removed[0], removed[1])
+    monkeypatch.setattr(refresh_mod, "route_tokens", _forced_routing(state.total, forced))
+    moe_inputs: list[torch.Tensor] = []
+    hook = state.live.register_forward_pre_hook(
+        lambda _m, args: moe_inputs.append(args[0].reshape(-1, args[0].shape[-1]).clone())
+    )
+    try:
+        runtime.generate(TEXT, 9, refresh_every=8, window=16, stop_at_eos=False)
+    finally:
+        hook.remove()
+    window = torch.cat(moe_inputs[:8])[-16:]
+    full = experts_of(spec, _stock(src).model.layers[2])
+    width = full.down_proj.shape[-1]
+    for slot, expert in enumerate(state.experts.tolist()):
+        neurons = state.neurons[slot]
+        gate_up, down = _expert_slice(full, expert, neurons)
+        assert torch.equal(live.gate_up_proj[slot], gate_up)
+        if expert not in forced:
+            assert torch.equal(live.down_proj[slot], exported_down[slot])
+            continue
+        slab = full.gate_up_proj[expert].detach()
+        z = torch.nn.functional.silu(window @ slab[:width].T) * (window @ slab[width:].T)
+        stats = GramStats.zeros(width, z.device)
+        stats.add(z)
+        want = refit_stored(
+            full.down_proj[expert].detach(), neurons, stats, runtime.compensation, False
+        )
+        assert not torch.equal(want.weight, down)  # the refit is not the plain slice
+        torch.testing.assert_close(live.down_proj[slot], want.weight, atol=1e-5, rtol=1e-4)
 
 
 def test_griffin_generate_on_an_moe_export(exports: dict[str, tuple[Path, Path]]) -> None:

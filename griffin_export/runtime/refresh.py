@@ -20,6 +20,15 @@ fitted jointly with the neurons that left (they carry part of their output), so 
 kept beside plain columns of the newcomers. A layer whose experts did not change keeps the
 down projection it has (fitted, or sliced, for exactly that set).
 
+On a mixture-of-experts export (``griffin export --experts R``) the dense layers and the
+shared experts refresh as above; each MoE layer keeps a ring of its MoE block's inputs and, at
+a refresh, routes them through the original's router with all experts, swaps in removed
+experts that now carry more routed mass than kept ones, re-chooses every kept expert's
+neurons from the window tokens routed to it, and copies changed experts (and a swapped
+expert's router row) into their slots in place (:class:`MoeLayerState`). The original is then
+loaded as a model (transformers fuses routed experts on loading) and only its FF modules are
+kept.
+
 Every :meth:`GriffinRuntime.generate` call starts from the export's experts: it first calls
 :meth:`GriffinRuntime.reset`, which copies back (slot for slot, into the same storage) only
 the rows a previous call's refreshes changed. So a call's tokens never depend on earlier calls.
