@@ -4,8 +4,8 @@ row, in the storage it had; a removed expert that takes the routing mass is swap
 generation continues on the KV cache; ``reset`` restores the export; ``griffin generate``
 runs on an MoE export.
 
-Tiny models are built here (mixtral; qwen2_moe with a shared expert and a dense layer 0)
-until tests/tiny_moe.py lands."""
+Tiny models: tests/tiny_moe.py (block 0 dense and a shared expert where the family has
+them)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_moe import _experts_module, save_tiny_moe
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import griffin_export.runtime.refresh as refresh_mod
 from griffin_cli.main import app
 from griffin_export import export, spec_for
 from griffin_export.core.compensation import GramStats, refit_stored
-from griffin_export.core.moe import dense_spec, experts_of, is_moe_layer, router_of, shared_spec
+from griffin_export.core.moe import dense_spec, experts_of, is_moe_layer, shared_spec
 from griffin_export.core.moe_selection import (
     RoutedInputs,
     capture_moe_inputs,
@@ -34,50 +35,24 @@ from tiny import char_tokenizer
 
 PROMPT = "The river runs to the sea, and the sea returns as rain over the hills. " * 2
 TEXT = "Rain and rivers, hills and seas"
-CONFIGS: dict[str, dict[str, Any]] = {
-    "mixtral": {"intermediate_size": 16, "num_local_experts": 8},
-    "qwen2_moe": {
-        "intermediate_size": 24,
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-        "num_experts": 8,
-        "mlp_only_layers": [0],
-    },
-}
-
-
-def save_moe(model_type: str, path: Path, layers: int = 3, **extra: Any) -> Path:
-    """A tiny random MoE model of ``model_type`` with its tokenizer, saved to ``path``."""
-    tok = char_tokenizer()
-    config = AutoConfig.for_model(
-        model_type,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts_per_tok=2,
-        vocab_size=len(tok),
-        **{**CONFIGS[model_type], **extra},
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+#: the live-slot test's families: softmax top-k (mixtral), a shared expert and a dense layer
+#: (qwen2_moe), group routing with a router selection bias (deepseek_v3), a selection bias on
+#: the MoE module (minimax_m2), transposed interleaved experts with biases (gpt_oss)
+FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "minimax_m2", "gpt_oss"]
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("rtmoe")
+    one_layer: dict[str, Any] = {"num_hidden_layers": 1, "mlp_only_layers": []}
     made = {}
-    for name, model_type, layers, extra, compensate in [
-        ("mixtral", "mixtral", 3, {}, "none"),
-        ("qwen2_moe", "qwen2_moe", 3, {}, "none"),
-        ("qwen2_moe-refit", "qwen2_moe", 3, {}, "refit"),
-        ("mixtral-1", "mixtral", 1, {}, "none"),
-        ("qwen2_moe-1", "qwen2_moe", 1, {"mlp_only_layers": []}, "none"),
+    for name, model_type, overrides, compensate in [
+        *[(family, family, {}, "none") for family in FAMILIES],
+        ("qwen2_moe-refit", "qwen2_moe", {}, "refit"),
+        ("mixtral-1", "mixtral", one_layer, "none"),
+        ("qwen2_moe-1", "qwen2_moe", one_layer, "none"),
     ]:
-        src = save_moe(model_type, root / f"{name}-src", layers, **extra)
+        src = save_tiny_moe(model_type, root / f"{name}-src", **overrides)
         out = root / f"{name}-exp"
         export(str(src), [PROMPT], ratio=0.5, experts=0.5, out=out, compensate=compensate)
         made[name] = (src, out)
@@ -88,13 +63,45 @@ def _ptrs(model: torch.nn.Module) -> dict[str, int]:
     return {name: p.data_ptr() for name, p in model.named_parameters()}
 
 
-def _expert_slice(experts: torch.nn.Module, expert: int, neurons: torch.Tensor) -> tuple[Any, Any]:
-    """Expert ``expert``'s gate/up and down slabs at ``neurons``, by plain indexing of the
-    stock-loaded original (``[gate; up]`` rows ``[2I, H]``, down ``[H, I]``)."""
-    assert experts.is_concatenated and not experts.is_transposed and not experts.has_bias
-    width = experts.down_proj.shape[-1]
-    rows = torch.cat([neurons, neurons + width])
-    return experts.gate_up_proj[expert][rows], experts.down_proj[expert][:, neurons]
+def _expert_slice(experts: torch.nn.Module, expert: int, neurons: torch.Tensor) -> list[Any]:
+    """Expert ``expert``'s tensors at ``neurons`` (gate/up, down, and their biases if any),
+    by plain indexing of the stock-loaded original, from the module's own layout flags."""
+    transposed = experts.is_transposed
+    width = experts.down_proj.shape[1 if transposed else 2]
+    if experts.is_concatenated:  # [gate; up]
+        rows = torch.cat([neurons, neurons + width])
+    else:  # gate 2j, up 2j + 1
+        rows = torch.stack([2 * neurons, 2 * neurons + 1], dim=1).reshape(-1)
+    gate_up, down = experts.gate_up_proj[expert], experts.down_proj[expert]
+    out = [gate_up[:, rows] if transposed else gate_up[rows]]
+    out.append(down[neurons] if transposed else down[:, neurons])
+    if experts.has_bias:
+        out += [experts.gate_up_proj_bias[expert][rows], experts.down_proj_bias[expert]]
+    return out
+
+
+def _live_slot(experts: torch.nn.Module, slot: int) -> list[Any]:
+    names = ["gate_up_proj", "down_proj"]
+    names += ["gate_up_proj_bias", "down_proj_bias"] if experts.has_bias else []
+    return [getattr(experts, name)[slot] for name in names]
+
+
+def _per_expert_tensors(live: torch.nn.Module, full: torch.nn.Module, experts: Any) -> int:
+    """Every tensor of ``live`` (a router, or the MoE module's own) with one entry per kept
+    expert equals ``full``'s at the live map, along the axis whose size the pruning
+    changed; returns how many were compared."""
+    compared = 0
+    full_tensors = dict(full.named_parameters()) | dict(full.named_buffers())
+    for name, value in [*live.named_parameters(), *live.named_buffers()]:
+        if name.startswith(("experts.", "shared_expert")) or name not in full_tensors:
+            continue
+        want = full_tensors[name]
+        axes = [a for a in range(value.dim()) if value.shape[a] != want.shape[a]]
+        if not axes:
+            continue
+        assert torch.equal(value, want.index_select(axes[0], experts)), name
+        compared += 1
+    return compared
 
 
 def _check_live_weights(runtime: GriffinRuntime, src: Path) -> int:
@@ -113,11 +120,12 @@ def _check_live_weights(runtime: GriffinRuntime, src: Path) -> int:
         assert len(set(state.experts.tolist())) == len(state.experts)  # a map, no duplicates
         live_experts, full_experts = experts_of(spec, live), experts_of(spec, full)
         for slot, expert in enumerate(state.experts.tolist()):
-            gate_up, down = _expert_slice(full_experts, expert, state.neurons[slot])
-            assert torch.equal(live_experts.gate_up_proj[slot], gate_up), (layer, slot)
-            assert torch.equal(live_experts.down_proj[slot], down), (layer, slot)
-        full_rows = router_of(spec, full).weight[state.experts]
-        assert torch.equal(router_of(spec, live).weight, full_rows)
+            want = _expert_slice(full_experts, expert, state.neurons[slot])
+            for got, value in zip(_live_slot(live_experts, slot), want, strict=True):
+                assert torch.equal(got, value), (layer, slot)
+        moe_live, moe_full = _experts_module(live), _experts_module(full)
+        assert moe_live is not None and moe_full is not None
+        assert _per_expert_tensors(moe_live[0], moe_full[0], state.experts) >= 1  # the router
         shared = shared_spec(spec)
         if shared is not None:
             _check_dense(shared, live, full, runtime.slots[layer])
@@ -145,7 +153,7 @@ def _check_dense(spec: Any, live: torch.nn.Module, full: torch.nn.Module, slots:
         assert torch.equal(module.weight, want), role
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_live_slots_hold_the_mapped_experts_sliced_at_the_live_neurons(
     name: str, exports: dict[str, tuple[Path, Path]]
 ) -> None:
@@ -164,7 +172,9 @@ def test_live_slots_hold_the_mapped_experts_sliced_at_the_live_neurons(
     assert len(result.refreshes) >= 5
     assert sum(e.total_swapped for e in result.refreshes) > 0  # whole experts did move
     assert sum(e.total_changed for e in result.refreshes) > 0
-    assert _check_live_weights(runtime, src) == (3 if name == "mixtral" else 2)
+    full = AutoModelForCausalLM.from_pretrained(src)
+    moe_layers = sum(_experts_module(block) is not None for block in full.model.layers)
+    assert _check_live_weights(runtime, src) == moe_layers
     assert _ptrs(runtime.model) == before
 
 

@@ -68,6 +68,7 @@ from griffin_export.core.moe import (
     moe_spec,
     router_of,
     router_tensor,
+    router_weight,
     routing_groups,
     shared_present,
     shared_spec,
@@ -300,7 +301,8 @@ class MoeLayerState:
        its neurons (:func:`~griffin_export.core.moe.slice_expert_tensors`: gate/up, down,
        biases) copied into the slot's existing storage (``tensor[slot].copy_``); a swap also
        copies the expert's router entries (``MoeSpec.router_tensors``: the weight row, a bias,
-       a selection bias). Nothing is reallocated: the KV cache and every tensor stay valid.
+       a selection bias; and ``MoeSpec.block_tensors``, a selection bias the MoE module
+       holds). Nothing is reallocated: the KV cache and every tensor stay valid.
 
     On a compensated export a rewritten slot's down projection is the plain slice; with
     ``refit_on_refresh`` every slot whose expert has at least
@@ -327,6 +329,13 @@ class MoeLayerState:
         self.live, self.full = live, full
         self.live_experts, self.full_experts = experts_of(spec, block), experts_of(spec, full_block)
         self.live_router, self.full_router = router_of(spec, block), router_of(spec, full_block)
+        weight = router_weight(spec, full_block)  # the original's routing runs where it is
+        self._device, self._dtype = weight.device, weight.dtype
+        moe = moe_spec(spec)  # per-expert tensors of the router and of the MoE module
+        self._per_expert = [
+            (self.live_router, self.full_router, n, a) for n, a in moe.router_tensors
+        ]
+        self._per_expert += [(self.live, self.full, n, a) for n, a in moe.block_tensors]
         self.layout = ExpertsLayout.of(self.full_experts)
         self.total, self.width = expert_count(self.full_experts), expert_width(self.full_experts)
         self.experts = experts.long().clone()
@@ -347,8 +356,7 @@ class MoeLayerState:
     def route(self, rows: Tensor) -> Tensor:
         """``[n, 2E]`` float32 for MoE inputs ``rows``: each row's routing weight per expert
         under the full routing (0 where it does not go), then 1 where it goes."""
-        weight = router_tensor(self.full_router, "weight")
-        inputs = route_tokens(self.spec, self.full, rows.to(weight.device, weight.dtype))
+        inputs = route_tokens(self.spec, self.full, rows.to(self._device, self._dtype))
         index = inputs.index.long()
         valid = (index >= 0) & (index < self.total)  # outside: a masked slot
         index = index.where(valid, 0)
@@ -369,12 +377,11 @@ class MoeLayerState:
         experts = swap_experts(self.experts, mass, self.groups)
         swapped = int((experts != self.experts).sum())
         width = self.neurons.shape[1]
-        device = router_tensor(self.full_router, "weight").device
         for slot, expert in enumerate(experts.tolist()):
             tokens = goes[:, expert].nonzero().flatten()
             neurons, z = self.neurons[slot], None
             if tokens.numel():
-                rows = x.index_select(0, tokens.to(x.device)).to(device)
+                rows = x.index_select(0, tokens.to(x.device)).to(self._device)
                 z = expert_hidden(self.full_experts, expert, rows)
                 _, neurons = choose_experts(normalized_square_sum(z), width, self.layer, z.dtype)
                 neurons = neurons.to(self.neurons.device)
@@ -397,9 +404,9 @@ class MoeLayerState:
         for name, value in sliced.items():
             expert_param(self.live_experts, name)[slot].copy_(value[0])
         if expert != int(self.experts[slot]):
-            for name, axis in moe_spec(self.spec).router_tensors:
-                live = router_tensor(self.live_router, name)
-                full = router_tensor(self.full_router, name)
+            for live_owner, full_owner, name, axis in self._per_expert:
+                live = router_tensor(live_owner, name)
+                full = router_tensor(full_owner, name)
                 live.select(axis, slot).copy_(full.select(axis, expert))
         self.experts[slot] = expert
         self.neurons[slot] = neurons
