@@ -29,6 +29,7 @@ from griffin_export.core.moe_selection import (
     capture_moe_inputs,
     route_tokens,
 )
+from griffin_export.errors import OriginalMismatchError
 from griffin_export.runtime.refresh import GriffinRuntime, swap_experts
 
 from tiny import char_tokenizer
@@ -413,3 +414,16 @@ def test_griffin_generate_on_an_moe_export(exports: dict[str, tuple[Path, Path]]
     assert event["experts"][0] == []
     assert all(len(event["experts"][layer]) == 4 for layer in (1, 2))
     assert len(event["swapped"]) == 3 and event["swapped"][0] == 0
+
+
+def test_an_moe_export_refuses_an_original_that_is_not_its_own(
+    exports: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    """The MoE runtime loads its original as a model and checks it against the manifest's
+    fingerprint like the dense runtime: the same family with other weights is refused before
+    any generation. Catches the MoE path loading ``--original`` without the check (it would
+    refresh from the wrong experts)."""
+    _, out = exports["mixtral"]
+    other = save_tiny_moe("mixtral", tmp_path / "other", seed=1)
+    with pytest.raises(OriginalMismatchError):
+        GriffinRuntime.from_export(out, str(other))
