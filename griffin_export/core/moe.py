@@ -230,23 +230,31 @@ def slice_expert_tensors(
 ) -> dict[str, Tensor]:
     """The experts module's tensors for experts ``keep_experts`` (``[E']``), each keeping
     its own neurons ``keep_neurons[i]`` (``[E', I']``): ``{name: tensor}``, new tensors."""
+    pieces = [
+        slice_expert(experts, expert, neurons)
+        for expert, neurons in zip(keep_experts.tolist(), keep_neurons, strict=True)
+    ]
+    return {key: torch.stack([piece[key] for piece in pieces]) for key in pieces[0]}
+
+
+@torch.no_grad()
+def slice_expert(experts: nn.Module, expert: int, neurons: Tensor) -> dict[str, Tensor]:
+    """One expert's slabs at its neurons ``neurons``: ``{name: tensor}`` (the experts
+    module's tensor names, without the expert axis), new tensors."""
     layout = ExpertsLayout.of(experts)
-    width = expert_width(experts)
     name = layout.input_name
-    pieces: dict[str, list[Tensor]] = {name: [], "down_proj": []}
+    rows = layout.input_rows(neurons, expert_width(experts))
+    slab = expert_param(experts, name)[expert]
+    down = expert_param(experts, "down_proj")[expert]
+    out = {
+        name: slab.index_select(layout.input_axis, rows.to(slab.device)),
+        "down_proj": down.index_select(layout.down_axis, neurons.to(down.device)),
+    }
     if layout.has_bias:
-        pieces.update({f"{name}_bias": [], "down_proj_bias": []})
-    for expert, neurons in zip(keep_experts.tolist(), keep_neurons, strict=True):
-        rows = layout.input_rows(neurons, width)
-        slab = expert_param(experts, name)[expert]
-        pieces[name].append(slab.index_select(layout.input_axis, rows.to(slab.device)))
-        down = expert_param(experts, "down_proj")[expert]
-        pieces["down_proj"].append(down.index_select(layout.down_axis, neurons.to(down.device)))
-        if layout.has_bias:
-            bias = expert_param(experts, f"{name}_bias")[expert]
-            pieces[f"{name}_bias"].append(bias.index_select(0, rows.to(bias.device)))
-            pieces["down_proj_bias"].append(expert_param(experts, "down_proj_bias")[expert])
-    return {key: torch.stack(value) for key, value in pieces.items()}
+        bias = expert_param(experts, f"{name}_bias")[expert]
+        out[f"{name}_bias"] = bias.index_select(0, rows.to(bias.device))
+        out["down_proj_bias"] = expert_param(experts, "down_proj_bias")[expert]
+    return out
 
 
 def router_tensor(router: nn.Module, name: str) -> Tensor:

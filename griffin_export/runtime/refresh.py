@@ -72,7 +72,7 @@ from griffin_export.core.moe import (
     routing_groups,
     shared_present,
     shared_spec,
-    slice_expert_tensors,
+    slice_expert,
 )
 from griffin_export.core.moe_selection import MIN_REFIT_TOKENS, route_tokens
 from griffin_export.core.schedule import RefreshSchedule
@@ -298,7 +298,7 @@ class MoeLayerState:
        betters are missing, and a swapped-in expert would have no tokens at all. An expert
        no window token goes to keeps its neurons.
     4. *Writes.* A slot whose expert or neurons changed gets the original's expert sliced at
-       its neurons (:func:`~griffin_export.core.moe.slice_expert_tensors`: gate/up, down,
+       its neurons (:func:`~griffin_export.core.moe.slice_expert`: gate/up, down,
        biases) copied into the slot's existing storage (``tensor[slot].copy_``); a swap also
        copies the expert's router entries (``MoeSpec.router_tensors``: the weight row, a bias,
        a selection bias; and ``MoeSpec.block_tensors``, a selection bias the MoE module
@@ -399,10 +399,8 @@ class MoeLayerState:
     def place(self, slot: int, expert: int, neurons: Tensor) -> None:
         """Copy the original's expert ``expert`` sliced at ``neurons`` into slot ``slot``,
         and its router entries if another expert sat there; update the live map."""
-        index = torch.tensor([expert])
-        sliced = slice_expert_tensors(self.full_experts, index, neurons[None])
-        for name, value in sliced.items():
-            expert_param(self.live_experts, name)[slot].copy_(value[0])
+        for name, value in slice_expert(self.full_experts, expert, neurons).items():
+            expert_param(self.live_experts, name)[slot].copy_(value)
         if expert != int(self.experts[slot]):
             for live_owner, full_owner, name, axis in self._per_expert:
                 live = router_tensor(live_owner, name)
