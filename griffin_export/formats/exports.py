@@ -49,8 +49,7 @@ def open_export(export_dir: str | Path, device: str = "cpu") -> OpenedExport:
     manifest = check_export_files(directory)
     source = SourceRef(str(directory), "directory", directory, str(directory))
     dtype = parse_dtype(manifest.get("dtype"))
-    uniform = len(set(manifest["k_per_layer"])) == 1 or manifest.get("moe") is not None
-    if uniform and manifest.get("checkpoint_format") != "decilm":  # MoE: config has every size
+    if len(set(manifest["k_per_layer"])) == 1 and manifest.get("checkpoint_format") != "decilm":
         loaded = load_model(source, dtype, device)
     else:
         model_type = manifest["source"]["model_type"]

@@ -155,11 +155,6 @@ def verify_export(
     if hash_files:
         _check_hashes(export_dir, manifest, problems)
         report.checked.append(f"sha256 of {len(manifest['files'])} files")
-    if manifest.get("moe") is not None:
-        # Stopgap until the MoE checks land (issue 21, verify): an MoE export's kept-index map
-        # (layer.<i>.experts/.neurons/.shared) and FF shapes are not the dense ones below.
-        report.manifest = manifest
-        return report
     layout = _check_config(export_dir, manifest, problems)
     if layout is None:
         return report
