@@ -73,6 +73,14 @@ def ppl_command(
     ratio: list[float] | None = typer.Option(
         None, "--ratio", "-r", help="griffin: fraction kept; repeatable.", show_default="0.5"
     ),
+    experts: float | None = typer.Option(
+        None,
+        "--experts",
+        "-e",
+        help="griffin on a mixture of experts: fraction of the routed experts kept per layer, "
+        "in (0, 1], beside --ratio (of every expert's neurons).",
+        show_default="1.0",
+    ),
     refresh: list[int] | None = typer.Option(
         None, "--refresh", help="griffin: re-choose every N scored tokens (0 = never); repeatable."
     ),
@@ -149,6 +157,7 @@ def ppl_command(
             device=device,
             progress=on_progress,
             within_documents=within_documents,
+            experts=experts,
         )
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))

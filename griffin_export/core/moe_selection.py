@@ -514,13 +514,17 @@ def select_moe(
     compensation: Compensation | None = None,
     expert_score: str = DEFAULT_EXPERT_SCORE,
     on_layer: Callable[[int], None] | None = None,
+    on_refit: Callable[[int, dict[int, Refit], Refit | None], None] | None = None,
 ) -> MoeSelection:
     """Run ``prompts`` through the full ``model`` layer-major and choose every layer's
     experts and neurons (module docstring). With an active ``compensation``, the kept
     experts with at least :data:`MIN_REFIT_TOKENS` routed tokens, the shared experts and the
     dense layers get their down projections refitted in place (kept columns overwritten, as
     :func:`~griffin_export.core.selection.select_experts` does), each after the layer's last
-    prompt has passed it; slice the model afterwards."""
+    prompt has passed it; slice the model afterwards. With ``on_refit``, the model is left
+    as it was: ``on_refit(layer, refits, other)`` gets each layer's refits instead (per kept
+    expert's original index, and the dense layer's or shared expert's), for
+    :func:`write_moe_refit` to write elsewhere."""
     if expert_score not in EXPERT_SCORES:
         raise UsageError(
             f"expert score '{expert_score}' is not known; use one of {', '.join(EXPERT_SCORES)}"
@@ -534,7 +538,9 @@ def select_moe(
     def chosen(
         layer: int, choice: LayerChoice, refits: dict[int, Refit], other: Refit | None
     ) -> None:
-        if refits or other is not None:
+        if on_refit is not None and (refits or other is not None):
+            on_refit(layer, refits, other)
+        elif refits or other is not None:
             pending[layer] = (choice, refits, other)
         if on_layer is not None:
             on_layer(layer)
@@ -615,16 +621,21 @@ def write_moe_refit(
         down_bias.data += other.bias.to(down_bias.dtype)
 
 
+def prune_moe_layer(spec: ArchSpec, block: nn.Module, choice: LayerChoice, sizes: MoeSizes) -> None:
+    """Slice one decoder block of an MoE model in place to its ``choice``: a dense layer's
+    neurons, or an MoE layer's routed experts, their neurons, router and shared expert."""
+    if isinstance(choice, Tensor):
+        assert sizes.dense_total is not None
+        prune_block(dense_spec(spec), block, choice, sizes.dense_total)
+    else:
+        prune_moe_block(spec, block, choice.experts, choice.neurons, choice.shared)
+
+
 def prune_moe_model(spec: ArchSpec, model: nn.Module, selection: MoeSelection) -> None:
     """Slice every layer of ``model`` to ``selection`` in place (routed experts, their
     neurons, routers, shared experts, dense layers) and write the kept sizes into its config
     under the family's keys (:func:`~griffin_export.core.moe.set_moe_config`)."""
     sizes = selection.sizes
-    dense = dense_spec(spec)
     for block, choice in zip(spec.blocks(model), selection.layers, strict=True):
-        if isinstance(choice, Tensor):
-            assert sizes.dense_total is not None
-            prune_block(dense, block, choice, sizes.dense_total)
-        else:
-            prune_moe_block(spec, block, choice.experts, choice.neurons, choice.shared)
+        prune_moe_layer(spec, block, choice, sizes)
     set_moe_config(spec, model.config, sizes.experts, sizes.width, sizes.dense, sizes.shared)

@@ -32,8 +32,11 @@ from griffin_export.core.compensation import (
     Compensation,
     default_alpha,
 )
+from griffin_export.core.moe import has_down_bias
+from griffin_export.core.moe_selection import DEFAULT_EXPERT_SCORE, MoeSizes, plan_moe_sizes
 from griffin_export.core.scoring import (
     STATISTIC_NAME,
+    check_ratio,
     top_k_indices,
 )
 from griffin_export.core.selection import non_finite_message
@@ -189,7 +192,7 @@ def evaluate(
             ids = torch.stack([w.ids for w in batch])
             for row, (model, spec, setting) in zip(rows, runs, strict=True):
                 device = next(model.parameters()).device
-                with ff_setting(spec, model, setting, prompt_len):
+                with ff_setting(spec, model, setting, prompt_len, ids.to(device)):
                     nll, count = window_nll(model, ids.to(device), batch[0].score_from)
                 if not math.isfinite(nll):
                     dtype = next(model.parameters()).dtype
@@ -258,6 +261,66 @@ def griffin_settings(
     return settings
 
 
+def moe_griffin_settings(
+    spec: ArchSpec,
+    model: nn.Module,
+    ratios: Sequence[float],
+    experts: float,
+    compensate: str = "none",
+    alpha: float | None = None,
+    expert_score: str = DEFAULT_EXPERT_SCORE,
+) -> list[Setting]:
+    """The report rows of a ``griffin`` run on a mixture of experts: full, then per ratio
+    the experts and neurons each window's prompt part chooses, ``experts`` of the routed
+    experts kept per layer and ``ratio`` of every FF's neurons
+    (:func:`~griffin_export.core.moe_selection.plan_moe_sizes`, as ``griffin export``)."""
+    settings = [Setting("full", "full")]
+    for ratio in ratios:
+        check_ratio(ratio)
+        settings.append(
+            Setting(
+                f"griffin r={ratio:g} experts={experts:g}",
+                "griffin",
+                compensate=compensate,
+                alpha=default_alpha(ratio) if alpha is None else alpha,
+                moe=plan_moe_sizes(spec, model, ratio, experts),
+                expert_score=expert_score,
+            )
+        )
+    return settings
+
+
+def check_moe_griffin(
+    refreshes: Sequence[int],
+    window: int | None,
+    baselines: Sequence[str],
+    budgets: Sequence[str] | None,
+) -> None:
+    """Refuse the ``griffin`` options a mixture of experts does not take: each window
+    chooses once, from its whole prompt part, one width per kind of FF."""
+    if any(refreshes):
+        raise UsageError(
+            f"--refresh {','.join(map(str, refreshes))} re-chooses neurons of dense FF layers; "
+            "on a mixture of experts each window chooses once, from its prompt part: drop "
+            "--refresh"
+        )
+    if window is not None:
+        raise UsageError(
+            f"--window {window} applies to dense models; on a mixture of experts the whole "
+            "prompt part chooses (use --prompt-len to change it): drop --window"
+        )
+    if baselines:
+        raise UsageError(
+            f"--baselines {','.join(baselines)} rank the neurons of dense FF layers; a mixture "
+            "of experts has no such baseline here: drop --baselines"
+        )
+    if budgets is not None and list(budgets) != ["uniform"]:
+        raise UsageError(
+            f"--budget {','.join(budgets)} is for dense models; a mixture of experts keeps one "
+            "width per kind of FF (one config field each): drop --budget"
+        )
+
+
 def baseline_settings(
     spec: ArchSpec,
     model: nn.Module,
@@ -304,6 +367,7 @@ def perplexity(
     device: str = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
     within_documents: bool = False,
+    experts: float | None = None,
 ) -> PplReport:
     """``griffin ppl``: perplexity of a model or export, always beside the full model.
 
@@ -323,6 +387,14 @@ def perplexity(
     boundary (``griffin`` then chooses experts and scores on the same document); a document
     shorter than a window is skipped, and the report's params say how many were
     (``documents_skipped``), beside ``within_documents`` itself.
+
+    On a mixture of experts, ``griffin`` chooses each window's experts and their neurons
+    from its prompt part as ``griffin export`` does (``experts``: the fraction of routed
+    experts kept per layer, default 1.0, beside ``ratios``; refits per kept expert on its
+    routed prompt tokens), and the rest of the window runs the sliced layers
+    (:mod:`griffin_export.evaluation.moe_protocol`); ``refreshes``, ``window``,
+    ``baselines`` and budgets other than uniform are refused there. On an MoE export,
+    ``griffin`` replays the manifest's kept sizes.
     """
 
     report = progress or (lambda stage, done, total: None)
@@ -339,6 +411,13 @@ def perplexity(
     for budget in budgets or ():
         check_budget(budget)
     how = Compensation(compensate, DEFAULT_ALPHA if alpha is None else alpha)  # checks both
+    if experts is not None:
+        check_ratio(experts, "--experts")
+    if experts not in (None, 1.0) and (exported or protocol != "griffin"):
+        raise UsageError(
+            f"--experts {experts:g} applies to --protocol griffin on a full model; an export's "
+            "experts were fixed by griffin export: drop --experts"
+        )
     if protocol == "static" and budgets is not None and list(budgets) != ["uniform"]:
         raise UsageError(
             f"--budget {', '.join(budgets)} applies to --protocol griffin; an export's budget "
@@ -351,6 +430,8 @@ def perplexity(
     if exported and protocol == "griffin":
         full, recipe = _export_recipe(Path(model), original, device, ratios, budgets)
         tokenizer = full.tokenizer
+        if recipe.get("moe") is not None:
+            check_moe_griffin(refreshes, window, baselines, budgets)
     elif exported:
         export, full = open_export_with_original(model, original, device)
         tokenizer = export.loaded.tokenizer or full.tokenizer
@@ -359,6 +440,15 @@ def perplexity(
         tokenizer = full.tokenizer
     report("load", 1, 1)
     tokenizer = require_tokenizer(tokenizer, model)
+    moe = full.spec.moe is not None and protocol == "griffin" and recipe is None
+    if experts not in (None, 1.0) and not moe:
+        raise UsageError(
+            f"--experts {experts:g} keeps routed experts of a mixture of experts; "
+            f"'{full.model_type}' is a dense model: drop --experts"
+        )
+    if moe:
+        check_moe_griffin(refreshes, window, baselines, budgets)
+        how.check_model(has_down_bias(full.spec, full.model), full.model_type)
 
     bos = bos_token(tokenizer)
     span = seq_len - (bos is not None)  # corpus tokens per window
@@ -387,6 +477,21 @@ def perplexity(
         if exported:
             name = Path(model).name or str(model)
             runs.append((export.loaded.model, export.spec, Setting(name, "full")))
+    elif recipe is not None and recipe.get("moe") is not None:
+        made = recipe.get("compensation") or {"method": "none", "alpha": DEFAULT_ALPHA}
+        record: Any = recipe["moe"]
+        settings = [
+            Setting("full", "full"),
+            Setting(
+                f"griffin {Path(model).name or model}",
+                "griffin",
+                compensate=str(made["method"]),  # type: ignore[index]
+                alpha=float(made["alpha"]),  # type: ignore[index]
+                moe=MoeSizes(**record["sizes"]),
+                expert_score=str(record.get("expert_score", DEFAULT_EXPERT_SCORE)),
+            ),
+        ]
+        runs = [(full.model, full.spec, s) for s in settings]
     elif recipe is not None:
         k = list(recipe["k_per_layer"])  # type: ignore[call-overload]
         label = f"griffin {Path(model).name or model}"
@@ -406,6 +511,11 @@ def perplexity(
         ]
         settings += baseline_settings(
             full.spec, full.model, k, f"r={recipe['ratio']:g}", baselines, seed
+        )
+        runs = [(full.model, full.spec, s) for s in settings]
+    elif moe:
+        settings = moe_griffin_settings(
+            full.spec, full.model, ratios, experts or 1.0, how.method, alpha
         )
         runs = [(full.model, full.spec, s) for s in settings]
     else:
@@ -435,6 +545,7 @@ def perplexity(
             "model": str(model),
             "stride": stride,
             "ratios": list(ratios) if protocol == "griffin" and recipe is None else None,
+            "experts": (experts or 1.0) if moe else None,
             "refreshes": list(refreshes) if protocol == "griffin" else None,
             "window": window,
             "baselines": list(baselines),
@@ -516,6 +627,7 @@ def _export_recipe(
         "statistic": manifest.get("statistic"),
         "k_per_layer": list(manifest["k_per_layer"]),
         "compensation": manifest.get("compensation"),
+        "moe": manifest.get("moe"),
     }
     if ratios is not None or budgets is not None:
         raise UsageError(

@@ -32,13 +32,16 @@ from griffin_export.core.architectures import ArchSpec
 from griffin_export.core.compensation import (
     DEFAULT_ALPHA,
     DEFAULT_REFIT_ON_REFRESH,
+    Compensation,
     GramStats,
     Regression,
 )
+from griffin_export.core.moe_selection import DEFAULT_EXPERT_SCORE, MoeSizes
 from griffin_export.core.schedule import RefreshSchedule, Segment
 from griffin_export.core.scoring import normalized_square_sum
 from griffin_export.core.selection import choose_experts
 from griffin_export.errors import UsageError
+from griffin_export.evaluation.moe_protocol import PrunedPositions, choose_from_prompt
 
 # -- windows -----------------------------------------------------------------------------------
 
@@ -133,6 +136,10 @@ class Setting:
 
     ``kind``: ``full``; ``griffin`` (prompt-adaptive, ``k`` per layer, refresh/window);
     ``static`` (a fixed ``keep`` per layer for every scored position, e.g. a baseline).
+    ``moe``: on a mixture of experts, the kept sizes of a ``griffin`` row (experts, their
+    width, dense and shared widths); each window's prompt part chooses its experts and
+    neurons as ``griffin export`` does (:mod:`griffin_export.evaluation.moe_protocol`),
+    ranking experts by ``expert_score``, and ``k``, ``refresh`` and ``window`` are unused.
     """
 
     name: str
@@ -147,6 +154,8 @@ class Setting:
     #: the runtime's ``refit_on_refresh``), or only the first (the prompt's, as the export);
     #: later segments then use the plain slice unless their experts equal the previous ones.
     refit_on_refresh: bool = DEFAULT_REFIT_ON_REFRESH
+    moe: MoeSizes | None = None
+    expert_score: str = DEFAULT_EXPERT_SCORE
 
 
 def griffin_segments(
@@ -228,11 +237,29 @@ def griffin_refit_input(
 
 @contextmanager
 def ff_setting(
-    spec: ArchSpec, model: nn.Module, setting: Setting, prompt_len: int
+    spec: ArchSpec,
+    model: nn.Module,
+    setting: Setting,
+    prompt_len: int,
+    ids: Tensor | None = None,
 ) -> Iterator[None]:
-    """Install the hooks that make ``model``'s FF layers run as ``setting`` prescribes."""
+    """Install the hooks that make ``model``'s FF layers run as ``setting`` prescribes for
+    a forward of ``ids`` ``[B, L]`` (needed by a mixture of experts' ``griffin`` row, which
+    chooses from each row's first ``prompt_len`` tokens before the forward)."""
     if setting.kind == "full":
         yield
+        return
+    if setting.moe is not None:
+        if ids is None:
+            raise UsageError("a mixture of experts' griffin setting needs the window's tokens")
+        how = Compensation(setting.compensate, setting.alpha)
+        score = setting.expert_score
+        choices = [
+            choose_from_prompt(spec, model, row[:prompt_len], setting.moe, how, score)
+            for row in ids
+        ]
+        with PrunedPositions(spec, model, choices, prompt_len):
+            yield
         return
 
     def replace(layer: int, z: Tensor) -> Tensor:

@@ -46,10 +46,14 @@ def open_export(export_dir: str | Path, device: str = "cpu") -> OpenedExport:
     modified tensor is refused with the reason). Exports with per-layer FF sizes (a budget
     other than uniform) load through :func:`~griffin_export.formats.layout.load_pretrained`."""
     directory = require_export_dir(export_dir)
-    manifest = check_export_files(directory)
+    return _load_export(directory, check_export_files(directory), device)
+
+
+def _load_export(directory: Path, manifest: dict[str, Any], device: str) -> OpenedExport:
     source = SourceRef(str(directory), "directory", directory, str(directory))
     dtype = parse_dtype(manifest.get("dtype"))
-    if len(set(manifest["k_per_layer"])) == 1 and manifest.get("checkpoint_format") != "decilm":
+    uniform = len(set(manifest["k_per_layer"])) == 1 or manifest.get("moe") is not None
+    if uniform and manifest.get("checkpoint_format") != "decilm":
         loaded = load_model(source, dtype, device)
     else:
         model_type = manifest["source"]["model_type"]
@@ -102,7 +106,8 @@ def open_export_with_original(
 ) -> tuple[OpenedExport, LoadedModel]:
     """An export and its original, holding the original once: the export's model shares
     every tensor that is byte for byte the original's (embeddings, attention, norms), and
-    only its FF tensors are read from its own files.
+    only its FF tensors are read from its own files. A mixture of experts' export is loaded
+    whole beside its original.
 
     The export's files are checked against its manifest and the original against the
     recorded fingerprint first, as :func:`open_export` and :func:`load_original` do; a
@@ -111,6 +116,12 @@ def open_export_with_original(
 
     directory = require_export_dir(export_dir)
     manifest = check_export_files(directory)
+    if manifest.get("moe") is not None:
+        # transformers fuses routed experts in memory and writes them back per expert, so
+        # the export's tensors are not the model's by name: it loads on its own, as stock
+        # from_pretrained does
+        opened = _load_export(directory, manifest, device)
+        return opened, load_original(directory, manifest, original, device)
     source = SourceRef(str(directory), "directory", directory, str(directory))
     full = load_original(directory, manifest, original, device)
     spec = full.spec
