@@ -61,6 +61,14 @@ def eval_command(
         help="class/gen: fraction of FF neurons kept; repeatable.",
         show_default="0.5",
     ),
+    experts: float | None = typer.Option(
+        None,
+        "--experts",
+        "-e",
+        help="class/gen on a mixture of experts: fraction of the routed experts kept per "
+        "layer, in (0, 1], beside --ratio (of every expert's neurons).",
+        show_default="1.0",
+    ),
     budget: list[str] | None = budgets_option("class/gen"),
     refresh: int = typer.Option(
         0, "--refresh", help="gen: re-choose the experts every N generated tokens (0 = never)."
@@ -150,6 +158,7 @@ def eval_command(
             compensate=compensate,
             alpha=alpha,
             progress=on_progress,
+            experts=experts,
         )
     data = report.to_dict()
     if output is not None:

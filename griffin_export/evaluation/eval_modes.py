@@ -23,10 +23,13 @@ from griffin_export.core.compensation import (
     check_method,
     default_alpha,
 )
+from griffin_export.core.moe import is_moe_layer
+from griffin_export.core.moe_selection import MoeSizes, plan_moe_sizes
 from griffin_export.core.schedule import RefreshSchedule
 from griffin_export.core.scoring import normalized_squares
 from griffin_export.core.selection import choose_experts
 from griffin_export.errors import UsageError
+from griffin_export.evaluation.moe_protocol import PrunedPositions, choose_from_prompt
 from griffin_export.evaluation.protocols import Setting, ff_setting
 
 MODES = ("static", "class", "gen")
@@ -48,6 +51,9 @@ class EvalSetting:
     ``protocol``: ``plain`` (the model as it is, any request type), ``class`` or ``gen`` (the
     modes above; ``k`` None runs the same protocol unpruned, i.e. the full model).
     ``model``: ``full`` (the full model), or the name of the export it runs.
+    ``experts``/``moe``: on a mixture of experts, the fraction of routed experts kept and the
+    kept sizes; each request's context chooses experts and neurons as ``griffin export``
+    does (:mod:`griffin_export.evaluation.moe_protocol`).
     """
 
     name: str
@@ -60,6 +66,8 @@ class EvalSetting:
     window: int | None = None
     compensate: str = "none"
     alpha: float | None = None
+    experts: float | None = None
+    moe: MoeSizes | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -134,6 +142,50 @@ def adaptive_settings(
     return settings
 
 
+def moe_adaptive_settings(
+    mode: str,
+    spec: ArchSpec,
+    model: nn.Module,
+    ratios: Sequence[float],
+    experts: float,
+    check: bool = False,
+    compensate: str | None = None,
+    alpha: float | None = None,
+) -> list[EvalSetting]:
+    """``class``/``gen`` on a mixture of experts: the full model, then one setting per ratio
+    keeping ``experts`` of the routed experts per layer and ``ratio`` of every FF's neurons
+    (:func:`~griffin_export.core.moe_selection.plan_moe_sizes`); with ``check`` a setting
+    named ``check r=1`` keeping every expert and neuron. ``compensate`` as in
+    :func:`adaptive_settings` (class mode only)."""
+    compensate = compensation_for(mode, compensate)
+    settings = [EvalSetting("full", mode)]
+    wanted = [(f"{mode} r={r:g} experts={experts:g}", r, experts) for r in ratios]
+    if check:
+        wanted.append(("check r=1", 1.0, 1.0))
+    for name, ratio, share in wanted:
+        sizes = plan_moe_sizes(spec, model, ratio, share)
+        k = tuple(
+            sizes.width if is_moe_layer(spec, b) else int(sizes.dense or 0)
+            for b in spec.blocks(model)
+        )
+        how = compensate if name != "check r=1" else "none"
+        settings.append(
+            EvalSetting(
+                name + (f" {how}" if how != "none" else ""),
+                mode,
+                "full",
+                ratio,
+                "uniform",
+                k,
+                compensate=how,
+                alpha=(default_alpha(ratio) if alpha is None else alpha) if how != "none" else None,
+                experts=share,
+                moe=sizes,
+            )
+        )
+    return settings
+
+
 # -- class mode: experts from all positions but the last ------------------------------------------
 
 
@@ -144,16 +196,31 @@ def class_mode(
     length: int,
     compensate: str = "none",
     alpha: float | None = None,
+    moe: MoeSizes | None = None,
+    ids: Tensor | None = None,
 ) -> AbstractContextManager[None]:
     """Hooks making a forward of ``model`` over ``length`` >= 2 positions (batch 1) run GRIFFIN's
     classification mode: layer ``l`` keeps the top ``k[l]`` neurons of the statistic over
     positions ``0..length-2``, applied at position ``length-1`` only. This is the ``griffin``
     perplexity protocol of :mod:`griffin_export.evaluation.protocols` with a prompt of ``length-1``
     tokens, whose hooks it installs. With ``compensate`` the last position runs the kept
-    neurons with their down columns refitted on the earlier positions (ridge ``alpha``)."""
+    neurons with their down columns refitted on the earlier positions (ridge ``alpha``).
+    On a mixture of experts (``moe``, the kept sizes), the earlier positions of ``ids``
+    ``[1, length]`` choose experts and neurons as ``griffin export`` does."""
     how = DEFAULT_ALPHA if alpha is None else alpha
-    setting = Setting("class", "griffin", k=list(k), compensate=compensate, alpha=how)
-    return ff_setting(spec, model, setting, length - 1)
+    setting = Setting("class", "griffin", k=list(k), compensate=compensate, alpha=how, moe=moe)
+    return ff_setting(spec, model, setting, length - 1, ids)
+
+
+def moe_prompt_experts(
+    spec: ArchSpec, model: nn.Module, sizes: MoeSizes, ids: Tensor
+) -> PrunedPositions:
+    """``gen`` on a mixture of experts: the prompt ``ids`` ``[1, T]`` chooses every layer's
+    experts and neurons through the full model, as ``griffin export`` does (no refit, as
+    gen decodes a plain slice); the hooks returned let the first forward (the prefill) run
+    the full model and every later one run the sliced layers."""
+    choice = choose_from_prompt(spec, model, ids[0], sizes)
+    return PrunedPositions(spec, model, [choice], 0, skip_first=True, reuse=True)
 
 
 # -- gen mode: experts from the prompt, pruned decoding -------------------------------------------

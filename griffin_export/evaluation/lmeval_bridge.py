@@ -15,7 +15,13 @@ from torch import nn
 
 from griffin_export.core.architectures import ArchSpec
 from griffin_export.errors import UsageError
-from griffin_export.evaluation.eval_modes import SERVES, EvalSetting, PromptExperts, class_mode
+from griffin_export.evaluation.eval_modes import (
+    SERVES,
+    EvalSetting,
+    PromptExperts,
+    class_mode,
+    moe_prompt_experts,
+)
 from griffin_export.runtime.refresh import StopStrings, decode
 
 
@@ -76,7 +82,9 @@ class GriffinLM(HFLM):
         hooks = (
             nullcontext()
             if s.k is None
-            else class_mode(self.spec, self.model, s.k, inps.shape[1], s.compensate, s.alpha)
+            else class_mode(
+                self.spec, self.model, s.k, inps.shape[1], s.compensate, s.alpha, s.moe, inps
+            )
         )
         with hooks:
             return super()._model_call(inps)
@@ -116,12 +124,16 @@ class GriffinLM(HFLM):
             if stops.put(token):
                 raise _Stop
 
-        k = self.setting.k
-        hooks: Any = (
-            nullcontext()
-            if k is None
-            else PromptExperts(self.spec, self.model, k, self.setting.refresh, self.setting.window)
-        )
+        k, sizes = self.setting.k, self.setting.moe
+        hooks: Any
+        if k is None:
+            hooks = nullcontext()
+        elif sizes is not None:
+            hooks = moe_prompt_experts(self.spec, self.model, sizes, ids.to(self.device))
+        else:
+            hooks = PromptExperts(
+                self.spec, self.model, k, self.setting.refresh, self.setting.window
+            )
         with hooks, suppress(_Stop):
             decode(
                 self.model,

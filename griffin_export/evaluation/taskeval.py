@@ -37,7 +37,8 @@ from torch import nn
 from griffin_export._version import __version__
 from griffin_export.core.architectures import ArchSpec
 from griffin_export.core.budgets import check_budget
-from griffin_export.core.compensation import check_alpha
+from griffin_export.core.compensation import Compensation, check_alpha
+from griffin_export.core.moe import has_down_bias
 from griffin_export.core.scoring import (
     STATISTIC_NAME,
     check_ratio,
@@ -49,6 +50,7 @@ from griffin_export.evaluation.eval_modes import (
     EvalSetting,
     adaptive_settings,
     compensation_for,
+    moe_adaptive_settings,
 )
 from griffin_export.evaluation.tasks import LOCAL_TASKS, prepare
 from griffin_export.formats.exports import is_export, load_original, open_export
@@ -265,6 +267,7 @@ def evaluate_tasks(
     compensate: str | None = None,
     alpha: float | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    experts: float | None = None,
 ) -> TaskEvalReport:
     """Evaluate ``tasks`` with lm-eval: the full model and every pruned setting of ``mode``
     (default ``static`` for export directories, ``class`` for a full model) on the same
@@ -278,6 +281,12 @@ def evaluate_tasks(
     pruned position as ``griffin ppl`` does; None is
     :data:`~griffin_export.core.compensation.DEFAULT_METHOD` in class mode, none elsewhere
     (any other method is refused there).
+
+    On a mixture of experts, ``class`` and ``gen`` choose experts and their neurons from
+    each request's context as ``griffin export`` does (``experts``: the fraction of routed
+    experts kept per layer, default 1.0, beside ``ratios``), and run the sliced layers where
+    the mode prunes (:mod:`griffin_export.evaluation.moe_protocol`); ``refresh``, ``window``
+    and budgets other than uniform are refused there.
     """
     require_lm_eval()
 
@@ -291,6 +300,8 @@ def evaluate_tasks(
     compensate = compensation_for(mode, compensate)
     if alpha is not None:
         check_alpha(alpha)
+    if experts is not None:
+        check_ratio(experts, "--experts")
     if mode not in MODES:
         raise UsageError(f"--mode '{mode}' is not known; use one of {', '.join(MODES)}")
     if mode == "static":
@@ -299,6 +310,11 @@ def evaluate_tasks(
             raise UsageError(
                 f"--mode static evaluates export directories, and '{plain}' is not one; make "
                 "one with griffin export, or use --mode class on a full model"
+            )
+        if experts not in (None, 1.0):
+            raise UsageError(
+                f"--experts {experts:g} applies to --mode class and gen; an export's experts "
+                "were fixed by griffin export: drop --experts"
             )
         if ratios or budgets or refresh or check:
             raise UsageError(
@@ -354,18 +370,38 @@ def evaluate_tasks(
     else:
         full = load_model(resolve_source(sources[0]), parse_dtype(dtype), device)
         n_layers = len(full.spec.blocks(full.model))
-        settings = adaptive_settings(
-            mode,
-            n_layers,
-            full.spec.d_ff(full.model.config),
-            list(ratios or (0.5,)),
-            list(budgets or ("uniform",)),
-            refresh,
-            window,
-            check,
-            compensate,
-            alpha,
-        )
+        if full.spec.moe is not None:
+            _check_moe(mode, budgets, refresh, window)
+            how = Compensation(compensate, 1.0 if alpha is None else alpha)
+            how.check_model(has_down_bias(full.spec, full.model), full.model_type)
+            settings = moe_adaptive_settings(
+                mode,
+                full.spec,
+                full.model,
+                list(ratios or (0.5,)),
+                1.0 if experts is None else experts,
+                check,
+                compensate,
+                alpha,
+            )
+        elif experts not in (None, 1.0):
+            raise UsageError(
+                f"--experts {experts:g} keeps routed experts of a mixture of experts; "
+                f"'{full.model_type}' is a dense model: drop --experts"
+            )
+        else:
+            settings = adaptive_settings(
+                mode,
+                n_layers,
+                full.spec.d_ff(full.model.config),
+                list(ratios or (0.5,)),
+                list(budgets or ("uniform",)),
+                refresh,
+                window,
+                check,
+                compensate,
+                alpha,
+            )
     models["full"] = (full.model, full.spec, full.tokenizer)
     report("load", len(sources), len(sources))
     tokenizer = require_tokenizer(
@@ -421,6 +457,7 @@ def evaluate_tasks(
             "original": original,
             "ratios": None if mode == "static" else list(ratios or (0.5,)),
             "budgets": None if mode == "static" else list(budgets or ("uniform",)),
+            "experts": experts,
             "limit": limit,
             "num_fewshot": num_fewshot,
             "batch_size": batch_size,
@@ -440,6 +477,20 @@ def evaluate_tasks(
                 f"{result.check['max_abs_difference']:.3g}); please report it"
             )
     return result
+
+
+def _check_moe(mode: str, budgets: Sequence[str] | None, refresh: int, window: int | None) -> None:
+    """Refuse what ``class``/``gen`` on a mixture of experts do not take."""
+    if budgets and list(budgets) != ["uniform"]:
+        raise UsageError(
+            f"--budget {','.join(budgets)} is for dense models; a mixture of experts keeps one "
+            "width per kind of FF (one config field each): drop --budget"
+        )
+    if refresh or window is not None:
+        raise UsageError(
+            f"--refresh and --window re-choose neurons of dense FF layers; --mode {mode} on a "
+            "mixture of experts chooses once, from the prompt: drop them"
+        )
 
 
 def _check_options(
