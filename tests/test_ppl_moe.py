@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from griffin_cli.main import app
 from griffin_export import export, spec_for
+from griffin_export.core.architectures import MOE_ARCHITECTURES
 from griffin_export.core.compensation import Compensation
 from griffin_export.core.moe_selection import plan_moe_sizes, prune_moe_model, select_moe
 from griffin_export.errors import UsageError
@@ -274,3 +275,25 @@ def test_cli_ppl_experts(tmp_path: Path) -> None:
     refused = CliRunner().invoke(app, [*args, "--refresh", "8"])
     assert refused.exit_code == 2
     assert "--refresh" in refused.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(MOE_ARCHITECTURES))
+def test_every_moe_family_equals_choosing_slicing_and_continuing(model_type: str) -> None:
+    """The griffin protocol (experts 0.5, ratio 0.5, refit) on every MoE family's tiny model
+    (tests/tiny_moe.py; skipped until it exists) equals the plain recomputation of its
+    window. Catches a family whose FF output the hook cannot splice (gpt-oss returns a tuple),
+    whose router keeps state the sliced copy does not (group routing, selection biases), or
+    whose shared expert or dense layer the copy leaves full. DeepSeek's MLA runs with as many
+    key/value heads as heads: transformers' cache continuation fails otherwise."""
+    tiny_moe = pytest.importorskip("tiny_moe")
+    heads = {"num_key_value_heads": 4} if model_type.startswith("deepseek") else {}
+    model = tiny_moe.tiny_moe_model(model_type, initializer_range=0.3, **heads)
+    spec = spec_for(model_type)
+    ws = make_windows(random_ids(L, seed=3), L, min_score_from=P)
+    sizes = plan_moe_sizes(spec, model, 0.5, 0.5)
+    setting = Setting("g", "griffin", compensate="refit", alpha=0.7, moe=sizes)
+    report = evaluate([(model, spec, setting)], ws, dataset="t", protocol="griffin", prompt_len=P)
+    expected = recomputed_nll(model, model_type, ws[0].ids, "refit")
+    assert report.rows[0].nll == pytest.approx(expected, rel=1e-6)
+    assert abs(expected - full_nll(model, ws[0].ids, P)) > 1e-3 * expected
