@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_moe import save_tiny_moe as tiny_moe_files
+from tiny_moe import tiny_moe_config, tiny_moe_model
 from typer.testing import CliRunner
 
 from griffin_cli.main import app
@@ -24,52 +26,22 @@ from griffin_export.errors import UsageError
 from griffin_export.evaluation.ppl import evaluate, moe_griffin_settings, perplexity
 from griffin_export.evaluation.protocols import Setting, make_windows
 
-from tiny import VOCAB, char_tokenizer, random_ids
+from tiny import char_tokenizer, random_ids
 
 L, P = 64, 40
 
-#: tiny mixtures of experts: mixtral (every layer routed), qwen2_moe with a dense layer 0
-#: (``mlp_only_layers``) and a gated shared expert beside the routed ones
-MOE_CONFIGS: dict[str, dict[str, Any]] = {
-    "mixtral": dict(intermediate_size=16, num_local_experts=8),
-    "qwen2_moe": dict(
-        intermediate_size=24,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=16,
-        num_experts=8,
-        mlp_only_layers=[0],
-    ),
-}
-MOE_TYPES = sorted(MOE_CONFIGS)
+#: mixtral (every layer routed) and qwen2_moe (a dense layer 0, a gated shared expert)
+MOE_TYPES = ["mixtral", "qwen2_moe"]
+#: weights large enough that dropping experts moves the loss of the tiny models
+INIT = 0.3
 
 
-def tiny_moe(model_type: str, seed: int = 0) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        model_type,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts_per_tok=2,
-        vocab_size=VOCAB,
-        initializer_range=0.3,  # large enough weights that dropping experts moves the loss
-        **MOE_CONFIGS[model_type],
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # no norm weight left at exactly 1
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
+def tiny_moe(model_type: str) -> Any:
+    return tiny_moe_model(model_type, initializer_range=INIT)
 
 
 def save_tiny_moe(model_type: str, directory: Path) -> Path:
-    tiny_moe(model_type).save_pretrained(directory)
-    char_tokenizer().save_pretrained(directory)
-    return directory
+    return tiny_moe_files(model_type, directory, initializer_range=INIT)
 
 
 def nll_of(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -277,18 +249,26 @@ def test_cli_ppl_experts(tmp_path: Path) -> None:
     assert "--refresh" in refused.output
 
 
+#: families whose full model gives a cached continuation other logits than one forward
+#: (transformers' DeepSeek sparse-attention indexer: up to 6.6 apart on the tiny models), so
+#: the cache-continuation oracle does not apply to them
+CACHE_INCONSISTENT = {"axk2", "deepseek_v32", "glm_moe_dsa"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(MOE_ARCHITECTURES))
 def test_every_moe_family_equals_choosing_slicing_and_continuing(model_type: str) -> None:
     """The griffin protocol (experts 0.5, ratio 0.5, refit) on every MoE family's tiny model
-    (tests/tiny_moe.py; skipped until it exists) equals the plain recomputation of its
-    window. Catches a family whose FF output the hook cannot splice (gpt-oss returns a tuple),
-    whose router keeps state the sliced copy does not (group routing, selection biases), or
-    whose shared expert or dense layer the copy leaves full. DeepSeek's MLA runs with as many
-    key/value heads as heads: transformers' cache continuation fails otherwise."""
-    tiny_moe = pytest.importorskip("tiny_moe")
-    heads = {"num_key_value_heads": 4} if model_type.startswith("deepseek") else {}
-    model = tiny_moe.tiny_moe_model(model_type, initializer_range=0.3, **heads)
+    (tests/tiny_moe.py) equals the plain recomputation of its window. Catches a family whose
+    FF output the hook cannot splice (gpt-oss returns a tuple), whose router keeps state the
+    sliced copy does not (group routing, selection biases), or whose shared expert or dense
+    layer the copy leaves full. Multi-head latent attention runs with as many key/value heads
+    as heads: transformers' cache continuation of it fails otherwise."""
+    if model_type in CACHE_INCONSISTENT:
+        pytest.skip("the full model's cached continuation differs from one forward")
+    mla = hasattr(tiny_moe_config(model_type), "kv_lora_rank")
+    heads = {"num_key_value_heads": 4} if mla else {}
+    model = tiny_moe_model(model_type, initializer_range=INIT, **heads)
     spec = spec_for(model_type)
     ws = make_windows(random_ids(L, seed=3), L, min_score_from=P)
     sizes = plan_moe_sizes(spec, model, 0.5, 0.5)
@@ -296,4 +276,4 @@ def test_every_moe_family_equals_choosing_slicing_and_continuing(model_type: str
     report = evaluate([(model, spec, setting)], ws, dataset="t", protocol="griffin", prompt_len=P)
     expected = recomputed_nll(model, model_type, ws[0].ids, "refit")
     assert report.rows[0].nll == pytest.approx(expected, rel=1e-6)
-    assert abs(expected - full_nll(model, ws[0].ids, P)) > 1e-3 * expected
+    assert abs(expected - full_nll(model, ws[0].ids, P)) > 1e-4 * expected
