@@ -125,3 +125,28 @@ def test_options_moe_modes_do_not_take_are_refused(moe_dir: Path, tasks_dir: Pat
         _run(str(moe_dir), tasks_dir, mode="class", budgets=["protect"])
     with pytest.raises(UsageError, match="--experts"):
         _run(str(moe_dir), tasks_dir, mode="class", experts=1.5)
+
+
+def test_static_mode_on_an_moe_export_scores_the_export(
+    moe_dir: Path, tasks_dir: Path, tmp_path: Path
+) -> None:
+    """--mode static on an MoE export: its column's log-likelihoods are the export's as stock
+    ``from_pretrained`` loads it, the full column the original's. Catches an export opened
+    with the original's full experts (the dense path's tensor sharing) or with per-layer
+    widths read as a non-uniform dense budget (a dense layer 0 beside routed experts)."""
+    from griffin_export import export
+
+    out = tmp_path / "out"
+    export(str(moe_dir), ["the sea comes back as rain " * 3], 0.5, experts=0.5, out=out)
+    report = _run(str(out), tasks_dir, mode="static", limit=1)
+    exported, full, tok = _load(out), _load(moe_dir), char_tokenizer()
+    for row in report.sample_rows():
+        context, continuation = row["arguments"]
+        ids = tok.encode(context + continuation)
+        n_cont = len(tok.encode(continuation))
+        inp = torch.tensor(ids[:-1])[None]
+        with torch.no_grad():
+            mine = _continuation_loglik(exported(input_ids=inp).logits[0], ids, n_cont)
+            theirs = _continuation_loglik(full(input_ids=inp).logits[0], ids, n_cont)
+        assert row["responses"]["out"][0] == pytest.approx(mine, abs=1e-4)
+        assert row["responses"]["full"][0] == pytest.approx(theirs, abs=1e-4)

@@ -123,21 +123,6 @@ def test_all_experts_all_neurons_equal_the_full_model(model_type: str, method: s
     assert report.rows[1].nll == pytest.approx(report.rows[0].nll, rel=1e-6)
 
 
-@pytest.fixture
-def unverified(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Opens MoE exports without ``verify``'s file checks, which do not know the MoE export
-    layout yet (another branch teaches them); the manifest is still read and checked."""
-    from griffin_export.evaluation import ppl
-    from griffin_export.formats import exports
-    from griffin_export.formats.manifest import read_manifest
-
-    def manifest_only(directory: Any, **_: Any) -> Any:
-        return read_manifest(directory).to_dict()
-
-    monkeypatch.setattr(exports, "check_export_files", manifest_only)
-    monkeypatch.setattr(ppl, "check_export_files", manifest_only)
-
-
 def corpus_file(tmp_path: Path, n: int) -> Path:
     text = (
         "Rivers run to the sea; the sea comes back as rain over the hills, and the hills "
@@ -155,9 +140,7 @@ def window_ids(path: Path, n_windows: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
-def test_static_on_an_moe_export_equals_its_own_loss(
-    model_type: str, tmp_path: Path, unverified: None
-) -> None:
+def test_static_on_an_moe_export_equals_its_own_loss(model_type: str, tmp_path: Path) -> None:
     """``--protocol static`` on an MoE export: the export's row is the loss of the export as
     stock ``from_pretrained`` loads it, the full row the original's, on the same windows.
     Catches an export row computed with the original's FF tensors (the shared-tensor load
@@ -179,7 +162,7 @@ def test_static_on_an_moe_export_equals_its_own_loss(
     assert rows["out"] != pytest.approx(rows["full"], rel=1e-3)
 
 
-def test_griffin_on_an_moe_export_replays_its_recipe(tmp_path: Path, unverified: None) -> None:
+def test_griffin_on_an_moe_export_replays_its_recipe(tmp_path: Path) -> None:
     """``--protocol griffin`` on an MoE export runs the manifest's kept sizes and refit on its
     original: the same losses as the full model with the export's ratio and experts. Catches
     a replay that ignores the manifest's sizes or compensation."""
