@@ -59,7 +59,8 @@ def test_class_mode_equals_the_context_choosing_and_a_pruned_last_position(
     model on all positions but the last, and, at the last, a copy pruned to what those
     positions choose (refitted there with ``refit``) continuing the full model's cache.
     Catches choosing from the scored position too, pruning the context's positions, and the
-    refit (or --experts) dropped on the way from the command to the hooks."""
+    refit (or --experts) dropped on the way from the command to the hooks; --check (every
+    expert and neuron kept) equals the full column bit for bit."""
     report = _run(
         str(moe_dir),
         tasks_dir,
@@ -69,9 +70,11 @@ def test_class_mode_equals_the_context_choosing_and_a_pruned_last_position(
         limit=1,
         compensate=method,
         alpha=0.5,
+        check=True,
     )
     name = "class r=0.5 experts=0.5" + ("" if method == "none" else f" {method}")
-    assert [s.name for s in report.settings] == ["full", name]
+    assert [s.name for s in report.settings] == ["full", name, "check r=1"]
+    assert report.check is not None and report.check["equal"]
     model, tok = _load(moe_dir), char_tokenizer()
     differs = False
     for row in report.sample_rows():

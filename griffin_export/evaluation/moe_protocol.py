@@ -9,7 +9,9 @@ of the decoder block (:func:`shallow_copy`: every tensor shared, slicing replace
 tensors and leaves the model's alone), with the refitted down columns written into the
 copy's sliced tensors. A forward hook on every layer's FF module (the sparse MoE block,
 shared expert included, or a dense layer's MLP) replaces its output at positions
-``>= start`` by that pruned module's output on the same inputs: the removed experts are out
+``>= start`` by that pruned module's output on the same inputs (it runs on all of the row's
+positions, as the full module did, so that with nothing removed it equals the full module bit
+for bit, and ``--check`` holds; outputs before ``start`` are dropped): the removed experts are out
 of the routing because the copy's router rows are sliced, as in the export, and the dropped
 neurons are gone from the copy's experts. Positions ``< start`` keep the full model's output,
 so attention there (keys and values) is the full model's: the protocol's "the first P tokens
@@ -259,7 +261,10 @@ class PrunedPositions:
         out = out.clone()
         for row in range(hidden.shape[0]):
             pruned = self._pruned(row, layer)
-            part = pruned(hidden[row : row + 1, self.start :].contiguous(), *args[1:], **rest)
+            # every position of the row goes through the pruned layer, as through the full
+            # one: the experts then see the same token groups, so a pruned layer that keeps
+            # everything computes the full layer's output bit for bit (--check)
+            part = pruned(hidden[row : row + 1], *args[1:], **rest)
             part = part[0] if isinstance(part, tuple) else part
-            out[row, self.start :] = part[0]
+            out[row, self.start :] = part[0, self.start :]
         return (out, *output[1:]) if isinstance(output, tuple) else out
