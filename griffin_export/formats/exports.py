@@ -52,8 +52,7 @@ def open_export(export_dir: str | Path, device: str = "cpu") -> OpenedExport:
 def _load_export(directory: Path, manifest: dict[str, Any], device: str) -> OpenedExport:
     source = SourceRef(str(directory), "directory", directory, str(directory))
     dtype = parse_dtype(manifest.get("dtype"))
-    uniform = len(set(manifest["k_per_layer"])) == 1 or manifest.get("moe") is not None
-    if uniform and manifest.get("checkpoint_format") != "decilm":
+    if len(set(manifest["k_per_layer"])) == 1 and manifest.get("checkpoint_format") != "decilm":
         loaded = load_model(source, dtype, device)
     else:
         model_type = manifest["source"]["model_type"]
