@@ -18,6 +18,7 @@ from torch import Tensor
 from griffin_export._version import __version__
 from griffin_export.build.prompts import tokenize_prompts
 from griffin_export.build.streaming import load_streamed, plan_sizes, select_and_write
+from griffin_export.build.streaming_moe import plan_moe_bytes, select_and_write_moe
 from griffin_export.core.architectures import spec_for
 from griffin_export.core.budgets import DEFAULT_BUDGET, check_budget, layer_sizes
 from griffin_export.core.compensation import DEFAULT_METHOD, Compensation, default_alpha
@@ -253,8 +254,6 @@ def export(
     report("load", 0, 1)
     if streaming:
         model_type, spec = check_source(source, allow_pickle)
-    if streaming and spec.moe is not None:
-        streaming = False  # mixtures of experts export in memory
     if streaming:
         tokenizer = load_tokenizer(source)
         loaded = load_streamed(source, spec, model_type, torch_dtype, device, tokenizer).loaded
@@ -337,7 +336,10 @@ def export(
         # Scoring and writing are one pass: each block is sliced and written as soon as its
         # experts are known (griffin_export.build.streaming).
         params_before, bytes_before = plan_sizes(streamed, None, d_ff)
-        params_after, bytes_after = plan_sizes(streamed, ks, d_ff)
+        if moe_sizes is None:
+            params_after, bytes_after = plan_sizes(streamed, ks, d_ff)
+        else:
+            params_after, bytes_after = plan_moe_bytes(streamed, moe_sizes)
         write_total = len(ks)
 
         def layer_done(layer: int) -> None:  # scored, then sliced and handed to the writer
@@ -345,15 +347,27 @@ def export(
             report("write", layer + 1, write_total)
 
         def write_weights(directory: Path) -> tuple[Selection | MoeSelection, Manifest]:
-            done = select_and_write(
-                streamed,
-                ids,
-                ks,
-                directory,
-                shard_bytes,
-                on_layer=layer_done,
-                compensation=how,
-            )
+            if moe_sizes is not None:
+                done = select_and_write_moe(
+                    streamed,
+                    ids,
+                    moe_sizes,
+                    directory,
+                    shard_bytes,
+                    on_layer=layer_done,
+                    compensation=how,
+                    expert_score=expert_score,
+                )
+            else:
+                done = select_and_write(
+                    streamed,
+                    ids,
+                    ks,
+                    directory,
+                    shard_bytes,
+                    on_layer=layer_done,
+                    compensation=how,
+                )
             manifest = describe(done.selection, done.fingerprint)
             manifest.files = dict(done.sha256)
             return done.selection, manifest

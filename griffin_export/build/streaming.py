@@ -45,6 +45,8 @@ from torch import Tensor, nn
 from griffin_export.core.activations import run_layer_major
 from griffin_export.core.architectures import ArchSpec
 from griffin_export.core.compensation import Compensation, Refit, Regression, apply_stored
+from griffin_export.core.moe import experts_of, is_moe_layer
+from griffin_export.core.moe_selection import MoeSelection
 from griffin_export.core.scoring import check_sizes
 from griffin_export.core.selection import LayerSelector, Selection
 from griffin_export.core.slicing import slice_bias, slice_weight
@@ -119,8 +121,11 @@ def load_streamed(
             model.generation_config = generation
 
         _init_buffers(model, target)
-        checkpoint_key = _checkpoint_keys(model)
-        plan = _plan(model, checkpoint_key)
+        experts = routed_expert_names(spec, model)
+        checkpoint_key = _checkpoint_keys(model, skip=experts)
+        # A mixture of experts' routed experts are stored per expert by most families
+        # (transformers fuses them when loading): the plan names the keys on disk.
+        plan = reverted_plan(model) if experts else _plan(model, checkpoint_key)
         block_prefix = spec.layers + "."
         # The non-block tensors the forward needs stay in memory for the whole run. An untied
         # output head is not needed (the forward stops before it): it is read when written.
@@ -158,7 +163,7 @@ def load_streamed(
         loaded = LoadedModel(model, tokenizer, spec, model_type, source, warnings=warnings)
         streamed = StreamedModel(loaded, reader, checkpoint_key, plan, target, mapped=mapped)
         loaded.streamed = streamed
-        for layer in range(len(blocks)):
+        for layer in range(len(blocks) if spec.moe is None else 0):
             for role in spec.roles():
                 for kind in ("weight", "bias"):
                     key = spec.param_name(layer, role, kind)
@@ -238,12 +243,47 @@ def _init_buffers(model: Any, device: torch.device) -> None:
     model.initialize_weights()
 
 
-def _checkpoint_keys(model: Any) -> dict[str, str]:
+def routed_expert_names(spec: ArchSpec, model: Any) -> frozenset[str]:
+    """Internal names of the routed experts' tensors of a mixture of experts (``transformers``
+    fuses them from per-expert checkpoint tensors; :mod:`griffin_export.build.streaming_moe`
+    reads them), empty for a dense model."""
+    if spec.moe is None:
+        return frozenset()
+    names: set[str] = set()
+    for layer, block in enumerate(spec.blocks(model)):
+        if is_moe_layer(spec, block):
+            prefix = f"{spec.layers}.{layer}.{block_path(block, experts_of(spec, block))}."
+            names.update(prefix + name for name, *_ in _tensors(experts_of(spec, block)))
+    return frozenset(names)
+
+
+def block_path(block: nn.Module, module: nn.Module) -> str:
+    """Dotted path of ``module`` inside ``block``."""
+    return next(name for name, sub in block.named_modules() if sub is module)
+
+
+def reverted_plan(model: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The keys ``save_pretrained`` writes for ``model``, in its order (tied weights once,
+    ``transformers``' conversions reverted: per-expert tensors of a mixture of experts), with
+    shapes and dtypes. Nothing is read or allocated (meta tensors)."""
+    from transformers.modeling_utils import (
+        remove_tied_weights_from_state_dict,
+        revert_weight_conversion,
+    )
+
+    state = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
+    marked = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in state.items()}
+    reverted = revert_weight_conversion(model, marked)
+    return {key: (tuple(t.shape), t.dtype) for key, t in reverted.items()}
+
+
+def _checkpoint_keys(model: Any, skip: frozenset[str] = frozenset()) -> dict[str, str]:
     """Internal state-dict name -> checkpoint key (``transformers``' own renames reverted,
-    e.g. GPT-NeoX's ``embed_out``)."""
+    e.g. GPT-NeoX's ``embed_out``); the names in ``skip`` (routed experts, converted by
+    :mod:`~griffin_export.build.streaming_moe`) are left out of the reverting."""
     from transformers.modeling_utils import revert_weight_conversion
 
-    internal = {name: tensor for name, _, _, tensor in _tensors(model)}
+    internal = {name: tensor for name, _, _, tensor in _tensors(model) if name not in skip}
     marked = {name: torch.empty(0, device="meta") for name in internal}
     ids = {id(t): name for name, t in marked.items()}
     reverted = revert_weight_conversion(model, dict(marked))
@@ -256,6 +296,8 @@ def _checkpoint_keys(model: Any) -> dict[str, str]:
             )
         mapping[name] = key
     for name in internal:
+        mapping.setdefault(name, name)
+    for name in skip:
         mapping.setdefault(name, name)
     return mapping
 
@@ -297,19 +339,27 @@ def output_shape(
 class StreamResult:
     """What :func:`select_and_write` produced."""
 
-    selection: Selection
+    selection: Selection | MoeSelection
     fingerprint: str
     sha256: dict[str, str]  # weight shard file name -> sha256, hashed as written
 
 
 @contextmanager
-def _blocks_from_source(
-    streamed: StreamedModel, passes: int = 1
+def blocks_from_source(
+    streamed: StreamedModel,
+    passes: int = 1,
+    lazy: frozenset[str] = frozenset(),
+    started: Callable[[int], None] | None = None,
+    finished: Callable[[int], None] | None = None,
 ) -> Iterator[dict[int, list[tuple[str, Tensor]]]]:
     """While active, every decoder block loads its tensors from the source just before it
     first runs and drops them after it has run ``passes`` times (once per prompt: the
     prompts pass each block one after the other, layer-major). Yields ``{layer: [(checkpoint
     key, tensor)]}`` of the blocks currently loaded.
+
+    Tensors named in ``lazy`` (internal names: a mixture of experts' routed experts) are not
+    read: they start as zeros, for the caller to fill as needed. ``started(layer)`` is called
+    once a block is loaded, ``finished(layer)`` after its last run, before it is dropped.
 
     While block ``l`` computes, a background thread reads block ``l + 1`` (file reads
     release the GIL) and the kernel is asked to fetch block ``l + 2`` from disk
@@ -332,7 +382,12 @@ def _blocks_from_source(
         ]
 
     def read(places: list[tuple[nn.Module, str, Tensor, str]]) -> list[Tensor]:
-        return [_read_as(streamed.reader, key, meta, streamed.device) for *_, meta, key in places]
+        return [
+            torch.zeros(meta.shape, dtype=meta.dtype, device=streamed.device)
+            if key in lazy
+            else _read_as(streamed.reader, key, meta, streamed.device)
+            for *_, meta, key in places
+        ]
 
     def release(layer: int) -> None:
         for owner, attr, meta in placeholders.pop(layer, []):
@@ -351,15 +406,19 @@ def _blocks_from_source(
         if layer + 1 < len(blocks):
             ahead[layer + 1] = reads.submit(read, slots(layer + 1))
         if layer + 2 < len(blocks):
-            streamed.reader.read_ahead([key for *_, key in slots(layer + 2)])
+            streamed.reader.read_ahead([key for *_, key in slots(layer + 2) if key not in lazy])
         for (owner, attr, _, _), value in zip(places, values, strict=True):
             _assign(owner, attr, value)
         placeholders[layer] = [(owner, attr, meta) for owner, attr, meta, _ in places]
         live[layer] = [(key, value) for (*_, key), value in zip(places, values, strict=True)]
+        if started is not None:
+            started(layer)
 
     def ran(_module: nn.Module, _args: Any, _output: Any, layer: int) -> None:
         runs[layer] += 1
         if runs[layer] >= passes:
+            if finished is not None:
+                finished(layer)
             release(layer)
 
     for layer, block in enumerate(blocks):
@@ -458,23 +517,11 @@ def select_and_write(
     ]
     buffers = {streamed.checkpoint_key[n] for n, o, a, _ in _tensors(model) if a in o._buffers}
     params = sum(math.prod(shape) for key, shape, _ in entries if key not in buffers)
-    block_keys = {key for key in streamed.plan if key.startswith(spec.layers + ".")}
-    inverse = {key: name for name, key in streamed.checkpoint_key.items()}
-    deferred: list[str] = []  # still on meta (an untied head): read from the source at the end
     samples: dict[str, tuple[tuple[int, ...], Tensor]] = {}
     writer = ShardWriter(directory, entries, max_shard_size, params)
     try:
-        # Non-block tensors: already in memory; the writer holds them until their turn.
-        for key in streamed.plan:
-            if key not in block_keys:
-                value = model.get_parameter_or_buffer(inverse[key])
-                if value.device.type == "meta":
-                    deferred.append(key)
-                elif key in streamed.mapped:  # written from the source: the map stays untouched
-                    writer.put_lazy(key, _from_source(streamed.reader, key, value))
-                else:
-                    writer.put(key, value)
-        with _blocks_from_source(streamed, passes=len(prompts)) as live:
+        deferred = put_non_block(streamed, writer)
+        with blocks_from_source(streamed, passes=len(prompts)) as live:
 
             def chosen(layer: int, keep: Tensor, regression: Regression | None) -> None:
                 refit = None
@@ -493,9 +540,7 @@ def select_and_write(
 
             selector = LayerSelector(ks, len(prompts), model.dtype, chosen, compensation)
             tokens = run_layer_major(spec, model, prompts, selector.add, streamed.device, on_prompt)
-        for key in deferred:
-            like = model.get_parameter_or_buffer(inverse[key])
-            writer.put_lazy(key, _from_source(streamed.reader, key, like))
+        deferred()
         writer.close()
     finally:
         writer.abort()
@@ -505,6 +550,33 @@ def select_and_write(
         (key, shape, parts) for key, (shape, parts) in samples.items()
     )
     return StreamResult(selector.selection(d_ff, tokens), fingerprint, dict(writer.sha256))
+
+
+def put_non_block(streamed: StreamedModel, writer: ShardWriter) -> Callable[[], None]:
+    """Hand the writer every tensor outside the decoder blocks that is in memory (the writer
+    holds them until their turn); returns what puts the rest (still on ``meta``: an untied
+    head, read from the source), to call after the blocks."""
+    model = streamed.model
+    block_prefix = streamed.spec.layers + "."
+    inverse = {key: name for name, key in streamed.checkpoint_key.items()}
+    deferred: list[str] = []
+    for key in streamed.plan:
+        if key.startswith(block_prefix):
+            continue
+        value = model.get_parameter_or_buffer(inverse[key])
+        if value.device.type == "meta":
+            deferred.append(key)
+        elif key in streamed.mapped:  # written from the source: the map stays untouched
+            writer.put_lazy(key, _from_source(streamed.reader, key, value))
+        else:
+            writer.put(key, value)
+
+    def put_deferred() -> None:
+        for key in deferred:
+            like = model.get_parameter_or_buffer(inverse[key])
+            writer.put_lazy(key, _from_source(streamed.reader, key, like))
+
+    return put_deferred
 
 
 def _from_source(

@@ -108,17 +108,24 @@ def identity_tensors(spec: ArchSpec, model: nn.Module) -> Iterator[tuple[str, Te
     """``(checkpoint key, tensor)`` of what identifies an MoE model cheaply: every MoE
     layer's router weight, the shared experts' and dense layers' FF tensors. These keys are
     the same in memory and on disk (transformers fuses only the routed experts' tensors)."""
-    moe = moe_spec(spec)
-    dense, shared = dense_spec(spec), shared_spec(spec)
     for layer, block in enumerate(spec.blocks(model)):
-        if not is_moe_layer(spec, block):
-            yield from ff_block_tensors(dense, layer, block)
-            continue
-        name = moe.router_tensors[0][0]
-        key = ".".join(p for p in (spec.layers, str(layer), moe.block, moe.router, name) if p)
-        yield key, router_weight(spec, block)
-        if shared is not None and shared_present(spec, block):
-            yield from ff_block_tensors(shared, layer, block)
+        yield from layer_identity_tensors(spec, layer, block)
+
+
+def layer_identity_tensors(
+    spec: ArchSpec, layer: int, block: nn.Module
+) -> Iterator[tuple[str, Tensor]]:
+    """:func:`identity_tensors` of decoder block ``layer`` alone."""
+    moe = moe_spec(spec)
+    if not is_moe_layer(spec, block):
+        yield from ff_block_tensors(dense_spec(spec), layer, block)
+        return
+    name = moe.router_tensors[0][0]
+    key = ".".join(p for p in (spec.layers, str(layer), moe.block, moe.router, name) if p)
+    yield key, router_weight(spec, block)
+    shared = shared_spec(spec)
+    if shared is not None and shared_present(spec, block):
+        yield from ff_block_tensors(shared, layer, block)
 
 
 def ff_block_tensors(spec: ArchSpec, layer: int, block: nn.Module) -> Iterator[tuple[str, Tensor]]:

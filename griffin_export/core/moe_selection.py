@@ -341,7 +341,10 @@ class MoeLayerSelector:
     """Layer-major statistics of an MoE model: :meth:`add` takes one prompt's FF inputs of
     one layer; when a layer has seen every prompt its experts and neurons are chosen,
     ``on_layer(layer, choice, refits)`` is called, and its statistics are dropped.
-    ``refits`` maps a kept expert (its original index) to its refitted down columns."""
+    ``refits`` maps a kept expert (its original index) to its refitted down columns.
+    ``load_experts(layer, kept)``, if given, is called once the kept experts are known and
+    before their neurons are chosen (the streaming export reads the kept experts no prompt
+    token was routed to there: their neurons rank by weight norms)."""
 
     def __init__(
         self,
@@ -352,8 +355,10 @@ class MoeLayerSelector:
         on_layer: Callable[[int, LayerChoice, dict[int, Refit], Refit | None], None],
         compensation: Compensation | None = None,
         expert_score: str = DEFAULT_EXPERT_SCORE,
+        load_experts: Callable[[int, list[int]], None] | None = None,
     ) -> None:
         self.spec, self.model, self.sizes = spec, model, sizes
+        self.load_experts = load_experts
         self.blocks = spec.blocks(model)
         self.prompts = prompts
         self.on_layer = on_layer
@@ -431,6 +436,8 @@ class MoeLayerSelector:
         kept, filled = choose_routed(
             score, stats.prob, stats.counts > 0, sizes.experts, self.groups
         )
+        if self.load_experts is not None:
+            self.load_experts(layer, kept.tolist())
         neurons = []
         refits: dict[int, Refit] = {}
         layout = ExpertsLayout.of(experts)
@@ -465,6 +472,16 @@ class MoeLayerSelector:
         self.layers[layer] = choice
         del stats
         self.on_layer(layer, choice, refits, shared_refit)
+
+    def selection(self, tokens: int) -> MoeSelection:
+        """Every layer's choice, once the prompts (``tokens`` in all) have passed them all."""
+        # made in inference mode (the hooks): plain tensors from here on
+        layers = [_plain(choice) for choice in self.layers if choice is not None]
+        if len(layers) != len(self.blocks):
+            raise UsageError("not every layer saw the prompts; run_layer_major stopped early")
+        return MoeSelection(
+            layers=layers, sizes=self.sizes, tokens=tokens, expert_score=self.expert_score
+        )
 
 
 def plan_moe_sizes(
@@ -505,6 +522,13 @@ def plan_moe_sizes(
     return sizes
 
 
+def check_expert_score(expert_score: str) -> None:
+    if expert_score not in EXPERT_SCORES:
+        raise UsageError(
+            f"expert score '{expert_score}' is not known; use one of {', '.join(EXPERT_SCORES)}"
+        )
+
+
 def select_moe(
     spec: ArchSpec,
     model: nn.Module,
@@ -525,10 +549,7 @@ def select_moe(
     as it was: ``on_refit(layer, refits, other)`` gets each layer's refits instead (per kept
     expert's original index, and the dense layer's or shared expert's), for
     :func:`write_moe_refit` to write elsewhere."""
-    if expert_score not in EXPERT_SCORES:
-        raise UsageError(
-            f"expert score '{expert_score}' is not known; use one of {', '.join(EXPERT_SCORES)}"
-        )
+    check_expert_score(expert_score)
     ids = [p for p in prompts if p.numel()]
     if not ids:
         raise UsageError("the prompt has no tokens; pass a non-empty --prompt or --prompt-text")
@@ -565,11 +586,7 @@ def select_moe(
             handle.remove()
     for layer in list(pending):
         _write(layer)
-    # made in inference mode (the hooks): plain tensors from here on
-    layers = [_plain(choice) for choice in selector.layers if choice is not None]
-    if len(layers) != len(blocks):
-        raise UsageError("not every layer saw the prompts; run_layer_major stopped early")
-    return MoeSelection(layers=layers, sizes=sizes, tokens=tokens, expert_score=expert_score)
+    return selector.selection(tokens)
 
 
 def _plain(choice: LayerChoice) -> LayerChoice:
