@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_streaming import COPY, run_all
+from bench_streaming import copy_streaming_in_memory, emit, run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,18 +92,7 @@ def main() -> None:
         "0.5",
         "--force",
     ]
-    runs = {
-        "copy (read once, write once)": (
-            [sys.executable, "-c", COPY, str(source), str(args.work / "copy")],
-            args.work / "copy",
-        ),
-        "griffin export (streaming)": ([*common, "--out", str(args.work / "s")], args.work / "s"),
-        "griffin export --in-memory": (
-            [*common, "--in-memory", "--out", str(args.work / "m")],
-            args.work / "m",
-        ),
-    }
-    seen = run_all(runs, args.reps)
+    seen = run_all(copy_streaming_in_memory(source, common, args.work), args.reps)
     rows = {
         name: (statistics.median(s for s, _ in v), max(r for _, r in v)) for name, v in seen.items()
     }
@@ -122,11 +111,7 @@ def main() -> None:
             f"| {name} | {seconds:.2f} | {', '.join(f'{t:.2f}' for t, _ in seen[name])} | "
             f"{rss / 2**20:.0f} MiB | {rss / size:.0%} |"
         )
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        with args.out.open("a", encoding="utf-8") as handle:
-            handle.write(report + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

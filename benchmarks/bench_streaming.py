@@ -144,24 +144,39 @@ def run_all(
     return seen
 
 
+def copy_streaming_in_memory(
+    source: Path, export: list[str], work: Path
+) -> dict[str, tuple[list[str], Path]]:
+    """The three runs compared (for :func:`run_all`): a copy of ``source``'s shards, the
+    ``export`` command (streaming) and the same with ``--in-memory``, each into ``work``."""
+    return {
+        "copy (read once, write once)": (
+            [sys.executable, "-c", COPY, str(source), str(work / "copy")],
+            work / "copy",
+        ),
+        "griffin export (streaming)": ([*export, "--out", str(work / "s")], work / "s"),
+        "griffin export --in-memory": (
+            [*export, "--in-memory", "--out", str(work / "m")],
+            work / "m",
+        ),
+    }
+
+
+def emit(report: str, out: Path | None) -> None:
+    """Print ``report``, and append it to ``out`` if given."""
+    print(report)
+    if out:
+        with out.open("a", encoding="utf-8") as handle:
+            handle.write(report + "\n")
+
+
 def speed(args: argparse.Namespace, griffin: list[str], prompt: Path) -> str:
     """The copy / streaming / in-memory comparison (Markdown)."""
     source = args.work / "synthetic-llama"
     size = build(source)
     export = [*griffin, "--model", str(source), "--prompt", str(prompt)]
     common = [*export, "--max-prompt-tokens", "512", "--ratio", "0.5", "--force"]
-    runs = {
-        "copy (read once, write once)": (
-            [sys.executable, "-c", COPY, str(source), str(args.work / "copy")],
-            args.work / "copy",
-        ),
-        "griffin export (streaming)": ([*common, "--out", str(args.work / "s")], args.work / "s"),
-        "griffin export --in-memory": (
-            [*common, "--in-memory", "--out", str(args.work / "m")],
-            args.work / "m",
-        ),
-    }
-    seen = run_all(runs, args.reps)
+    seen = run_all(copy_streaming_in_memory(source, common, args.work), args.reps)
     rows = {
         name: (statistics.median(s for s, _ in v), max(r for _, r in v)) for name, v in seen.items()
     }
@@ -261,11 +276,7 @@ def main() -> None:
         parts.append(speed(args, griffin, prompt))
     if args.part in ("depth", "all"):
         parts.append(depth(args, griffin, text))
-    report = "\n\n".join(parts)
-    print(report)
-    if args.out:
-        with args.out.open("a", encoding="utf-8") as handle:
-            handle.write(report + "\n")
+    emit("\n\n".join(parts), args.out)
 
 
 if __name__ == "__main__":

@@ -18,23 +18,14 @@ from griffin_export.core.architectures import MOE_ARCHITECTURES
 from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST
 from griffin_export.storage.safetensors_io import SafetensorsReader
 
+from tiny import _COMMON as TINY_COMMON
 from tiny import char_tokenizer
 
 PROMPTS = ["Flocking neurons carry the activation. " * 3, "A second prompt, pooled with it."]
 
 #: set on every config class that has the field: hidden 32, routed experts 8 x width 16,
 #: top-2; block 0 dense (width 24) and one shared expert where the family has them
-_COMMON: dict[str, Any] = dict(
-    vocab_size=99,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=256,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
+_COMMON: dict[str, Any] = TINY_COMMON | dict(
     intermediate_size=24,
     moe_intermediate_size=16,
     num_experts=8,
