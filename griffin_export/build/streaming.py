@@ -25,7 +25,9 @@ layer's refit statistics, whatever the depth.
 
 Selection is the in-memory path's own (:class:`~griffin_export.core.selection.LayerSelector`:
 statistic, finite check, top-k, refit; ``slice_weight`` for the slices), so the result is
-bit-identical to it (``tests/test_streaming.py`` checks every architecture).
+bit-identical to it (``tests/test_streaming.py`` checks every architecture). Mixtures of
+experts stream through :mod:`griffin_export.build.streaming_moe`, which reads a block's routed
+experts only as the prompts reach them.
 """
 
 from __future__ import annotations

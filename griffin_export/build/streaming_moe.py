@@ -86,6 +86,10 @@ from griffin_export.storage.safetensors_io import SafetensorsReader, ShardWriter
 
 # -- where each expert's tensors lie on disk ------------------------------------------------------
 
+#: routed experts are read and converted at most this many bytes (of the model's dtype) at a
+#: time (at least one expert)
+READ_BYTES = 16 << 20
+
 
 @dataclass
 class ExpertTensor:
@@ -217,7 +221,30 @@ def moe_output_plan(
             )
         )
     prune_moe_model(spec, pruned, MoeSelection(layers, sizes, tokens=0))
-    return reverted_plan(pruned), int(pruned.num_parameters())
+    return _in_model_order(streamed, reverted_plan(pruned)), int(pruned.num_parameters())
+
+
+def _in_model_order(
+    streamed: StreamedModel, plan: dict[str, tuple[tuple[int, ...], torch.dtype]]
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``plan`` (``save_pretrained``'s key order, sorted by name: an untied ``lm_head`` first)
+    in the model's order: the tensors before the blocks, block by block, the ones after. The
+    writer writes in plan order and holds what arrives early, so this is the order tensors
+    arrive in (an untied head last); by name, every block would wait for the head."""
+    order = {name: i for i, (name, *_) in enumerate(_tensors(streamed.model))}
+    inverse = {key: name for name, key in streamed.checkpoint_key.items()}
+    prefix = streamed.spec.layers + "."
+    block_rank: dict[str, int] = {}
+    for name, rank in order.items():
+        if name.startswith(prefix):
+            block_rank.setdefault(name[len(prefix) :].split(".")[0], rank)
+
+    def rank(key: str) -> int:
+        if key.startswith(prefix):
+            return block_rank[key[len(prefix) :].split(".")[0]]
+        return order[inverse[key]]
+
+    return {key: plan[key] for key in sorted(plan, key=rank)}
 
 
 @torch.inference_mode()
@@ -262,10 +289,14 @@ def select_and_write_moe(
         if not new:
             return
         prefix = f"{spec.layers}.{layer}.{block_path(blocks[layer], experts)}."
-        index = torch.tensor(new, device=streamed.device)
         for name, _owner, _attr, tensor in _tensors(experts):
-            values = sources[prefix + name].read(reader, new, model, tensor)
-            tensor.index_copy_(0, index, values.to(tensor.dtype).to(streamed.device))
+            # a few experts at a time: the conversion's copies stay small beside the block
+            step = max(1, READ_BYTES // (tensor[0].numel() * tensor.element_size()))
+            for start in range(0, len(new), step):
+                part = new[start : start + step]
+                values = sources[prefix + name].read(reader, part, model, tensor)
+                index = torch.tensor(part, device=streamed.device)
+                tensor.index_copy_(0, index, values.to(tensor.dtype).to(streamed.device))
         have.update(new)
 
     def routed(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: int) -> None:
