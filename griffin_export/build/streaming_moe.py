@@ -235,9 +235,9 @@ def _in_model_order(
     inverse = {key: name for name, key in streamed.checkpoint_key.items()}
     prefix = streamed.spec.layers + "."
     block_rank: dict[str, int] = {}
-    for name, rank in order.items():
+    for name, position in order.items():
         if name.startswith(prefix):
-            block_rank.setdefault(name[len(prefix) :].split(".")[0], rank)
+            block_rank.setdefault(name[len(prefix) :].split(".")[0], position)
 
     def rank(key: str) -> int:
         if key.startswith(prefix):
