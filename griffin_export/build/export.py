@@ -17,9 +17,18 @@ from torch import Tensor
 
 from griffin_export._version import __version__
 from griffin_export.build.prompts import tokenize_prompts
-from griffin_export.build.streaming import load_streamed, plan_sizes, select_and_write
-from griffin_export.build.streaming_moe import plan_moe_bytes, select_and_write_moe
-from griffin_export.core.architectures import spec_for
+from griffin_export.build.streaming import (
+    NotStreamableError,
+    load_streamed,
+    plan_sizes,
+    select_and_write,
+)
+from griffin_export.build.streaming_moe import (
+    expert_tensors,
+    plan_moe_bytes,
+    select_and_write_moe,
+)
+from griffin_export.core.architectures import ArchSpec, spec_for
 from griffin_export.core.budgets import DEFAULT_BUDGET, check_budget, layer_sizes
 from griffin_export.core.compensation import DEFAULT_METHOD, Compensation, default_alpha
 from griffin_export.core.moe import has_down_bias
@@ -179,8 +188,10 @@ def export(
         dtype: ``None``/"auto" keeps the source's; else float32, bfloat16 or float16.
         max_prompt_tokens: truncate each prompt to this many tokens.
         force: replace an existing ``out`` (the old one survives until the new is complete).
-        streaming: hold one decoder block at a time (:mod:`griffin_export.build.streaming`);
-            ``None`` streams whenever the source is a safetensors directory. The output is
+        streaming: hold one decoder block at a time (:mod:`griffin_export.build.streaming`;
+            mixtures of experts: :mod:`~griffin_export.build.streaming_moe`); ``None`` streams
+            whenever the source is a safetensors directory whose conversions by
+            ``transformers`` the stream reproduces (else it loads in memory). The output is
             bit-identical either way.
         compensate: how the pruned layers are repaired
             (:data:`griffin_export.core.compensation.METHODS`): ``refit`` (default) refits the kept
@@ -249,15 +260,20 @@ def export(
     _check_out_dir(out_dir, source.directory, force)
     _check_format(checkpoint_format, source, budget, ratio, block or multiple)
 
+    auto = streaming is None
     if streaming is None:
         streaming = bool(list_shards(source.directory).files)
     report("load", 0, 1)
+    loaded: LoadedModel | None = None
     if streaming:
         model_type, spec = check_source(source, allow_pickle)
-    if streaming:
         tokenizer = load_tokenizer(source)
-        loaded = load_streamed(source, spec, model_type, torch_dtype, device, tokenizer).loaded
-    else:
+        try:
+            loaded = _load_streamed(source, spec, model_type, torch_dtype, device, tokenizer)
+        except NotStreamableError:
+            if not auto:
+                raise
+    if loaded is None:  # not streamed, or not streamable: in memory
         loaded = load_model(source, torch_dtype, device, allow_pickle, trust_remote_code)
     report("load", 1, 1)
     ids, warnings = tokenize_prompts(loaded, texts, max_prompt_tokens)
@@ -451,6 +467,27 @@ def export(
         else written.to_dict() | {"path": str(out_dir / written.path.name)},
         moe=manifest.moe,
     )
+
+
+def _load_streamed(
+    source: Any,
+    spec: ArchSpec,
+    model_type: str,
+    dtype: Any,
+    device: str,
+    tokenizer: Any,
+) -> LoadedModel:
+    """:func:`~griffin_export.build.streaming.load_streamed`, and for a mixture of experts
+    where every routed expert lies on disk (:func:`~griffin_export.build.streaming_moe.
+    expert_tensors`); ``NotStreamableError`` (the reader closed) when it cannot stream."""
+    streamed = load_streamed(source, spec, model_type, dtype, device, tokenizer)
+    if spec.moe is not None:
+        try:
+            expert_tensors(streamed)
+        except NotStreamableError:
+            streamed.reader.close()
+            raise
+    return streamed.loaded
 
 
 def _check_format(

@@ -61,6 +61,12 @@ from griffin_export.storage.sources import SourceRef
 # -- the skeleton -----------------------------------------------------------------------------
 
 
+class NotStreamableError(UsageError):
+    """The checkpoint loads through a conversion of ``transformers`` that the streaming export
+    does not reproduce (a fused attention projection that loading splits); the in-memory
+    path exports it."""
+
+
 @dataclass
 class StreamedModel:
     """A skeleton model whose decoder blocks live in the source files.
@@ -293,7 +299,7 @@ def _checkpoint_keys(model: Any, skip: frozenset[str] = frozenset()) -> dict[str
     for key, tensor in reverted.items():
         name = ids.get(id(tensor))
         if name is None:
-            raise UsageError(
+            raise NotStreamableError(
                 f"'{key}' is a converted tensor that griffin cannot stream; pass --in-memory"
             )
         mapping[name] = key

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from griffin_export.build.streaming import (
+    NotStreamableError,
     StreamedModel,
     StreamResult,
     _return_freed_blocks_to_the_os,
@@ -169,7 +170,7 @@ def expert_tensors(streamed: StreamedModel) -> dict[str, ExpertTensor]:
         reverted = revert_weight_conversion(model, {name: marker})
         (key, value), *rest = reverted.items()
         if rest or value is not marker or key not in reader or reader.shape(key) != like.shape:
-            raise UsageError(
+            raise NotStreamableError(
                 f"griffin cannot find the routed experts' tensor '{name}' in the checkpoint "
                 "(neither per expert nor fused with the experts first); pass --in-memory"
             )
