@@ -27,7 +27,12 @@ experts:
 
 The writing reads nothing more: every kept expert was read for the forward or as a filled
 place. Peak memory is one block (its fused experts at full size, zeros where unread), the
-block read ahead, the write queue and the prompts' activations, whatever the depth.
+block read ahead (without its experts: which are needed is known only once the prompts reach
+the block, so experts are read then, not overlapped with computing), the write queue (the
+output is planned in the model's order, so blocks never wait in it) and the prompts'
+activations, whatever the depth. A checkpoint that loading converts beyond the routed
+experts (sarvam_moe's fused attention) is not streamed (``NotStreamableError``; ``export``
+then loads it in memory).
 """
 
 from __future__ import annotations
