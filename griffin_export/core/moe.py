@@ -106,8 +106,11 @@ def has_down_bias(spec: ArchSpec, model: nn.Module) -> bool:
 
 def identity_tensors(spec: ArchSpec, model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """``(checkpoint key, tensor)`` of what identifies an MoE model cheaply: every MoE
-    layer's router weight, the shared experts' and dense layers' FF tensors. These keys are
-    the same in memory and on disk (transformers fuses only the routed experts' tensors)."""
+    layer's router weight, the shared experts' and dense layers' FF tensors. The keys are the
+    loaded model's names, which are not always the checkpoint's (Mixtral stores its router
+    under ``block_sparse_moe``, Granite under ``router.layer``): readers of the checkpoint map
+    them with transformers' conversion mapping (the streaming export samples the loaded
+    block)."""
     for layer, block in enumerate(spec.blocks(model)):
         yield from layer_identity_tensors(spec, layer, block)
 
