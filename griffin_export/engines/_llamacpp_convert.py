@@ -11,9 +11,15 @@ tensor (the converter's own mapping), which griffin keys importance matrices by.
 
 Without ``WIDTHS_JSON`` the converter's own class for the family runs as its command line
 would run it (every tokenizer, metadata, Q/K permutation and quantisation step is its own),
-given two data tables: :data:`V4_CONFIG_NAMES`, the transformers-4 config names it still reads
-that transformers 5 no longer writes, and :data:`FF_WIDTH_NAMES`, the families for which it
-states 4 * hidden as the FF width instead of the config's (a pruned export's).
+given these data tables: :data:`V4_CONFIG_NAMES`, the config names it still reads that
+transformers 5 does not write (transformers-4 names, the original checkpoints' own);
+:data:`FF_WIDTH_NAMES` and :data:`SHARED_WIDTH_NAMES`, the families for which it states an FF
+or shared-expert width derived from the original model's shapes instead of the config's (a
+pruned export's); :data:`ARCHITECTURE_NAMES`, the architecture names
+transformers 5 spells otherwise than the converter registers them; and
+:data:`ABSENT_GGUF_NAMES`, the ``gguf`` enum members its own modules name at import time that
+its bundled ``gguf`` lacks. All of it changes the converter's in-memory view only: the export
+directory is read, never written.
 
 With ``WIDTHS_JSON`` -- a JSON list of the per-layer FF widths of a Llama-graph export -- the
 same converter writes llama.cpp's ``deci`` architecture (DeciLM / Nemotron-NAS), whose graph is
@@ -25,16 +31,18 @@ rounded up to a multiple of 256.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-#: Config fields llama.cpp's converter (0.1.1) reads under their transformers-4 names, which
-#: transformers 5 -- the version every griffin export is written with -- renamed, moved or
-#: stopped writing: ``model_type -> {v4 name: (dotted path of the v5 field, value when that
-#: field is absent)}``. Each v4 name is added to the converter's ``hparams`` when it is missing
-#: (``None``: the v5 field is required); nothing else about the conversion changes.
+#: Config fields llama.cpp's converter (0.1.1) reads under their transformers-4 names (or the
+#: original checkpoint's remote-code names), which transformers 5 -- the version every griffin
+#: export is written with -- renamed, moved or never writes: ``model_type -> {v4 name: (dotted
+#: path of the v5 field, value when that field is absent)}``. Each v4 name is added to the
+#: converter's ``hparams`` when it is missing (``None``: the v5 field is required); nothing
+#: else about the conversion changes.
 V4_CONFIG_NAMES: dict[str, dict[str, tuple[str, Any]]] = {
     # GPT2Config saves n_positions only (n_ctx was its alias)
     "gpt2": {"n_ctx": ("n_positions", None)},
@@ -42,7 +50,50 @@ V4_CONFIG_NAMES: dict[str, dict[str, tuple[str, Any]]] = {
     "gpt_neox": {"rotary_pct": ("rope_parameters.partial_rotary_factor", None)},
     # Cohere2Config has no rotary fraction: transformers rotates the whole head
     "cohere2": {"rotary_pct": ("rope_parameters.partial_rotary_factor", 1.0)},
+    # DeepSeek-V3 routes by sigmoid scores; transformers' config has no field saying so (the
+    # original's config.json states scoring_func), and without it llama.cpp routes by softmax
+    "deepseek_v3": {"scoring_func": ("scoring_func", "sigmoid")},
 }
+
+#: ``architectures[0]`` names transformers 5 writes -> the name llama.cpp's converter
+#: registers the same model under (it knows Phi-3.5-MoE by its remote-code class name).
+ARCHITECTURE_NAMES: dict[str, str] = {
+    "PhimoeForCausalLM": "PhiMoEForCausalLM",
+}
+
+#: ``gguf`` enum members the converter's own modules name when they are imported -- in class
+#: bodies of models griffin never converts -- that the ``gguf`` it bundles lacks: enum ->
+#: member names. Its DeepSeek module (imported by GLM's and Ministral 3's too) names DeepSeek-V4
+#: DSpark tensors; its HunYuan module names HunYuan-V3's architecture. Each missing one is set
+#: to an :class:`Absent` placeholder, so the modules import; a model that did use one would
+#: fail naming it (``gguf`` has no tensor names or architecture for it).
+ABSENT_GGUF_NAMES: dict[str, tuple[str, ...]] = {
+    "MODEL_TENSOR": ("DSPARK_MARKOV_W1", "DSPARK_MARKOV_W2", "DSPARK_CONF_PROJ"),
+    "MODEL_ARCH": ("HY_V3",),
+}
+
+
+class Absent:
+    """A ``gguf`` enum member the bundled ``gguf`` lacks (:data:`ABSENT_GGUF_NAMES`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}: absent from the converter's bundled gguf>"
+
+
+def add_absent_names(gguf: Any) -> list[str]:
+    """Set every :data:`ABSENT_GGUF_NAMES` member the ``gguf`` module lacks to an
+    :class:`Absent` placeholder; the names set."""
+    added = []
+    for enum_name, members in ABSENT_GGUF_NAMES.items():
+        enum = getattr(gguf, enum_name)
+        for member in members:
+            if not hasattr(enum, member):
+                setattr(enum, member, Absent(f"{enum_name}.{member}"))
+                added.append(f"{enum_name}.{member}")
+    return added
 
 
 #: Families whose converter states ``feed_forward_length = 4 * hidden`` (their original models'
@@ -55,11 +106,25 @@ FF_WIDTH_NAMES: dict[str, str] = {
     "phi": "intermediate_size",
 }
 
+#: Families whose converter derives the shared experts' width from fields that only the
+#: original model's shapes tie to it: ``model_type -> the config fields whose product is the
+#: width``. ERNIE-4.5-MoE's converter states ``intermediate_size // num_key_value_heads`` (the
+#: released 21B model's 12288 // 4 = 2 x 1536); transformers builds the shared experts
+#: ``moe_intermediate_size * moe_num_shared_experts`` wide, which a pruned export keeps, so that
+#: product is stated after the converter's.
+SHARED_WIDTH_NAMES: dict[str, tuple[str, ...]] = {
+    "ernie4_5_moe": ("moe_intermediate_size", "moe_num_shared_experts"),
+}
+
 
 def with_v4_names(hparams: dict[str, Any]) -> dict[str, Any]:
     """``hparams`` (a transformers-5 config dict) with the v4 names of
-    :data:`V4_CONFIG_NAMES` added for its ``model_type``."""
+    :data:`V4_CONFIG_NAMES` added for its ``model_type`` and its architecture named as
+    :data:`ARCHITECTURE_NAMES` says."""
     out = dict(hparams)
+    architectures = out.get("architectures")
+    if isinstance(architectures, list) and architectures:
+        out["architectures"] = [ARCHITECTURE_NAMES.get(a, a) for a in architectures]
     for name, (path, default) in V4_CONFIG_NAMES.get(str(hparams.get("model_type")), {}).items():
         value: Any = hparams
         for part in path.split("."):
@@ -84,23 +149,38 @@ def _stock_model(export_dir: Path, ftype: Any, out_file: Path) -> Any:
     except NotImplementedError:
         logger.error(f"Model {architecture} is not supported")
         return None
-    width = hparams.get(FF_WIDTH_NAMES.get(str(hparams.get("model_type")), ""))
-    if isinstance(width, int):
-        model_class = _stated_ff_width(model_class, width)
+    lengths = stated_lengths(hparams)
+    if lengths:
+        model_class = _stating(model_class, lengths)
     return model_class(export_dir, ftype, out_file, hparams=hparams)
 
 
-def _stated_ff_width(model_class: Any, width: int) -> Any:
-    class StatedFFWidth(model_class):
-        """The converter's class for the family, stating the config's FF width."""
+def stated_lengths(hparams: dict[str, Any]) -> dict[str, int]:
+    """The widths to state after the converter's own (:data:`FF_WIDTH_NAMES`,
+    :data:`SHARED_WIDTH_NAMES`): ``GGUFWriter`` method -> value."""
+    model_type = str(hparams.get("model_type"))
+    lengths = {}
+    width = hparams.get(FF_WIDTH_NAMES.get(model_type, ""))
+    if isinstance(width, int):
+        lengths["add_feed_forward_length"] = width
+    factors = [hparams.get(name) for name in SHARED_WIDTH_NAMES.get(model_type, ())]
+    if factors and all(isinstance(f, int) for f in factors) and math.prod(factors) > 0:
+        lengths["add_expert_shared_feed_forward_length"] = math.prod(factors)
+    return lengths
+
+
+def _stating(model_class: Any, lengths: dict[str, int]) -> Any:
+    class StatedWidths(model_class):
+        """The converter's class for the family, stating the checkpoint's own widths."""
 
         model_arch = model_class.model_arch
 
         def set_gguf_parameters(self) -> None:
             super().set_gguf_parameters()
-            self.gguf_writer.add_feed_forward_length(width)
+            for method, value in lengths.items():
+                getattr(self.gguf_writer, method)(value)
 
-    return StatedFFWidth
+    return StatedWidths
 
 
 def _deci_class(widths: list[int]) -> Any:
@@ -161,6 +241,7 @@ def main(argv: list[str]) -> int:
     export_dir, out_file, outtype = Path(argv[0]), Path(argv[1]), argv[2]
     widths = json.loads(argv[3]) if len(argv) > 3 else None
     logging.basicConfig(level=logging.INFO)
+    add_absent_names(gguf)
     ftype = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
