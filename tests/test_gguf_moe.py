@@ -127,9 +127,9 @@ MOE_CONFIGS: dict[str, dict[str, Any]] = {
     "flex_olmo": {},
 }
 #: The MoE families llama.cpp runs: model_type -> the tokenizer its converter takes (test_gguf's
-#: kinds), and ``f16`` where the case converts an f16 file too (the converter's expert
-#: stacking: per-expert tensors (Mixtral through Llama's class), gpt-oss's own class with
-#: biases, DeepSeek's with shared experts and the selection bias). llama.cpp matches
+#: kinds), and ``f16`` where the case converts an f16 file too (two of the converter's ways of
+#: writing experts: per-expert tensors stacked by Llama's class for Mixtral, gpt-oss's own
+#: class with biases; each conversion costs 5-25 s). llama.cpp matches
 #: transformers to <= 4e-7 of the largest logit in f32 (gpt-oss: 7e-5; its clamped SwiGLU and
 #: attention sinks) and <= 6e-4 in f16 (weights rounded to f16, measured on these models).
 MOE_FAMILIES: dict[str, str] = {
@@ -140,7 +140,7 @@ MOE_FAMILIES: dict[str, str] = {
     "qwen2_moe": "bpe",
     "qwen3_moe": "bpe",
     "deepseek_v2": "bpe",
-    "deepseek_v3": "bpe f16",
+    "deepseek_v3": "bpe",
     "glm4_moe": "glm",
     "gpt_oss": "bpe f16",
 }

@@ -164,8 +164,9 @@ def stated_lengths(hparams: dict[str, Any]) -> dict[str, int]:
     if isinstance(width, int):
         lengths["add_feed_forward_length"] = width
     factors = [hparams.get(name) for name in SHARED_WIDTH_NAMES.get(model_type, ())]
-    if factors and all(isinstance(f, int) for f in factors) and math.prod(factors) > 0:
-        lengths["add_expert_shared_feed_forward_length"] = math.prod(factors)
+    ints = [f for f in factors if isinstance(f, int)]
+    if factors and len(ints) == len(factors) and math.prod(ints) > 0:
+        lengths["add_expert_shared_feed_forward_length"] = math.prod(ints)
     return lengths
 
 
