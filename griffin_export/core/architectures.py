@@ -734,7 +734,7 @@ LLAMA_CPP_REFUSED: Mapping[str, str] = {
         "transformers' by ~17% of the largest even before pruning"
     ),
     "llama4_text": (
-        "llama.cpp aborts loading the converted file (GGML_ASSERT: tensor buffer not set), "
-        "even before pruning"
+        "llama.cpp aborts creating a context for the converted file (GGML_ASSERT: tensor "
+        "buffer not set), even before pruning"
     ),
 }
