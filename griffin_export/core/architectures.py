@@ -729,12 +729,60 @@ def llama_graph_problem(config: Any) -> str | None:
 #: says "Model X is not supported" itself); tests/test_gguf_moe.py checks every row still fails
 #: as its reason says, on a tiny model of the family.
 LLAMA_CPP_REFUSED: Mapping[str, str] = {
+    # llama.cpp runs the converted file and computes another model
     "phimoe": (
         "llama.cpp computes another model from the converted file: its logits differ from "
         "transformers' by ~17% of the largest even before pruning"
     ),
+    "afmoe": (
+        "llama.cpp computes another model from the converted file: its logits differ from "
+        "transformers' by ~30% of the largest (a tiny pruned export)"
+    ),
+    # llama.cpp stops on the converted file
     "llama4_text": (
         "llama.cpp aborts creating a context for the converted file (GGML_ASSERT: tensor "
         "buffer not set), even before pruning"
+    ),
+    "dots1": "llama.cpp aborts running the converted file (llama-graph.cpp: fatal error)",
+    "glm4_moe_lite": (
+        "llama.cpp refuses the converted file of a model with a dense first layer (tensor "
+        "'blk.0.ffn_gate_inp.weight' not found)"
+    ),
+    "cohere2_moe": (
+        "llama.cpp refuses the converted file of a model with dense layers (tensor "
+        "'blk.0.ffn_gate.weight' has wrong shape)"
+    ),
+    # llama.cpp's converter 0.1.1 fails
+    "hy_v3": (
+        "llama.cpp's converter 0.1.1 has a class for it but its bundled gguf lacks the "
+        "architecture (MODEL_ARCH.HY_V3: absent from the converter's bundled gguf)"
+    ),
+    "laguna": (
+        "llama.cpp's converter 0.1.1 has a class for it but its bundled gguf lacks the "
+        "architecture (MODEL_ARCH.LAGUNA: absent from the converter's bundled gguf)"
+    ),
+    "glm_moe_dsa": (
+        "llama.cpp's converter 0.1.1 calls a writer method its bundled gguf lacks "
+        "('GGUFWriter' object has no attribute 'add_indexer_types')"
+    ),
+    "sarvam_moe": (
+        "llama.cpp's converter 0.1.1 converts it as GLM-4.5 and cannot map its attention "
+        "(Can not map tensor 'model.layers.0.attention.query_key_value.weight')"
+    ),
+    "mellum": (
+        "llama.cpp's converter 0.1.1 cannot map a dense layer's FF tensors "
+        "(Can not map tensor 'model.layers.0.mlp.down_proj.weight')"
+    ),
+    "hunyuan_v1_moe": (
+        "llama.cpp's converter 0.1.1 reads remote-code config fields transformers 5 does not "
+        "write (KeyError: 'moe_intermediate_size')"
+    ),
+    "minimax_m2": (
+        "llama.cpp's converter 0.1.1 reads remote-code config fields transformers 5 does not "
+        "write (could not find any of: ['rotary_dim'])"
+    ),
+    "mimo_v2_flash": (
+        "llama.cpp's converter 0.1.1 reads remote-code config fields transformers 5 does not "
+        "write (KeyError: 'swa_head_dim')"
     ),
 }

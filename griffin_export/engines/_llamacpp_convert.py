@@ -50,9 +50,13 @@ V4_CONFIG_NAMES: dict[str, dict[str, tuple[str, Any]]] = {
     "gpt_neox": {"rotary_pct": ("rope_parameters.partial_rotary_factor", None)},
     # Cohere2Config has no rotary fraction: transformers rotates the whole head
     "cohere2": {"rotary_pct": ("rope_parameters.partial_rotary_factor", 1.0)},
-    # DeepSeek-V3 routes by sigmoid scores; transformers' config has no field saying so (the
-    # original's config.json states scoring_func), and without it llama.cpp routes by softmax
+    # DeepSeek-V3, Sarvam-MLA (DeepSeek-V3's graph) and EXAONE-MoE route by sigmoid scores;
+    # transformers' configs have no field saying so (the originals' config.json state
+    # scoring_func), and without it llama.cpp routes DeepSeek-V3 / Sarvam by softmax and
+    # refuses EXAONE-MoE's file (no expert_gating_func)
     "deepseek_v3": {"scoring_func": ("scoring_func", "sigmoid")},
+    "exaone_moe": {"scoring_func": ("scoring_func", "sigmoid")},
+    "sarvam_mla": {"scoring_func": ("scoring_func", "sigmoid")},
 }
 
 #: ``architectures[0]`` names transformers 5 writes -> the name llama.cpp's converter
@@ -64,12 +68,19 @@ ARCHITECTURE_NAMES: dict[str, str] = {
 #: ``gguf`` enum members the converter's own modules name when they are imported -- in class
 #: bodies of models griffin never converts -- that the ``gguf`` it bundles lacks: enum ->
 #: member names. Its DeepSeek module (imported by GLM's and Ministral 3's too) names DeepSeek-V4
-#: DSpark tensors; its HunYuan module names HunYuan-V3's architecture. Each missing one is set
-#: to an :class:`Absent` placeholder, so the modules import; a model that did use one would
-#: fail naming it (``gguf`` has no tensor names or architecture for it).
+#: DSpark tensors; its HunYuan module HunYuan-V3's architecture; its MiMo module MiMo audio
+#: tensors; its MiniMax module MiniMax-M3's architecture; its Laguna module Laguna's. Each
+#: missing one is set to an :class:`Absent` placeholder, so the modules import; a model that
+#: did use one fails naming it (``gguf`` has no tensor names or architecture for it).
 ABSENT_GGUF_NAMES: dict[str, tuple[str, ...]] = {
-    "MODEL_TENSOR": ("DSPARK_MARKOV_W1", "DSPARK_MARKOV_W2", "DSPARK_CONF_PROJ"),
-    "MODEL_ARCH": ("HY_V3",),
+    "MODEL_TENSOR": (
+        "DSPARK_MARKOV_W1",
+        "DSPARK_MARKOV_W2",
+        "DSPARK_CONF_PROJ",
+        "A_ENC_RVQ_CODEBOOK",
+        "A_MM_CODE_EMBD",
+    ),
+    "MODEL_ARCH": ("HY_V3", "MINIMAXM3", "LAGUNA"),
 }
 
 
