@@ -41,7 +41,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from griffin_export import export
-from griffin_export.core.architectures import LLAMA_CPP_REFUSED, MOE_ARCHITECTURES
+from griffin_export.core.architectures import (
+    LLAMA_CPP_NEEDS,
+    LLAMA_CPP_REFUSED,
+    MOE_ARCHITECTURES,
+)
 from griffin_export.engines import llamacpp as llamacpp_module
 from griffin_export.engines.llamacpp import converter_dir, write_gguf
 from griffin_export.errors import ConverterError, UnsupportedArchitectureError
@@ -52,15 +56,16 @@ from griffin_export.formats.verify import verify_export
 KEEP = 0.5
 KEPT_EXPERTS, KEPT_WIDTH = int(EXPERTS * KEEP), int(WIDTH * KEEP)
 #: model_type -> config fields set as the family's released checkpoints have them, where
-#: llama.cpp assumes them: OLMoE's key norm, dots.llm1's KV projections and Sarvam's latent
-#: attention (the converter asserts it) span all heads (KV heads = heads), Qwen3-MoE
-#: renormalises the top-k weights (llama.cpp always does for it), Phi-3.5-MoE has longrope and
-#: biases (the converter needs them).
+#: llama.cpp assumes them: OLMoE's key norm, dots.llm1's KV projections and DeepSeek's latent
+#: attention (DeepSeek-V2/V3, Sarvam-MLA, GLM-4.7-Flash; the converter asserts it) span all
+#: heads (KV heads = heads), Qwen3-MoE renormalises the top-k weights (llama.cpp always does for
+#: it) and has no dense layers (LLAMA_CPP_NEEDS), Phi-3.5-MoE has longrope and biases (the
+#: converter needs them).
+KV_ALL_HEADS = ("olmoe", "dots1", "deepseek_v2", "deepseek_v3", "sarvam_mla", "glm4_moe_lite")
 GGUF_OVERRIDES: dict[str, dict[str, Any]] = {
-    "olmoe": {"num_key_value_heads": 4},
-    "dots1": {"num_key_value_heads": 4},
-    "sarvam_mla": {"num_key_value_heads": 4},
-    "qwen3_moe": {"norm_topk_prob": True},
+    **{model_type: {"num_key_value_heads": 4} for model_type in KV_ALL_HEADS},
+    "qwen2_moe": {"mlp_only_layers": []},
+    "qwen3_moe": {"norm_topk_prob": True, "mlp_only_layers": []},
     "phimoe": {
         "lm_head_bias": True,
         "attention_bias": True,
@@ -363,3 +368,47 @@ def test_moe_family_unknown_to_the_converter_is_its_one_line_error(tmp_path: Pat
         write_gguf(tmp_path / "src", tmp_path / "m.gguf", "f16")
     assert "MiniMaxForCausalLM" in str(caught.value) and "\n" not in str(caught.value)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".m.gguf*"))
+
+
+@pytest.mark.parametrize("model_type", sorted(LLAMA_CPP_NEEDS))
+def test_qwen_moe_with_dense_layers_is_refused_before_the_converter(
+    model_type: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Qwen MoE config with a dense layer (``mlp_only_layers=[0]``, tiny_moe's default) is
+    refused by write_gguf in one line naming the field, before the converter is looked for.
+    Catches the converter's own late "Can not map tensor" in its place."""
+    monkeypatch.setenv(llamacpp_module.CONVERTER_ENV, str(tmp_path / "nowhere"))
+    tiny_moe_config(model_type).save_pretrained(tmp_path / "src")
+    with pytest.raises(UnsupportedArchitectureError, match="mlp_only_layers is \\[0\\]") as caught:
+        write_gguf(tmp_path / "src", tmp_path / "m.gguf", "f16")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(LLAMA_CPP_NEEDS))
+def test_qwen_moe_dense_layers_still_fail_in_the_converter(
+    model_type: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """tiny_moe's model (its block 0 dense by ``mlp_only_layers=[0]``), exported and converted
+    by the driver directly (write_gguf would refuse it), fails as LLAMA_CPP_NEEDS says. Catches
+    a stale refusal: a converter that now maps the dense layers (the entry must go)."""
+    overrides = {
+        k: v for k, v in GGUF_OVERRIDES.get(model_type, {}).items() if k in {"norm_topk_prob"}
+    }
+    model = tiny_moe_model(model_type, vocab_size=VOCAB, **overrides)
+    assert model.config.mlp_only_layers == [0]
+    source = tmp_path / "src"
+    model.save_pretrained(source)
+    tokenizer = _tokenizer(request, model_type)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (source / name).write_bytes((tokenizer / name).read_bytes())
+    out = moe_export(source, tmp_path / "export")
+    done = subprocess.run(
+        [sys.executable, str(_driver()), str(out), str(tmp_path / "m.gguf"), "f32"],
+        env=converter_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "Can not map tensor 'model.layers.0.mlp.down_proj.weight'" in done.stderr

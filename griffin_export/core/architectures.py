@@ -786,3 +786,13 @@ LLAMA_CPP_REFUSED: Mapping[str, str] = {
         "write (KeyError: 'swa_head_dim')"
     ),
 }
+
+#: model_type -> {config field: the value llama.cpp needs}: configs of these families whose field
+#: holds another value get no GGUF (one line naming the field). Qwen's MoE families place dense
+#: FF layers by ``mlp_only_layers`` and ``decoder_sparse_step``, and llama.cpp's converter 0.1.1
+#: cannot map a dense layer's tensors in them (Can not map tensor
+#: 'model.layers.0.mlp.down_proj.weight'); released Qwen MoE checkpoints have none.
+LLAMA_CPP_NEEDS: Mapping[str, Mapping[str, Any]] = {
+    "qwen2_moe": {"mlp_only_layers": [], "decoder_sparse_step": 1},
+    "qwen3_moe": {"mlp_only_layers": [], "decoder_sparse_step": 1},
+}

@@ -38,7 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from griffin_export.core.architectures import LLAMA_CPP_REFUSED, llama_graph_problem, spec_for
+from griffin_export.core.architectures import (
+    LLAMA_CPP_NEEDS,
+    LLAMA_CPP_REFUSED,
+    llama_graph_problem,
+    spec_for,
+)
 from griffin_export.errors import (
     ConverterError,
     ExportFormatError,
@@ -160,6 +165,19 @@ def check_llama_cpp_family(model_type: str) -> None:
         )
 
 
+def check_llama_cpp_config(config: Any) -> None:
+    """Refuse, in one line, a config whose field llama.cpp's converter cannot take
+    (:data:`~griffin_export.core.architectures.LLAMA_CPP_NEEDS`)."""
+    for name, wanted in LLAMA_CPP_NEEDS.get(config.model_type, {}).items():
+        value = getattr(config, name, wanted)
+        if value is not None and value != wanted:
+            raise UnsupportedArchitectureError(
+                f"no GGUF for this {config.model_type} model: its {name} is {value!r} (dense "
+                f"layers llama.cpp's converter cannot map; it needs {wanted!r}); the export "
+                "itself runs in transformers (griffin export without --gguf)"
+            )
+
+
 def check_per_layer_gguf(config: Any, budget: str) -> None:
     """Refuse a GGUF of per-layer widths (``budget``) for a family without Llama's graph
     (llama.cpp's ``deci`` is that graph; linear rope scaling is not written for it)."""
@@ -273,6 +291,7 @@ def write_gguf(
     directory = require_export_dir(export_dir)
     config = export_config(directory)
     check_llama_cpp_family(config.model_type)
+    check_llama_cpp_config(config)
     widths = gguf_widths(directory, config)
     target = Path(out) if out is not None else default_gguf_path(directory, outtype)
     check_gguf_target(target, force)
