@@ -412,3 +412,26 @@ def test_qwen_moe_dense_layers_still_fail_in_the_converter(
     )
     assert done.returncode != 0
     assert "Can not map tensor 'model.layers.0.mlp.down_proj.weight'" in done.stderr
+
+
+def test_export_gguf_refuses_qwen_moe_dense_layers_before_scoring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``export(..., gguf=...)`` on a Qwen MoE with a dense layer refuses in one line naming
+    ``mlp_only_layers`` before any prompt runs (selection is made to fail if reached) and
+    leaves no output. Catches the check living only in write_gguf, i.e. after the whole
+    export was scored and written."""
+    from tiny_moe import save_tiny_moe
+
+    import griffin_export.build.export as export_module
+
+    def scored(*_: Any, **__: Any) -> None:
+        raise AssertionError("selection ran before the GGUF refusal")
+
+    monkeypatch.setattr(export_module, "select_moe", scored)
+    source = save_tiny_moe("qwen2_moe", tmp_path / "src")
+    out = tmp_path / "out"
+    with pytest.raises(UnsupportedArchitectureError, match="mlp_only_layers") as caught:
+        export(str(source), ["a b c d e f"], 0.5, experts=0.5, out=out, gguf="f16")
+    assert "\n" not in str(caught.value)
+    assert not out.exists()

@@ -45,6 +45,7 @@ from griffin_export.core.slicing import prune_model
 from griffin_export.engines.llamacpp import (
     DEFAULT_TIMEOUT,
     GgufResult,
+    check_llama_cpp_config,
     check_llama_cpp_family,
     check_per_layer_gguf,
     check_timeout,
@@ -314,6 +315,7 @@ def export(
         )
     if gguf is not None:
         check_llama_cpp_family(loaded.model_type)
+        check_llama_cpp_config(loaded.model.config)
         if len(set(ks)) > 1:
             check_per_layer_gguf(loaded.model.config, budget)
 
