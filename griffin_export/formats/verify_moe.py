@@ -43,7 +43,7 @@ from griffin_export.core.moe import (
 )
 from griffin_export.core.moe_selection import MoeSizes
 from griffin_export.core.slicing import fused_indices
-from griffin_export.errors import UnsupportedArchitectureError
+from griffin_export.errors import ExportFormatError, UnsupportedArchitectureError
 from griffin_export.formats.manifest import EXPERTS_FILE, MANIFEST, is_int
 from griffin_export.storage.safetensors_io import SafetensorsReader
 
@@ -150,20 +150,22 @@ class ModuleReader:
         return [k for parts in self.pieces.get(name, {}).values() for k in parts.values()]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """The model tensor's shape; raises ``ValueError`` naming what is missing or uneven
+        """The model tensor's shape; raises ``ExportFormatError`` naming what is missing or uneven
         among per-expert pieces."""
         if name in self.plain:
             return self.reader.shape(self.plain[name])
         where, experts = self.layout[name], self.pieces[name]
         if sorted(experts) != list(range(len(experts))):
-            raise ValueError(
+            raise ExportFormatError(
                 f"{name}: the checkpoint holds experts {_ranges(sorted(experts))}, not "
                 f"0..{len(experts) - 1}"
             )
         complete = all(p in parts for parts in experts.values() for p in range(where.parts))
         shapes = {self.reader.shape(k) for parts in experts.values() for k in parts.values()}
         if not complete or len(shapes) != 1:
-            raise ValueError(f"{name}: its per-expert pieces are missing or of unequal shapes")
+            raise ExportFormatError(
+                f"{name}: its per-expert pieces are missing or of unequal shapes"
+            )
         piece = list(next(iter(shapes)))
         piece[where.axis] *= where.parts
         return (len(experts), *piece)
@@ -492,7 +494,7 @@ def shape_problems(spec: ArchSpec, model: nn.Module, weights: ModuleReader) -> l
                 continue
             try:
                 shape = weights.shape(name)
-            except ValueError as exc:
+            except ExportFormatError as exc:
                 found.append(f"{exc}; re-export")
                 continue
             if shape != tuple(tensor.shape):

@@ -325,7 +325,8 @@ class MoeLayerState:
     ) -> None:
         self.spec, self.layer, self.groups = spec, layer, groups
         live, full = moe_module(spec, block), moe_module(spec, full_block)
-        assert live is not None and full is not None  # the caller passes MoE layers
+        assert live is not None  # the caller passes MoE layers
+        assert full is not None
         self.live, self.full = live, full
         self.live_experts, self.full_experts = experts_of(spec, block), experts_of(spec, full_block)
         self.live_router, self.full_router = router_of(spec, block), router_of(spec, full_block)
@@ -696,7 +697,8 @@ class GriffinRuntime:
         full = self._full[layer]
         act = self._acts[layer]
         ff_spec = self._ff_specs[layer]
-        assert act is not None and ff_spec is not None
+        assert act is not None
+        assert ff_spec is not None
         x = x.to(next(iter(full.values())).device)
         return full_activations(ff_spec, act, full, x)
 
