@@ -1,35 +1,57 @@
-"""Mixture-of-experts export: streaming against in memory (and a plain copy), side by side.
+"""Mixture-of-experts export at a real model's layout, scaled down: bytes, export time against a
+copy, peak memory against depth, and decode speed of the export against the full model.
 
 A synthetic Qwen3-MoE checkpoint (random bf16 weights, per-expert tensors as save_pretrained
-writes them) is built once under --work (default: a folder in the system temp directory).
-Default shape: 8 layers, 32 routed experts of width 128, top-4, hidden 256 (``--layers``,
-``--experts``, ``--hidden``, ``--width``, ``--top-k`` change it). Each run is a fresh
-subprocess (wall time and peak RSS from the kernel's rusage, as in bench_streaming.py), into
-a fresh output directory after a sync, ``--reps`` times interleaved:
+writes them) is built once per depth under --work (default: a folder in the system temp
+directory). Default shape: Qwen3-30B-A3B's layout scaled down -- 128 routed experts of width
+384, top-8, hidden 1024 -- at 4 and 8 layers (``--depths``, ``--experts``, ``--width``,
+``--top-k``, ``--hidden`` change it). Two parts:
+
+``export`` -- every run a fresh subprocess (wall time and peak RSS from the kernel's rusage,
+as in bench_streaming.py), into a fresh output directory after a sync, ``--reps`` times
+interleaved, at every depth:
 
   copy       load every source shard with safetensors and save it again
   streaming  griffin export --experts 0.25 --ratio 0.5 (the default path)
   in-memory  the same export with --in-memory
 
-Usage: python benchmarks/bench_moe.py [--work DIR] [--reps 3] [--tokens 512] [--out FILE]
+with the growth of the peak RSS from the shallowest to the deepest model against the
+checkpoint bytes the added layers bring (streaming should be flat in depth).
+
+``decode`` -- the deepest model and its streaming export, batch 1, greedy, ``--new-tokens``
+tokens after a short prompt, all configurations interleaved over ``--decode-reps`` rounds
+(medians): transformers generate() (bf16, ``--threads`` torch threads), and llama.cpp
+(llama-cpp-python, ``--threads`` threads) on both converted with `griffin gguf` at
+``--outtype``. A conversion that fails is reported with its error; the rest still runs.
+
+Usage: python benchmarks/bench_moe.py [--part export|decode|all] [--depths 4,8] [--reps 1]
+       [--tokens 512] [--new-tokens 32] [--work DIR] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench_streaming import copy_streaming_in_memory, emit, run_all
+from bench_streaming import COPY, IN_MEMORY, STREAMING, copy_streaming_in_memory, emit, run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(directory: Path, args: argparse.Namespace) -> int:
+def source_dir(args: argparse.Namespace, layers: int) -> Path:
+    """The synthetic checkpoint of ``layers`` layers under ``--work``."""
+    shape = f"{layers}x{args.experts}-top{args.top_k}-h{args.hidden}-w{args.width}"
+    return args.work / f"qwen3moe-{shape}"
+
+
+def build(directory: Path, args: argparse.Namespace, layers: int) -> int:
     """Write the synthetic checkpoint unless it exists; return its weight bytes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
 
@@ -37,15 +59,15 @@ def build(directory: Path, args: argparse.Namespace) -> int:
 
     if not (directory / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m").directory)
-        config = Qwen3MoeConfig(
+        config = Qwen3MoeConfig(  # type: ignore[call-arg]  # head_dim: a PretrainedConfig kwarg
             vocab_size=len(tokenizer),
             hidden_size=args.hidden,
             intermediate_size=4 * args.hidden,
             moe_intermediate_size=args.width,
-            num_hidden_layers=args.layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=args.hidden // 4,
+            num_hidden_layers=layers,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=args.hidden // 16,
             num_experts=args.experts,
             num_experts_per_tok=args.top_k,
             max_position_embeddings=4096,
@@ -53,65 +75,183 @@ def build(directory: Path, args: argparse.Namespace) -> int:
         )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(directory, max_shard_size="200MB")
+        model.save_pretrained(directory, max_shard_size="1GB")
         tokenizer.save_pretrained(directory)
+        del model
+    return weight_bytes(directory)
+
+
+def weight_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def export_part(args: argparse.Namespace, prompt: Path) -> str:
+    """Copy / streaming / in-memory at every depth, and the growth in depth (Markdown)."""
+    griffin = [str(Path(sys.executable).parent / "griffin"), "export"]
+    sizes: dict[int, int] = {}
+    runs: dict[tuple[str, int], tuple[list[str], Path]] = {}
+    for layers in args.depths:
+        source = source_dir(args, layers)
+        sizes[layers] = build(source, args, layers)
+        common = [
+            *griffin,
+            *("--model", str(source), "--prompt", str(prompt)),
+            *("--max-prompt-tokens", str(args.tokens), "--experts", "0.25", "--ratio", "0.5"),
+            "--force",
+        ]
+        for name, run in copy_streaming_in_memory(source, common, args.work / f"{layers}l").items():
+            runs[(name, layers)] = run
+    seen = run_all(runs, args.reps)
+    for layers in args.depths:  # the copies are as large as the checkpoints
+        shutil.rmtree(args.work / f"{layers}l" / "copy", ignore_errors=True)
+    wall = {key: statistics.median(s for s, _ in v) for key, v in seen.items()}
+    peak = {key: max(r for _, r in v) for key, v in seen.items()}
+    out_bytes = {
+        (name, layers): weight_bytes(output)
+        for (name, layers), (_, output) in runs.items()
+        if name != COPY
+    }
+    lines = [
+        f"Synthetic Qwen3-MoE, {args.experts} experts x width {args.width}, top-{args.top_k}, "
+        f"hidden {args.hidden}, bf16, at {' and '.join(map(str, args.depths))} layers; "
+        f"{args.tokens}-token prompt, --experts 0.25 --ratio 0.5 (refit); {args.reps} rep(s), "
+        f"interleaved; torch {torch.__version__}, {os.cpu_count()} CPUs",
+        "",
+        "| layers | run | source MB | output MB | wall s (median) | vs copy | peak RSS (max) | "
+        "RSS / source bytes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for layers in args.depths:
+        for name in (COPY, STREAMING, IN_MEMORY):
+            key = (name, layers)
+            output = f"{out_bytes[key] / 1e6:.0f}" if key in out_bytes else "(same)"
+            lines.append(
+                f"| {layers} | {name} | {sizes[layers] / 1e6:.0f} | {output} | {wall[key]:.1f} | "
+                f"{wall[key] / wall[(COPY, layers)]:.2f}x | {peak[key] / 2**20:.0f} MiB | "
+                f"{peak[key] / sizes[layers]:.0%} |"
+            )
+    few, many = min(args.depths), max(args.depths)
+    added = sizes[many] - sizes[few]
+    lines += ["", f"Peak RSS growth from {few} to {many} layers ({added / 2**20:.0f} MiB added):"]
+    for name in (STREAMING, IN_MEMORY):
+        growth = peak[(name, many)] - peak[(name, few)]
+        lines.append(
+            f"- {name}: {growth / 2**20:+.0f} MiB, {growth / added:+.1%} of the added bytes"
+        )
+    return "\n".join(lines)
+
+
+def decode_part(args: argparse.Namespace) -> str:
+    """Decode tokens/s of the deepest model and its streaming export, in transformers and in
+    llama.cpp, interleaved (Markdown)."""
+    from bench_decode import StreamClock
+    from bench_gguf import PROMPT, decode_speed, open_llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from griffin_export.engines.llamacpp import write_gguf
+
+    layers = max(args.depths)
+    dirs = {"full": source_dir(args, layers), "export": args.work / f"{layers}l" / "s"}
+    if not (dirs["export"] / "config.json").is_file():
+        raise SystemExit(f"{dirs['export']} missing: run --part export first")
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(dirs["full"])
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    ids = torch.tensor([prompt_ids[: args.prompt_tokens]])
+    n = args.new_tokens
+    configs: dict[str, Callable[[], float]] = {}
+    failures = []
+
+    def hf_generate(model: torch.nn.Module) -> Callable[[], float]:
+        def run() -> float:
+            clock = StreamClock()
+            with torch.inference_mode():
+                model.generate(  # type: ignore[operator]
+                    ids,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    eos_token_id=None,
+                    streamer=clock,
+                )
+            return clock.speeds()[1]
+
+        return run
+
+    def llama_cpp(llm: object) -> Callable[[], float]:
+        return lambda: decode_speed(llm, prompt_ids, n)  # type: ignore[arg-type]
+
+    for name, directory in dirs.items():
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+        configs[f"transformers bf16, {name}"] = hf_generate(model)
+    gguf_bytes = {}
+    for name, directory in dirs.items():
+        path = args.work / f"{layers}l-{name}-{args.outtype}.gguf"
+        try:
+            if not path.is_file():
+                write_gguf(directory, path, args.outtype)
+        except Exception as error:  # the report names it; the rest still runs
+            failures.append(f"- `griffin gguf` of the {name} model failed: {error}")
+            continue
+        gguf_bytes[name] = path.stat().st_size
+        configs[f"llama.cpp {args.outtype}, {name}"] = llama_cpp(
+            open_llama(path, args.threads, 512)
+        )
+    for run in configs.values():  # warm-up: first-touch of mapped weights, allocator
+        run()
+    speeds: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(args.decode_reps):
+        for name, run in configs.items():
+            speeds[name].append(run())
+    median = {name: statistics.median(v) for name, v in speeds.items()}
+    lines = [
+        f"Decode, {layers} layers: batch 1, greedy, {n} new tokens after a "
+        f"{ids.shape[1]}-token prompt (llama.cpp: {n} single-token decodes after a 16-token "
+        f"prefill), {args.threads} threads, {args.decode_reps} interleaved rounds (median); "
+        f"GGUF sizes: "
+        + ", ".join(f"{name} {size / 1e6:.0f} MB" for name, size in gguf_bytes.items()),
+        "",
+        "| engine, model | decode tok/s (median) | all runs | export / full |",
+        "|---|---|---|---|",
+    ]
+    for name in configs:
+        full = name.replace("export", "full")
+        ratio = f"{median[name] / median[full]:.2f}x" if "export" in name else ""
+        runs = ", ".join(f"{v:.1f}" for v in speeds[name])
+        lines.append(f"| {name} | {median[name]:.1f} | {runs} | {ratio} |")
+    return "\n".join([*lines, *(["", *failures] if failures else [])])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "griffin-moe")
     parser.add_argument("--out", type=Path, default=None, help="append a Markdown report here")
-    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median)")
-    parser.add_argument("--tokens", type=int, default=512, help="prompt tokens")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=32)
-    parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--part", choices=("export", "decode", "all"), default="all")
+    parser.add_argument("--reps", type=int, default=1, help="interleaved export repetitions")
+    parser.add_argument("--tokens", type=int, default=512, help="prompt tokens of the export")
+    parser.add_argument("--depths", default="4,8", help="layer counts, comma-separated")
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=384)
+    parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="decode prompt tokens")
+    parser.add_argument("--decode-reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--outtype", default="q8_0", help="GGUF type of both models")
     args = parser.parse_args()
+    args.depths = sorted(int(d) for d in args.depths.split(","))
     from griffin_export.evaluation.corpora import load_corpus
 
     args.work.mkdir(parents=True, exist_ok=True)
     prompt = args.work / "prompt.txt"
     prompt.write_text(load_corpus("wiki-summaries").text[:20000], encoding="utf-8")
-    source = args.work / f"qwen3moe-{args.layers}x{args.experts}-h{args.hidden}-w{args.width}"
-    size = build(source, args)
-    griffin = [str(Path(sys.executable).parent / "griffin"), "export"]
-    common = [
-        *griffin,
-        "--model",
-        str(source),
-        "--prompt",
-        str(prompt),
-        "--max-prompt-tokens",
-        str(args.tokens),
-        "--experts",
-        "0.25",
-        "--ratio",
-        "0.5",
-        "--force",
-    ]
-    seen = run_all(copy_streaming_in_memory(source, common, args.work), args.reps)
-    rows = {
-        name: (statistics.median(s for s, _ in v), max(r for _, r in v)) for name, v in seen.items()
-    }
-    out_bytes = sum(p.stat().st_size for p in (args.work / "s").glob("model*.safetensors"))
-    lines = [
-        f"Synthetic Qwen3-MoE, {args.layers} layers, {args.experts} experts x width "
-        f"{args.width}, top-{args.top_k}, hidden {args.hidden}, bf16: {size / 1e6:.1f} MB -> "
-        f"{out_bytes / 1e6:.1f} MB; {args.tokens}-token prompt, --experts 0.25 --ratio 0.5 "
-        f"(refit); torch {torch.__version__}, {os.cpu_count()} CPUs",
-        "",
-        "| run | wall s (median) | all runs | peak RSS (max) | RSS / source bytes |",
-        "|---|---|---|---|---|",
-    ]
-    for name, (seconds, rss) in rows.items():
-        lines.append(
-            f"| {name} | {seconds:.2f} | {', '.join(f'{t:.2f}' for t, _ in seen[name])} | "
-            f"{rss / 2**20:.0f} MiB | {rss / size:.0%} |"
-        )
-    emit("\n".join(lines), args.out)
+    parts = []
+    if args.part in ("export", "all"):
+        parts.append(export_part(args, prompt))
+    if args.part in ("decode", "all"):
+        parts.append(decode_part(args))
+    emit("\n\n".join(parts), args.out)
 
 
 if __name__ == "__main__":

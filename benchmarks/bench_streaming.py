@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -40,6 +41,14 @@ SHAPE = {"hidden": 2048, "d_ff": 5632, "layers": 32, "vocab": 49152, "heads": 16
 #: The depth part's model (the shape the issue measured): built with 8 and with 32 layers.
 DEPTH_SHAPE = {"hidden": 1536, "d_ff": 6144, "vocab": 49152, "heads": 12}
 DEPTHS = (8, 32)
+#: The names of the three runs :func:`copy_streaming_in_memory` compares.
+COPY, STREAMING, IN_MEMORY = (
+    "copy (read once, write once)",
+    "griffin export (streaming)",
+    "griffin export --in-memory",
+)
+#: What names a run in :func:`run_all` (a string, or a tuple such as (run, depth)).
+Key = TypeVar("Key")
 
 
 def build(directory: Path, shape: dict[str, int] = SHAPE) -> int:
@@ -95,7 +104,7 @@ def build(directory: Path, shape: dict[str, int] = SHAPE) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-COPY = """
+COPY_SCRIPT = """
 import sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
@@ -131,11 +140,11 @@ def measure(args: list[str]) -> tuple[float, float]:
 
 
 def run_all(
-    runs: dict[str, tuple[list[str], Path]], reps: int
-) -> dict[str, list[tuple[float, float]]]:
+    runs: dict[Key, tuple[list[str], Path]], reps: int
+) -> dict[Key, list[tuple[float, float]]]:
     """``reps`` interleaved rounds of every run, each into a fresh output directory after a
     sync: ``{name: [(wall seconds, peak RSS bytes)]}``."""
-    seen: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    seen: dict[Key, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(reps):
         for name, (command, output) in runs.items():
             shutil.rmtree(output, ignore_errors=True)  # every run writes a fresh directory
@@ -150,12 +159,12 @@ def copy_streaming_in_memory(
     """The three runs compared (for :func:`run_all`): a copy of ``source``'s shards, the
     ``export`` command (streaming) and the same with ``--in-memory``, each into ``work``."""
     return {
-        "copy (read once, write once)": (
-            [sys.executable, "-c", COPY, str(source), str(work / "copy")],
+        COPY: (
+            [sys.executable, "-c", COPY_SCRIPT, str(source), str(work / "copy")],
             work / "copy",
         ),
-        "griffin export (streaming)": ([*export, "--out", str(work / "s")], work / "s"),
-        "griffin export --in-memory": (
+        STREAMING: ([*export, "--out", str(work / "s")], work / "s"),
+        IN_MEMORY: (
             [*export, "--in-memory", "--out", str(work / "m")],
             work / "m",
         ),
@@ -180,7 +189,7 @@ def speed(args: argparse.Namespace, griffin: list[str], prompt: Path) -> str:
     rows = {
         name: (statistics.median(s for s, _ in v), max(r for _, r in v)) for name, v in seen.items()
     }
-    base = rows["copy (read once, write once)"][0]
+    base = rows[COPY][0]
     lines = [
         f"Synthetic Llama {SHAPE}, bf16, {size / 1e9:.2f} GB in 1 GB shards; 512-token prompt, "
         f"--ratio 0.5; torch {torch.__version__}, {os.cpu_count()} CPUs",
