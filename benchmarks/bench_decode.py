@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -84,6 +86,26 @@ class StreamClock(Clock):
         pass
 
 
+def hf_generate(model: Any, ids: torch.Tensor, n: int) -> Callable[[], Clock]:
+    """A run of ``n`` greedy tokens after ``ids`` under plain transformers generate() (EOS
+    ignored), returning its clock."""
+
+    def run() -> Clock:
+        clock = StreamClock()
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                streamer=clock,
+            )
+        return clock
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=256)
@@ -121,22 +143,6 @@ def main() -> None:
 
         return run
 
-    def hf_generate(model):  # type: ignore[no-untyped-def]
-        def run() -> Clock:
-            clock = StreamClock()
-            with torch.inference_mode():
-                model.generate(
-                    ids,
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    do_sample=False,
-                    eos_token_id=None,
-                    streamer=clock,
-                )
-            return clock
-
-        return run
-
     def runtime_run(refresh: int):  # type: ignore[no-untyped-def]
         def run() -> Clock:
             clock = Clock()
@@ -154,9 +160,9 @@ def main() -> None:
 
     configs = {
         "(a) full, griffin decode loop": own_loop(full),
-        "(a') full, HF generate": hf_generate(full),
+        "(a') full, HF generate": hf_generate(full, ids, n),
         "(a*) full, runtime's column-major gate/up": own_loop(full_column_major),
-        "(b) export, HF generate": hf_generate(pruned),
+        "(b) export, HF generate": hf_generate(pruned, ids, n),
         "(c) runtime, refresh off": runtime_run(0),
         "(d) runtime, refresh 64": runtime_run(64),
     }

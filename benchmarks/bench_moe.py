@@ -144,8 +144,9 @@ def export_part(args: argparse.Namespace, prompt: Path) -> str:
 def decode_part(args: argparse.Namespace) -> str:
     """Decode tokens/s of the deepest model and its streaming export, in transformers and in
     llama.cpp, interleaved (Markdown)."""
-    from bench_decode import StreamClock
+    from bench_decode import hf_generate
     from bench_gguf import PROMPT, decode_speed, open_llama
+    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from griffin_export.engines.llamacpp import write_gguf
@@ -162,28 +163,16 @@ def decode_part(args: argparse.Namespace) -> str:
     configs: dict[str, Callable[[], float]] = {}
     failures = []
 
-    def hf_generate(model: torch.nn.Module) -> Callable[[], float]:
-        def run() -> float:
-            clock = StreamClock()
-            with torch.inference_mode():
-                model.generate(  # type: ignore[operator]
-                    ids,
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    do_sample=False,
-                    eos_token_id=None,
-                    streamer=clock,
-                )
-            return clock.speeds()[1]
+    def transformers(model: object) -> Callable[[], float]:
+        run = hf_generate(model, ids, n)
+        return lambda: run().speeds()[1]  # decode tok/s: after the first token
 
-        return run
-
-    def llama_cpp(llm: object) -> Callable[[], float]:
-        return lambda: decode_speed(llm, prompt_ids, n)  # type: ignore[arg-type]
+    def llama_cpp(llm: Llama) -> Callable[[], float]:
+        return lambda: decode_speed(llm, prompt_ids, n)
 
     for name, directory in dirs.items():
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
-        configs[f"transformers bf16, {name}"] = hf_generate(model)
+        configs[f"transformers bf16, {name}"] = transformers(model)
     gguf_bytes = {}
     for name, directory in dirs.items():
         path = args.work / f"{layers}l-{name}-{args.outtype}.gguf"
