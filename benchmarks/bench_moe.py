@@ -105,7 +105,7 @@ def export_part(args: argparse.Namespace, prompt: Path) -> str:
     for layers in args.depths:  # the copies are as large as the checkpoints
         shutil.rmtree(args.work / f"{layers}l" / "copy", ignore_errors=True)
     wall = {key: statistics.median(s for s, _ in v) for key, v in seen.items()}
-    peak = {key: max(r for _, r in v) for key, v in seen.items()}
+    peak = {key: statistics.median(r for _, r in v) for key, v in seen.items()}
     out_bytes = {
         (name, layers): weight_bytes(output)
         for (name, layers), (_, output) in runs.items()
@@ -117,22 +117,28 @@ def export_part(args: argparse.Namespace, prompt: Path) -> str:
         f"{args.tokens}-token prompt, --experts 0.25 --ratio 0.5 (refit); {args.reps} rep(s), "
         f"interleaved; torch {torch.__version__}, {os.cpu_count()} CPUs",
         "",
-        "| layers | run | source MB | output MB | wall s (median) | vs copy | peak RSS (max) | "
-        "RSS / source bytes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layers | run | source MB | output MB | wall s (median) | all runs | vs copy | "
+        "peak RSS (median) | all runs (MiB) | RSS / source bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for layers in args.depths:
         for name in (COPY, STREAMING, IN_MEMORY):
             key = (name, layers)
             output = f"{out_bytes[key] / 1e6:.0f}" if key in out_bytes else "(same)"
+            walls = ", ".join(f"{t:.1f}" for t, _ in seen[key])
+            peaks = ", ".join(f"{r / 2**20:.0f}" for _, r in seen[key])
             lines.append(
                 f"| {layers} | {name} | {sizes[layers] / 1e6:.0f} | {output} | {wall[key]:.1f} | "
-                f"{wall[key] / wall[(COPY, layers)]:.2f}x | {peak[key] / 2**20:.0f} MiB | "
-                f"{peak[key] / sizes[layers]:.0%} |"
+                f"{walls} | {wall[key] / wall[(COPY, layers)]:.2f}x | {peak[key] / 2**20:.0f} MiB "
+                f"| {peaks} | {peak[key] / sizes[layers]:.0%} |"
             )
     few, many = min(args.depths), max(args.depths)
     added = sizes[many] - sizes[few]
-    lines += ["", f"Peak RSS growth from {few} to {many} layers ({added / 2**20:.0f} MiB added):"]
+    lines += [
+        "",
+        f"Growth of the median peak RSS from {few} to {many} layers, against the checkpoint "
+        f"bytes the added layers bring ({added / 2**20:.0f} MiB):",
+    ]
     for name in (STREAMING, IN_MEMORY):
         growth = peak[(name, many)] - peak[(name, few)]
         lines.append(
@@ -177,8 +183,7 @@ def decode_part(args: argparse.Namespace) -> str:
     for name, directory in dirs.items():
         path = args.work / f"{layers}l-{name}-{args.outtype}.gguf"
         try:
-            if not path.is_file():
-                write_gguf(directory, path, args.outtype)
+            write_gguf(directory, path, args.outtype, force=True)
         except Exception as error:  # the report names it; the rest still runs
             failures.append(f"- `griffin gguf` of the {name} model failed: {error}")
             continue
