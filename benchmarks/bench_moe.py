@@ -210,7 +210,7 @@ def decode_part(args: argparse.Namespace) -> str:
     ]
     for name in configs:
         full = name.replace("export", "full")
-        ratio = f"{median[name] / median[full]:.2f}x" if "export" in name else ""
+        ratio = f"{median[name] / median[full]:.2f}x" if "export" in name and full in median else ""
         runs = ", ".join(f"{v:.1f}" for v in speeds[name])
         lines.append(f"| {name} | {median[name]:.1f} | {runs} | {ratio} |")
     return "\n".join([*lines, *(["", *failures] if failures else [])])
