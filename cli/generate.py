@@ -104,6 +104,7 @@ def generate_command(
         f"({result.tokens_per_second:.1f} tok/s), {len(result.refreshes)} refreshes{mean}"
         f"{seeded}[/]",
         highlight=False,
+        soft_wrap=True,  # one line: the terminal wraps it, rich inserts no newlines
     )
 
 
